@@ -1,0 +1,100 @@
+"""Attention over the paged KV cache: the torch reference used on CPU.
+
+Every sequence's keys and values live in blocks named by its block table.
+Queries of one step are laid out flat (``[T, Hq, D]``), sequence after
+sequence; sequence ``i`` owns query rows ``cu_q[i]:cu_q[i+1]`` and attends
+causally to its first ``context_lens[i]`` cached tokens (which include the
+step's own new tokens, already written). The query rows are the *last*
+``q_len`` positions of the context, so one rule covers prefill, chunked
+prefill over cached prefix blocks, and decode.
+
+Decode-only batches (every ``q_len == 1``) take a batched path: gather all
+contexts padded to the longest and run one masked SDPA call. Other batches run
+one SDPA call per sequence. Grouped-query attention is handled by repeating
+KV heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """``[length, Hk, D]`` for one sequence."""
+    block_size = cache.shape[1]
+    n_blocks = (length + block_size - 1) // block_size
+    return cache.index_select(0, block_table[:n_blocks]).flatten(0, 1)[:length]
+
+
+def paged_attention_ref(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: list[int],
+    query_lens: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of ``query`` ``[T, Hq, D]`` over paged K/V; returns ``[T, Hq, D]``.
+
+    ``block_tables``: ``[B, max_blocks]`` int64 (padding entries unused);
+    ``context_lens``/``query_lens``: per sequence, ``q_len <= ctx_len``.
+    """
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    if all(q == 1 for q in query_lens):
+        return _decode_batched(query, k_cache, v_cache, block_tables, context_lens, scale, group)
+    out = torch.empty_like(query)
+    start = 0
+    for i, (q_len, ctx_len) in enumerate(zip(query_lens, context_lens)):
+        q = query[start : start + q_len].transpose(0, 1)  # [Hq, q, D]
+        k = _gather_context(k_cache, block_tables[i], ctx_len).transpose(0, 1)
+        v = _gather_context(v_cache, block_tables[i], ctx_len).transpose(0, 1)
+        if group > 1:
+            k = k.repeat_interleave(group, dim=0)
+            v = v.repeat_interleave(group, dim=0)
+        if q_len == 1:
+            o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        elif q_len == ctx_len:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            # query row r sits at position ctx_len - q_len + r and sees keys 0..that position
+            rows = torch.arange(ctx_len - q_len, ctx_len, device=query.device)[:, None]
+            cols = torch.arange(ctx_len, device=query.device)[None, :]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=cols <= rows, scale=scale)
+        out[start : start + q_len] = o.transpose(0, 1)
+        start += q_len
+    return out
+
+
+def _decode_batched(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: list[int],
+    scale: float,
+    group: int,
+) -> torch.Tensor:
+    batch = query.shape[0]
+    block_size = k_cache.shape[1]
+    max_len = max(context_lens)
+    n_blocks = (max_len + block_size - 1) // block_size
+    table = block_tables[:, :n_blocks]
+    k = k_cache[table].flatten(1, 2)[:, :max_len]  # [B, L, Hk, D]
+    v = v_cache[table].flatten(1, 2)[:, :max_len]
+    k = k.transpose(1, 2)
+    v = v.transpose(1, 2)
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    lens = torch.tensor(context_lens, device=query.device)
+    mask = torch.arange(max_len, device=query.device)[None, :] < lens[:, None]  # [B, L]
+    q = query.unsqueeze(2)  # [B, Hq, 1, D]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    return o.squeeze(2).reshape(batch, *query.shape[1:])
+
+
+paged_attention = paged_attention_ref

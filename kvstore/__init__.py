@@ -1,0 +1,1 @@
+"""KV-cache data structures shared by the router and the workers."""

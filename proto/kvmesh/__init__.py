@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of kvmesh's wire contracts (package kvmesh.v1)."""

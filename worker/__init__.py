@@ -1,0 +1,1 @@
+"""A kvmesh worker: one engine for one model behind a gRPC server."""

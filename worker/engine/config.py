@@ -1,0 +1,57 @@
+"""Engine settings: one frozen dataclass, every field documented and bounded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    """Path of a Hugging Face layout directory (config.json, *.safetensors, tokenizer)."""
+
+    served_name: str | None = None
+    """Name the model is served under; default: the directory's name."""
+
+    device: str = "auto"
+    """"cpu", "cuda", "cuda:N" or "auto" (CUDA when available)."""
+
+    dtype: str = "auto"
+    """"float32", "bfloat16", "float16" or "auto" (float32 on CPU, bfloat16 on CUDA)."""
+
+    block_size: int = 16
+    """Tokens per KV-cache block; also the granularity of prefix-cache hashing."""
+
+    kv_cache_memory_bytes: int | None = None
+    """Memory budget of the KV pool; default 1 GiB on CPU (the GPU path sizes it
+    from free memory). Ignored when ``num_kv_blocks`` is set."""
+
+    num_kv_blocks: int | None = None
+    """Exact number of KV blocks (tests use small pools to force preemption)."""
+
+    max_num_seqs: int = 64
+    """Most requests in one running batch."""
+
+    max_num_batched_tokens: int = 2048
+    """Per-step token budget; prompts longer than what is left are prefilled in chunks."""
+
+    max_model_len: int | None = None
+    """Context window; default and upper bound: the model's max_position_embeddings."""
+
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of identical prompt prefixes (chained block hashes)."""
+
+    seed: int = 0
+    """Seed of the generator used by requests that give no seed of their own."""
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be a power of two in [1, 128], got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks must be >= 2, got {self.num_kv_blocks}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")

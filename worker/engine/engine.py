@@ -1,0 +1,188 @@
+"""The engine: requests in, token deltas out, one step at a time.
+
+Single-threaded by design; the worker runs it on its own thread and talks to
+it through queues (``worker/engine_loop.py``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from kvstore.hashing import HashNamespace
+from worker.engine.block_manager import BlockManager
+from worker.engine.config import EngineConfig
+from worker.engine.model_runner import ModelRunner
+from worker.engine.sampler import SamplerResult
+from worker.engine.scheduler import Scheduler, SchedulerOutput
+from worker.engine.sequence import Sequence, SequenceStatus
+from worker.engine.types import (
+    EngineRequest,
+    FinishReason,
+    KvCacheEvent,
+    LoadSnapshot,
+    ModelSummary,
+    RequestOutput,
+)
+from worker.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        model_dir = Path(config.model)
+        self.model_config = ModelConfig.from_dir(model_dir)
+        self.runner = ModelRunner(config, self.model_config)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        # one sequence must always fit the pool, or preemption could never make room for it
+        self.max_model_len = min(self.runner.max_model_len, self.runner.num_blocks * config.block_size)
+        name = config.served_name or model_dir.name
+        self.model_summary = ModelSummary(
+            name=name,
+            max_model_len=self.max_model_len,
+            block_size=config.block_size,
+            vocab_size=self.model_config.vocab_size,
+            eos_token_ids=self.model_config.eos_token_ids,
+        )
+        self._namespace_model = name
+        self._arrivals = itertools.count()
+        self._seed_rng = random.Random(config.seed)
+        self._tokenizer_files(model_dir)
+
+    def _tokenizer_files(self, model_dir: Path) -> None:
+        tok = model_dir / "tokenizer.json"
+        self.tokenizer_json = tok.read_text() if tok.exists() else ""
+        cfg_path = model_dir / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        template = cfg.get("chat_template") or ""
+        jinja = model_dir / "chat_template.jinja"
+        if not template and jinja.exists():
+            template = jinja.read_text()
+        self.chat_template = template if isinstance(template, str) else ""
+
+        def token_str(value) -> str:
+            return value.get("content", "") if isinstance(value, dict) else (value or "")
+
+        self.bos_token = token_str(cfg.get("bos_token"))
+        self.eos_token = token_str(cfg.get("eos_token"))
+
+    # ---- requests --------------------------------------------------------
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request. Raises ValueError naming the offending field."""
+        n = len(request.prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt_token_ids: must not be empty")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"prompt_token_ids: prompt has {n} tokens but the context window is {self.max_model_len} "
+                "(prompt plus at least one output token must fit)"
+            )
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in request.prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids: token id {bad} outside the vocabulary [0, {vocab})")
+        if self.scheduler.find(request.request_id) is not None:
+            raise ValueError(f"request_id: {request.request_id!r} is already running")
+        opts = request.sampling
+        max_tokens = self.max_model_len - n
+        if opts.max_tokens is not None:
+            max_tokens = min(max_tokens, opts.max_tokens)
+        generator = None
+        if not opts.greedy:
+            generator = torch.Generator(device=self.runner.device)
+            generator.manual_seed(opts.seed if opts.seed is not None else self._seed_rng.getrandbits(63))
+        seq = Sequence(
+            request=request,
+            arrival=next(self._arrivals),
+            max_tokens=max_tokens,
+            namespace=HashNamespace(model=self._namespace_model, cache_salt=request.cache_salt),
+            generator=generator,
+        )
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Drop a request and free its KV blocks now; False if it is not known."""
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return False
+        seq.finish_reason = FinishReason.ABORT
+        self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop ----------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()       # who advances, by how many tokens
+        sampled = self.runner.execute(plan)    # one forward pass for all of them
+        return self._update(plan, sampled)     # append tokens, finish, free, cache
+
+    def _update(self, plan: SchedulerOutput, sampled: SamplerResult | None) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        k = 0
+        eos = set(self.model_config.eos_token_ids)
+        for item in plan.scheduled:
+            seq = item.seq
+            samples = item.samples
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.register_computed_blocks(seq)
+            if not samples:
+                continue
+            assert sampled is not None
+            token = sampled.token_ids[k]
+            logprob = sampled.logprobs[k]
+            k += 1
+            first = seq.num_output_tokens == 0
+            seq.token_ids.append(token)
+            reason = self._finish_reason(seq, token, eos)
+            if reason is not None:
+                seq.finish_reason = reason
+                self.scheduler.finish(seq)
+            outputs.append(
+                RequestOutput(
+                    request_id=seq.request_id,
+                    new_token_ids=(token,),
+                    logprobs=(logprob,) if logprob is not None else (),
+                    finish_reason=reason,
+                    num_prompt_tokens=seq.num_prompt_tokens if first else 0,
+                    num_cached_tokens=max(seq.num_cached_tokens, 0) if first else 0,
+                )
+            )
+        return outputs
+
+    @staticmethod
+    def _finish_reason(seq: Sequence, token: int, eos: set[int]) -> FinishReason | None:
+        opts = seq.sampling
+        if token in opts.stop_token_ids or (not opts.ignore_eos and token in eos):
+            return FinishReason.STOP
+        if seq.num_output_tokens >= seq.max_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    # ---- introspection -----------------------------------------------------
+    def load(self) -> LoadSnapshot:
+        bm = self.block_manager
+        return LoadSnapshot(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            waiting_prefill_tokens=self.scheduler.waiting_prefill_tokens(),
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_cached=len(bm.cached_block_hashes()),
+        )
+
+    def drain_kv_events(self) -> list[KvCacheEvent]:
+        return self.block_manager.drain_events()
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
