@@ -217,6 +217,27 @@ def test_resolve_and_pull_reuse_the_cached_conversion(model_dir: Path) -> None:
     assert marker.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
+def test_crashed_conversion_leaves_no_partial_dir(
+    gguf_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.models import gguf_convert
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "config.json").write_text('{"old": true}')
+
+    def boom(path: Path, data: object) -> None:
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(gguf_convert, "_write_json", boom)
+    with pytest.raises(OSError, match="simulated"):
+        gguf_convert.convert_gguf(gguf_path, target)
+    # the previous directory is untouched and no temporary directory is left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert json.loads((target / "config.json").read_text()) == {"old": True}
+
+
 def test_unpermute_inverts_llama_cpp_rope_permutation() -> None:
     """Re-implements llama.cpp's forward permutation and checks we invert it."""
 
