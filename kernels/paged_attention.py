@@ -10,8 +10,7 @@ prefill over cached prefix blocks, and decode.
 
 Decode-only batches (every ``q_len == 1``) take a batched path: gather all
 contexts padded to the longest and run one masked SDPA call. Other batches run
-one SDPA call per sequence. Grouped-query attention is handled by repeating
-KV heads.
+one SDPA call per sequence. Grouped-query attention never copies KV heads.
 """
 
 from __future__ import annotations
@@ -52,18 +51,16 @@ def paged_attention_ref(
         q = query[start : start + q_len].transpose(0, 1)  # [Hq, q, D]
         k = _gather_context(k_cache, block_tables[i], ctx_len).transpose(0, 1)
         v = _gather_context(v_cache, block_tables[i], ctx_len).transpose(0, 1)
-        if group > 1:
-            k = k.repeat_interleave(group, dim=0)
-            v = v.repeat_interleave(group, dim=0)
+        gqa = group > 1
         if q_len == 1:
-            o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            o = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
         elif q_len == ctx_len:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
             # query row r sits at position ctx_len - q_len + r and sees keys 0..that position
             rows = torch.arange(ctx_len - q_len, ctx_len, device=query.device)[:, None]
             cols = torch.arange(ctx_len, device=query.device)[None, :]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=cols <= rows, scale=scale)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=cols <= rows, scale=scale, enable_gqa=gqa)
         out[start : start + q_len] = o.transpose(0, 1)
         start += q_len
     return out
@@ -85,16 +82,15 @@ def _decode_batched(
     table = block_tables[:, :n_blocks]
     k = k_cache[table].flatten(1, 2)[:, :max_len]  # [B, L, Hk, D]
     v = v_cache[table].flatten(1, 2)[:, :max_len]
-    k = k.transpose(1, 2)
+    k = k.transpose(1, 2)  # [B, Hk, L, D]
     v = v.transpose(1, 2)
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
     lens = torch.tensor(context_lens, device=query.device)
     mask = torch.arange(max_len, device=query.device)[None, :] < lens[:, None]  # [B, L]
-    q = query.unsqueeze(2)  # [B, Hq, 1, D]
+    # the query heads sharing one KV head become that head's query rows, so no
+    # KV head is ever copied: q [B, Hk, group, D] against k [B, Hk, L, D]
+    q = query.view(batch, -1, group, query.shape[-1])
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
-    return o.squeeze(2).reshape(batch, *query.shape[1:])
+    return o.reshape(batch, *query.shape[1:])
 
 
 paged_attention = paged_attention_ref

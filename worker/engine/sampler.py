@@ -76,8 +76,9 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float
     drop = ranks >= ks[:, None]
     ps = torch.tensor(top_p, device=logits.device, dtype=torch.float32)
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-    # drop a token when the mass before it already reaches top_p (the top token always stays)
+    # drop a token when the mass before it already reaches top_p (the top token always stays);
+    # rows with top_p == 1 keep everything: their float32 cumsum can reach 1.0 before the tail
     mass_before = probs.cumsum(dim=-1) - probs
-    drop |= mass_before >= ps[:, None]
+    drop |= (mass_before >= ps[:, None]) & (ps[:, None] < 1.0)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
