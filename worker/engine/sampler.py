@@ -65,6 +65,8 @@ def _sample_random(
     noise = torch.empty_like(probs)
     for i, g in enumerate(generators):
         noise[i].exponential_(generator=g)
+    # an exact 0 draw would turn a filtered-out token (p = 0) into 0/0 = NaN, which argmax picks
+    noise.clamp_min_(torch.finfo(noise.dtype).tiny)
     return (probs / noise).argmax(dim=-1)
 
 
