@@ -92,12 +92,20 @@ class NoHealthyWorker(RouterError):
 
 
 class WorkerFailed(RouterError):
-    """The worker serving a request died, reset the stream or ended it early."""
+    """The worker serving a request died, reset the stream or ended it early.
+
+    ``retriable``: another worker may take the request, provided no token
+    of it was streamed yet.
+    """
 
     grpc_code = grpc.StatusCode.UNAVAILABLE
     http_status = 502
     error_type = "worker_error"
     code = "worker_failed"
+
+    def __init__(self, message: str, *, retriable: bool = True) -> None:
+        super().__init__(message)
+        self.retriable = retriable
 
 
 class WorkerTimeout(WorkerFailed):
@@ -105,6 +113,9 @@ class WorkerTimeout(WorkerFailed):
 
     http_status = 504
     code = "worker_timeout"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retriable=False)
 
 
 class WorkerRejected(RouterError):
@@ -117,6 +128,25 @@ class WorkerRejected(RouterError):
         super().__init__(message)
         self.grpc_code = grpc_code
         self.http_status = http_status
+
+
+class WorkerUnreachable(RouterError):
+    """Registration could not fetch the worker's ModelInfo."""
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+    error_type = "service_unavailable"
+    code = "worker_unreachable"
+
+
+class WorkerIncompatible(RouterError):
+    """A worker disagrees with the other workers of its model (tokenizer,
+    context window, block size) or sent an unusable tokenizer."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 409
+    error_type = "invalid_request_error"
+    code = "worker_incompatible"
 
 
 def grpc_status(err: RouterError) -> tuple[grpc.StatusCode, str]:

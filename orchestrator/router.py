@@ -1,0 +1,368 @@
+"""The router core: request in, chunks out, independent of any transport.
+
+A request goes ``prepare`` (admission bound, model, validation, tokenizing,
+context window: every client error surfaces here, before a transport has
+committed to a response) then ``stream`` (placement, Submit to a worker,
+token ids -> text deltas, stop strings, usage). ``generate`` does both.
+
+Failure rules:
+
+* closing the chunk iterator (a client that went away) cancels the worker's
+  Submit call, which aborts the request on the worker;
+* ``abort(request_id)`` does the same and ends the stream with finish reason
+  ``abort``;
+* a worker that fails before it produced a token (connection refused or
+  reset, stream ended without a finish, refused for load) is replaced once
+  by another worker; after a token it fails the stream with ``WorkerFailed``;
+* a worker silent for ``worker_timeout_s`` while the router waits on it
+  fails the stream with ``WorkerTimeout`` (never a hang);
+* a stop string ends the stream with finish reason ``stop`` and cancels the
+  worker call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import grpc
+
+from kvmesh.v1 import worker_pb2
+from orchestrator import validation
+from orchestrator.detokenize import StopMatcher
+from orchestrator.errors import (DuplicateRequestId, InvalidArgument, NoHealthyWorker, Overloaded, RouterError,
+                                 WorkerFailed, WorkerRejected, WorkerTimeout)
+from orchestrator.metrics import RouterMetrics
+from orchestrator.placement import PlacementPolicy, RequestView
+from orchestrator.registry import ModelEntry, WorkerRegistry
+from orchestrator.tokenize import TokenizerBundle
+from orchestrator.types import Chunk, FinishReason, GenerateRequest, ModelCard, Sampling, TokenLogprob, Usage
+from orchestrator.workers import WorkerHandle
+
+logger = logging.getLogger(__name__)
+
+_RETRIABLE_CODES = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+})
+_REJECTION_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
+
+
+@dataclass(frozen=True)
+class RouterLimits:
+    max_in_flight: int = 1024
+    """Requests streaming at once; a request arriving when this many stream
+    is refused with ``Overloaded`` (429 / RESOURCE_EXHAUSTED), not queued."""
+
+    worker_timeout_s: float = 120.0
+    """Longest wait for a worker's next message (queueing and prefill
+    included) before the request fails with ``WorkerTimeout``."""
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+        if self.worker_timeout_s <= 0:
+            raise ValueError(f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated, tokenized request, ready to be placed."""
+
+    request_id: str
+    entry: ModelEntry
+    prompt_ids: list[int]
+    sampling: Sampling
+    cache_salt: str
+    arrival: float                      # time.monotonic() at prepare
+
+
+class _AbortRequested(RouterError):
+    """Internal: ``Router.abort`` was called for a running request."""
+
+
+class _Attempt:
+    """One Submit call; ``fail`` cancels it and records why (workers.WorkerStream)."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall, worker: WorkerHandle) -> None:
+        self.call = call
+        self.worker = worker
+        self.failure: RouterError | None = None
+
+    def fail(self, error: RouterError) -> None:
+        if self.failure is None:
+            self.failure = error
+            self.call.cancel()
+
+
+class _Active:
+    """A running request as ``abort`` finds it."""
+
+    def __init__(self) -> None:
+        self.attempt: _Attempt | None = None
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        if self.attempt is not None:
+            self.attempt.fail(_AbortRequested("aborted"))
+
+
+class _Watchdog:
+    """Calls ``on_expire`` when one wait (``arm`` .. ``disarm``) lasts ``timeout`` seconds.
+
+    One timer per request, re-armed lazily: touching it costs a clock read."""
+
+    def __init__(self, timeout: float, on_expire: Callable[[], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._timeout = timeout
+        self._on_expire = on_expire
+        self._since: float | None = None
+        self._timer = self._loop.call_later(timeout, self._check)
+
+    def arm(self) -> None:
+        self._since = self._loop.time()
+
+    def disarm(self) -> None:
+        self._since = None
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if self._since is not None and now - self._since >= self._timeout:
+            self._on_expire()
+            return
+        due = self._timeout if self._since is None else self._since + self._timeout - now
+        self._timer = self._loop.call_later(due, self._check)
+
+
+class _Output:
+    """Turns worker messages into client chunks: text, stop strings, usage, timings."""
+
+    def __init__(self, p: PreparedRequest, tokenizer: TokenizerBundle, metrics: RouterMetrics) -> None:
+        self._p = p
+        self._detok = tokenizer.detokenizer(p.prompt_ids)
+        self._stops = StopMatcher(p.sampling.stop)
+        self._metrics = metrics
+        self._model = p.entry.spec.name
+        self._ttft = metrics.ttft.labels(self._model)          # resolved once: labels() costs µs per call
+        self._itl = metrics.itl.labels(self._model)
+        self.completion_tokens = 0
+        self.cached_tokens = 0
+        self._last_token_at: float | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether any token arrived (then no retry elsewhere is possible)."""
+        return self.completion_tokens > 0
+
+    def on_response(self, resp: worker_pb2.SubmitResponse, worker_id: str) -> Chunk:
+        ids = tuple(resp.token_ids)
+        if resp.cached_tokens:
+            self.cached_tokens = resp.cached_tokens
+        if ids:
+            self._observe_tokens(len(ids))
+        finish = FinishReason.from_pb(resp.finish_reason)
+        if finish is FinishReason.ERROR:
+            raise WorkerFailed(f"worker {worker_id} failed the request (engine error)", retriable=not self.started)
+        text = self._stops.feed(self._detok.add(ids))
+        if self._stops.stopped:
+            finish = FinishReason.STOP
+        elif finish is not None:
+            text += self._stops.feed(self._detok.flush())
+            if self._stops.stopped:
+                finish = FinishReason.STOP
+            else:
+                text += self._stops.flush()
+        logprobs = tuple(TokenLogprob.from_pb(lp) for lp in resp.logprobs) if self._p.sampling.logprobs else ()
+        if finish is None:
+            return Chunk(self._p.request_id, text, ids, logprobs, worker_id=worker_id)
+        return self.final(finish, worker_id, text=text, token_ids=ids, logprobs=logprobs)
+
+    def final(self, finish: FinishReason, worker_id: str, *, text: str = "", token_ids: tuple[int, ...] = (),
+              logprobs: tuple[TokenLogprob, ...] = ()) -> Chunk:
+        usage = Usage(len(self._p.prompt_ids), self.completion_tokens, self.cached_tokens)
+        m = self._metrics
+        m.finished.labels(self._model, finish.value).inc()
+        m.e2e.labels(self._model).observe(time.monotonic() - self._p.arrival)
+        m.prompt_tokens.labels(self._model).inc(usage.prompt_tokens)
+        m.generation_tokens.labels(self._model).inc(usage.completion_tokens)
+        m.cached_prompt_tokens.labels(self._model).inc(usage.cached_tokens)
+        return Chunk(self._p.request_id, text, token_ids, logprobs, finish, usage, worker_id)
+
+    def _observe_tokens(self, n: int) -> None:
+        now = time.monotonic()
+        if self._last_token_at is None:
+            self._ttft.observe(now - self._p.arrival)
+        else:
+            self._itl.observe(now - self._last_token_at)
+        self._last_token_at = now
+        self.completion_tokens += n
+
+
+class Router:
+    def __init__(self, registry: WorkerRegistry, policy: PlacementPolicy, metrics: RouterMetrics,
+                 limits: RouterLimits = RouterLimits()) -> None:
+        self._registry = registry
+        self._policy = policy
+        self._metrics = metrics
+        self._limits = limits
+        self._active: dict[str, _Active] = {}
+
+    # --- queries ---------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    def model_cards(self) -> list[ModelCard]:
+        return self._registry.model_cards()
+
+    def tokenizer(self, model: str) -> TokenizerBundle:
+        return self._registry.resolve(model).tokenizer
+
+    # --- the request path -------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        """``prepare`` then ``stream``; every error surfaces at the first chunk."""
+        prepared = await self.prepare(request)
+        async with aclosing(self.stream(prepared)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def prepare(self, request: GenerateRequest) -> PreparedRequest:
+        """Admits, validates and tokenizes; raises the client's error, if any."""
+        arrival = time.monotonic()
+        if len(self._active) >= self._limits.max_in_flight:
+            self._metrics.rejected.inc()
+            raise Overloaded(f"the router has {len(self._active)} requests in flight "
+                             f"(max_in_flight={self._limits.max_in_flight}); retry later")
+        if request.request_id in self._active:
+            raise DuplicateRequestId(f"request id {request.request_id!r} is already running")
+        entry = self._registry.resolve(request.model)
+        spec = entry.spec
+        validation.validate_prompt(request.prompt, vocab_size=spec.vocab_size)
+        validation.validate_sampling(request.sampling, vocab_size=spec.vocab_size)
+        prompt_ids = await entry.tokenizer.encode_prompt(request.prompt)
+        if not prompt_ids:
+            raise InvalidArgument("prompt", "tokenizes to no tokens")
+        validation.check_context_window(len(prompt_ids), request.sampling.max_tokens, spec.max_model_len)
+        if not entry.candidates():
+            raise NoHealthyWorker(f"no healthy worker serves model {spec.name!r}")
+        return PreparedRequest(request.request_id or uuid.uuid4().hex, entry, prompt_ids,
+                               request.sampling, request.cache_salt, arrival)
+
+    async def stream(self, p: PreparedRequest) -> AsyncIterator[Chunk]:
+        """Places ``p`` and streams its chunks; the last one has a finish reason."""
+        if p.request_id in self._active:
+            raise DuplicateRequestId(f"request id {p.request_id!r} is already running")
+        active = _Active()
+        self._active[p.request_id] = active
+        self._metrics.in_flight.inc()
+        output = _Output(p, p.entry.tokenizer, self._metrics)
+        failed: list[str] = []
+        try:
+            while not active.aborted:
+                worker = self._place(p, exclude=failed)
+                try:
+                    async with aclosing(self._submit(p, worker, active)) as responses:
+                        async for resp in responses:
+                            chunk = output.on_response(resp, worker.worker_id)
+                            yield chunk
+                            if chunk.finish_reason is not None:
+                                return
+                except WorkerFailed as e:
+                    worker.failures += 1
+                    failed.append(worker.worker_id)
+                    retry = (e.retriable and not output.started and len(failed) == 1
+                             and any(w.worker_id not in failed for w in p.entry.candidates()))
+                    if not retry:
+                        raise
+                    logger.warning("request %s: %s; retrying on another worker", p.request_id, e.message)
+                    self._metrics.retries.labels(p.entry.spec.name).inc()
+                except _AbortRequested:
+                    break
+            yield output.final(FinishReason.ABORT, "")
+        finally:
+            del self._active[p.request_id]
+            self._metrics.in_flight.dec()
+
+    def abort(self, request_id: str) -> bool:
+        """Ends a running request with finish reason ``abort``; False if unknown."""
+        active = self._active.get(request_id)
+        if active is None:
+            return False
+        active.abort()
+        return True
+
+    # --- internals ----------------------------------------------------------------
+
+    def _place(self, p: PreparedRequest, exclude: list[str]) -> WorkerHandle:
+        candidates = [w for w in p.entry.candidates() if w.worker_id not in exclude]
+        if not candidates:
+            raise NoHealthyWorker(f"no healthy worker serves model {p.entry.spec.name!r}")
+        view = RequestView(p.request_id, p.entry.spec.name, p.prompt_ids, p.cache_salt, p.entry.spec.block_size)
+        worker = self._policy.choose(view, candidates)
+        worker.placements += 1
+        return worker
+
+    async def _submit(self, p: PreparedRequest, worker: WorkerHandle,
+                      active: _Active) -> AsyncIterator[worker_pb2.SubmitResponse]:
+        """The worker's messages up to and including the one with a finish
+        reason; raises ``WorkerFailed``/``WorkerRejected``/``_AbortRequested``."""
+        call = worker.stub.Submit(worker_pb2.SubmitRequest(
+            request_id=p.request_id, prompt_token_ids=p.prompt_ids,
+            sampling=p.sampling.to_pb(with_stop=False), cache_salt=p.cache_salt))
+        attempt = _Attempt(call, worker)
+        active.attempt = attempt
+        worker.streams.add(attempt)
+        worker.in_flight += 1
+        timeout = self._limits.worker_timeout_s
+        watchdog = _Watchdog(timeout, lambda: attempt.fail(
+            WorkerTimeout(f"worker {worker.worker_id} sent nothing for {timeout:g}s")))
+        try:
+            while True:
+                watchdog.arm()
+                try:
+                    resp = await call.read()
+                except asyncio.CancelledError:
+                    if attempt.failure is None or _task_cancelled():
+                        raise
+                    raise attempt.failure from None
+                except grpc.aio.AioRpcError as e:
+                    raise attempt.failure or self._worker_error(worker, e) from None
+                watchdog.disarm()
+                if resp is grpc.aio.EOF:
+                    raise WorkerFailed(f"worker {worker.worker_id} ended the stream without a finish reason")
+                yield resp
+                if resp.finish_reason:
+                    return
+        finally:
+            watchdog.cancel()
+            call.cancel()
+            worker.in_flight -= 1
+            worker.streams.discard(attempt)
+            active.attempt = None
+
+    def _worker_error(self, worker: WorkerHandle, e: grpc.aio.AioRpcError) -> RouterError:
+        code = e.code()
+        message = f"worker {worker.worker_id} failed: {code.name}: {e.details()}"
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self._registry.mark_unreachable(worker)
+        if code in _REJECTION_CODES:
+            return WorkerRejected(f"worker {worker.worker_id} rejected the request: {e.details()}",
+                                  grpc.StatusCode.INVALID_ARGUMENT, 400)
+        return WorkerFailed(message, retriable=code in _RETRIABLE_CODES)
+
+
+def _task_cancelled() -> bool:
+    """Whether the current task itself is being cancelled (not just a call it awaits)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
