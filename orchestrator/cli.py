@@ -1,4 +1,4 @@
-"""The ``kvmesh`` command: serve, router, worker, generate, model.
+"""The ``kvmesh`` command: serve, router, worker, generate, bench, model.
 
 Each subcommand's arguments and entry point live with the component they
 start; this module only dispatches, and imports a component only when its
@@ -63,6 +63,12 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from orchestrator.bench.cli import run_bench
+
+    return run_bench(args)
+
+
 def _model(args: argparse.Namespace) -> int:
     import logging
 
@@ -115,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
     p.add_argument("--usage", action="store_true", help="print token usage to stderr at the end")
     p.set_defaults(func=_generate)
+
+    from orchestrator.bench.cli import add_bench_args
+
+    p = sub.add_parser("bench", help="load generator (TTFT/ITL/TPOT/goodput); `kvmesh bench compare A.json B.json`")
+    add_bench_args(p)
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("model", help="manage embedded models")
     msub = p.add_subparsers(dest="model_command", required=True)

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import math
 import sys
+from pathlib import Path
 
 from orchestrator.bench.arrivals import Arrivals, load_trace
 from orchestrator.bench.backends import BACKENDS, BackendUnavailable
@@ -59,6 +60,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="tokens",
                    help="send prompts as token ids (exact lengths) or as text that re-tokenizes to the same "
                         "ids (default %(default)s)")
+    t.add_argument("--cache-salt", default="",
+                   help="prefix-cache namespace sent with every request (kvmesh, vLLM): repeat a run's prompts "
+                        "on the same server without reusing the earlier run's cache")
     t.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request (default %(default)s)")
 
     a = parser.add_argument_group("load (one of --rate, --rates, --concurrency, --concurrencies; default --rate inf)")
@@ -139,6 +143,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if backend == "openai" and args.target:
         raise ValueError("--target is for the grpc backend; the openai backend takes --url")
     target = (args.url or DEFAULT_URL) if backend == "openai" else (args.target or DEFAULT_GRPC_TARGET)
+    if args.dataset and not Path(args.dataset).is_file():
+        raise ValueError(f"--dataset {args.dataset}: no such file")
     trace = load_trace(args.trace) if args.trace else None
     workload_kind = args.workload or ("trace" if trace else "random")
     num_requests = args.num_requests or (len(trace) if trace and workload_kind == "trace" else DEFAULT_NUM_REQUESTS)
@@ -153,6 +159,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         prompt_format=args.prompt_format, points=_points(args, trace), workload=workload, trace_path=args.trace,
         warmup=args.warmup, seed=args.seed, max_duration_s=args.max_duration,
         request_timeout_s=args.request_timeout, ignore_eos=args.ignore_eos, temperature=args.temperature,
+        cache_salt=args.cache_salt,
         slo=Slo.parse(args.slo), slo_attainment=args.slo_attainment, late_threshold_ms=args.late_threshold_ms,
         output_dir=args.output_dir, name=args.name, plots=not args.no_plots, progress=not args.no_progress)
 

@@ -52,6 +52,8 @@ def _get(summary: dict[str, Any], path: tuple[str, ...]) -> float | None:
 def _fmt(value: float | None) -> str:
     if value is None:
         return "-"
+    if isinstance(value, int):
+        return str(value)
     return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
 
 

@@ -30,23 +30,33 @@ class BenchConfig:
     """One measurement per arrival process; more than one is a sweep."""
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     trace_path: str | None = None
+    """The trace file, when one was given (for the report)."""
     warmup: int = 2
     """Requests sent and discarded before each measurement."""
     seed: int = 0
     """Point i of a sweep uses seed + i (fresh prompts, so no reuse across points)."""
     max_duration_s: float = 600.0
+    """No request is issued later than this into a point."""
     request_timeout_s: float = 300.0
+    """Per-request limit (gRPC deadline / HTTP total timeout)."""
     ignore_eos: bool = True
+    """Ask for exact output lengths."""
     temperature: float = 0.0
+    cache_salt: str = ""
+    """Sent with every request: a prefix-cache namespace of its own, so a run can
+    repeat an earlier one's prompts on the same server without its warm cache."""
     slo: Slo = field(default_factory=Slo)
+    """Objectives for goodput; none by default."""
     slo_attainment: float = 0.9
     """A sweep's goodput point is the highest load where this fraction met every SLO (DistServe)."""
     late_threshold_ms: float = 10.0
     """A request sent later than this after it was due counts as late."""
     output_dir: str = "bench-results"
     name: str = ""
+    """File name stem; empty = BACKEND-WORKLOAD-TIMESTAMP."""
     plots: bool = True
     progress: bool = True
+    """Show the live progress line."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

@@ -52,6 +52,8 @@ class InstantGeneration(generate_pb2_grpc.GenerationServicer):
     def __init__(self, behaviour: InstantBehaviour | None = None) -> None:
         self.behaviour = behaviour or InstantBehaviour()
         self.requests = 0
+        self.cache_salts: list[str] = []
+        """The cache_salt of every request (for tests)."""
 
     def _admit(self) -> bool:
         """Counts the request; False when this one is scripted to fail."""
@@ -73,6 +75,7 @@ class InstantGeneration(generate_pb2_grpc.GenerationServicer):
                 await asyncio.sleep(b.itl_s)
 
     async def Generate(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        self.cache_salts.append(request.cache_salt)
         if not self._admit():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the instant server was told to fail this request")
         prompt = len(request.token_ids.ids) if request.HasField("token_ids") else len(request.text.split())
@@ -109,6 +112,7 @@ class InstantGeneration(generate_pb2_grpc.GenerationServicer):
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        self.cache_salts.append(body.get("cache_salt", ""))
         if not self._admit():
             return web.json_response({"error": {"message": "told to fail", "type": "unavailable"}}, status=503)
         prompt = body.get("prompt", "")

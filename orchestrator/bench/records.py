@@ -39,6 +39,8 @@ class OutgoingRequest:
     """Set when prompts go out as text (``--prompt-format text``); else token ids are sent."""
     keep_output: bool = False
     """Return the generated token ids (a later chat turn needs them)."""
+    cache_salt: str = ""
+    """Prefix-cache namespace (kvmesh and vLLM): equal prompts with other salts share no cache."""
 
 
 @dataclass(frozen=True)

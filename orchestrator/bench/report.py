@@ -55,14 +55,18 @@ def measurement_warnings(result: RunResult, summary: Summary, arrivals: Arrivals
     records = [r for r in result.records if r.result.error_kind != "parent_failed"]
     late = [r.lateness * 1e3 for r in records if r.lateness * 1e3 > late_threshold_ms]
     o = result.overhead
+    culprit = (f"the benchmark process kept {o.cpu_utilization:.0%} of a core busy: it is the bottleneck"
+               if o.cpu_utilization > CPU_WARN else
+               f"the benchmark process used only {o.cpu_utilization:.0%} of a core, so other load on this machine "
+               "delayed it")
     if records and arrivals.kind in ("poisson", "gamma", "trace") and len(late) / len(records) > LATE_FRACTION_WARN:
         out.append(f"{len(late)} of {len(records)} requests went out more than {late_threshold_ms:g} ms after their "
-                   f"scheduled time (max {max(late):.1f} ms; sent at {_rate(o.send_rate)} req/s against "
-                   f"{_rate(o.scheduled_rate)} scheduled): the offered load was not the load asked for, the load "
-                   "generator is a bottleneck at this rate")
+                   f"scheduled time (max {max(late):.1f} ms; {_rate(o.send_rate)} req/s sent against "
+                   f"{_rate(o.scheduled_rate)} scheduled): the offered load was not exactly the load asked for; "
+                   f"{culprit}")
     elif records and arrivals.kind == "concurrency" and len(late) / len(records) > LATE_FRACTION_WARN:
         out.append(f"{len(late)} of {len(records)} requests left more than {late_threshold_ms:g} ms after their "
-                   f"slot freed (max {max(late):.1f} ms): the load generator, not the server, limited concurrency")
+                   f"slot freed (max {max(late):.1f} ms): the client, not the server, limited concurrency; {culprit}")
     if o.cpu_utilization > CPU_WARN:
         out.append(f"the load generator kept {o.cpu_utilization:.0%} of a CPU core busy: its own queueing may be "
                    "in the latencies; run it on a less loaded machine or lower the load")

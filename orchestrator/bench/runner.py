@@ -51,6 +51,7 @@ class RunOptions:
     progress: bool = True
     late_threshold_s: float = 0.010
     """Sent later than this after being due counts as late (shown live)."""
+    cache_salt: str = ""
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ class Runner:
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.add(asyncio.create_task(self._one(state, counters, spec, target)))
-        await self._drain(tasks, state, counters)
+        await self._drain(tasks)
 
     async def _closed_loop(self, state: _RunState, counters: Counters, concurrency: int,
                            t0: float, stop_at: float) -> None:
@@ -163,9 +164,9 @@ class Runner:
                 free_at = (await self._one(state, counters, spec, free_at)).result.end
 
         tasks = {asyncio.create_task(slot()) for _ in range(min(concurrency, len(state.specs)))}
-        await self._drain(tasks, state, counters)
+        await self._drain(tasks)
 
-    async def _drain(self, tasks: set[asyncio.Task], state: _RunState, counters: Counters) -> None:
+    async def _drain(self, tasks: set[asyncio.Task]) -> None:
         """Waits for everything issued; cancels what outlives timeout + grace."""
         if not tasks:
             return
@@ -215,7 +216,7 @@ class Runner:
         self._counter += 1
         o = self.options
         return OutgoingRequest(f"{o.run_id}-{self._counter}", prompt, spec.output_len, o.ignore_eos,
-                               o.temperature, prompt_text=text, keep_output=keep_output)
+                               o.temperature, prompt_text=text, keep_output=keep_output, cache_salt=o.cache_salt)
 
 
 class _RunState:

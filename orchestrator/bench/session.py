@@ -87,7 +87,7 @@ async def _measure(config: BenchConfig, backend: Backend, source: TokenSource, a
         max_duration_s=config.max_duration_s, request_timeout_s=config.request_timeout_s,
         ignore_eos=config.ignore_eos, temperature=config.temperature,
         text_prompts=config.prompt_format == "text", run_id=f"bench-{secrets.token_hex(4)}",
-        progress=config.progress, late_threshold_s=config.late_threshold_ms / 1e3))
+        progress=config.progress, late_threshold_s=config.late_threshold_ms / 1e3, cache_salt=config.cache_salt))
     warm = workloads.warmup_specs(specs, config.warmup, source, seed)
     if warm:
         results = await runner.warm_up(warm)

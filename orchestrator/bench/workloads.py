@@ -95,15 +95,25 @@ class LengthDist:
 @dataclass(frozen=True)
 class WorkloadConfig:
     kind: str = "random"
+    """One of KINDS."""
     num_requests: int = 100
+    """Requests to build (a trace yields at most its own length)."""
     input_len: LengthDist = LengthDist("fixed", 256, lo=256, hi=256)
+    """Prompt tokens (random), question tokens (shared-prefix) or user-message tokens (multi-turn)."""
     output_len: LengthDist = LengthDist("fixed", 128, lo=128, hi=128)
+    """Output tokens (max_tokens), unless the dataset or trace gives them."""
     dataset: str | None = None
+    """JSONL file of the dataset workload."""
     num_prefixes: int = 10
+    """shared-prefix: distinct prefixes."""
     prefix_len: int = 512
+    """shared-prefix: tokens per prefix."""
     num_turns: int = 4
+    """multi-turn: turns per conversation."""
     trace: tuple[TraceEntry, ...] = ()
+    """trace: the loaded entries."""
     trace_block_size: int = 512
+    """trace: tokens per hash id (Mooncake uses 512)."""
     text_prompts: bool = False
     """Prompts go out as text: make each one survive a text round trip."""
 

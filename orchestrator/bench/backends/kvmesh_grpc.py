@@ -47,8 +47,8 @@ class GrpcBackend:
             listed = await self._stub.ListModels(generate_pb2.ListModelsRequest(), timeout=CONNECT_TIMEOUT_S,
                                                  wait_for_ready=True)
         except grpc.aio.AioRpcError as e:
-            raise BackendUnavailable(f"router at {self.target} did not answer ListModels: "
-                                     f"{e.code().name}: {e.details()}") from None
+            raise BackendUnavailable(f"router at {self.target} did not answer ListModels ({e.code().name}: "
+                                     f"{e.details()}); is a kvmesh router listening there?") from None
         self.model = pick_model([m.id for m in listed.models if m.num_workers > 0], self.model, self.target)
 
     async def close(self) -> None:
@@ -59,7 +59,8 @@ class GrpcBackend:
     def _request(self, req: OutgoingRequest) -> generate_pb2.GenerateRequest:
         sampling = common_pb2.SamplingParams(max_tokens=req.max_tokens, ignore_eos=req.ignore_eos,
                                              temperature=req.temperature)
-        pb = generate_pb2.GenerateRequest(request_id=req.request_id, model=self.model, sampling=sampling)
+        pb = generate_pb2.GenerateRequest(request_id=req.request_id, model=self.model, sampling=sampling,
+                                          cache_salt=req.cache_salt)
         if req.prompt_text is not None:
             pb.text = req.prompt_text
         else:

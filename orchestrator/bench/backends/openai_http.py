@@ -2,8 +2,8 @@
 
 Requests stream (``stream: true``, ``stream_options.include_usage``) and send
 the prompt as a list of token ids, or as text with ``--prompt-format text``.
-``ignore_eos`` is added only when asked for (vLLM, SGLang and kvmesh accept
-it). An SSE event with non-empty ``text`` is an output chunk; the token count
+``ignore_eos`` and ``cache_salt`` are added only when asked for (vLLM and
+kvmesh accept both, SGLang ``ignore_eos``). An SSE event with non-empty ``text`` is an output chunk; the token count
 comes from the final ``usage`` (else the streamed text is tokenized locally),
 and cached prompt tokens from ``usage.prompt_tokens_details.cached_tokens``
 when the server reports them. Connections are pooled and kept alive.
@@ -70,6 +70,8 @@ class OpenAIBackend:
         }
         if req.ignore_eos:
             body["ignore_eos"] = True
+        if req.cache_salt:
+            body["cache_salt"] = req.cache_salt
         return body
 
     async def send(self, req: OutgoingRequest) -> StreamResult:
