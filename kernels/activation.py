@@ -9,10 +9,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.backend import HAS_TRITON, use_triton
+
+if HAS_TRITON:
+    from kernels.activation_triton import silu_and_mul_triton
+
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1] // 2
     return F.silu(x[..., :d]) * x[..., d:]
 
 
-silu_and_mul = silu_and_mul_ref
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if use_triton(x) and x.dim() == 2:
+        return silu_and_mul_triton(x)
+    return silu_and_mul_ref(x)

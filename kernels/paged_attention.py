@@ -1,5 +1,9 @@
 """Attention over the paged KV cache: the torch reference used on CPU.
 
+On CUDA, ``paged_decode_triton.py`` (one query per sequence) and
+``paged_prefill_triton.py`` (prefill and chunked prefill) replace it; kernel
+tests compare both against this function.
+
 Every sequence's keys and values live in blocks named by its block table.
 Queries of one step are laid out flat (``[T, Hq, D]``), sequence after
 sequence; sequence ``i`` owns query rows ``cu_q[i]:cu_q[i+1]`` and attends

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from kernels.backend import HAS_TRITON, use_triton
+
+if HAS_TRITON:
+    from kernels.rmsnorm_triton import rms_norm_triton
+
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x / rms(x) * weight``, computed in float32 and cast back to x's dtype."""
@@ -24,5 +29,15 @@ def add_rms_norm_ref(
     return rms_norm_ref(summed, weight, eps), summed
 
 
-rms_norm = rms_norm_ref
-add_rms_norm = add_rms_norm_ref
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if use_triton(x):
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_ref(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        return rms_norm_triton(x, weight, eps, residual)
+    return add_rms_norm_ref(x, residual, weight, eps)

@@ -12,6 +12,11 @@ import math
 
 import torch
 
+from kernels.backend import HAS_TRITON, use_triton
+
+if HAS_TRITON:
+    from kernels.rotary_triton import apply_rotary_triton
+
 
 def rope_inv_freq(head_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
     """Inverse frequencies, with Llama-3 and linear scaling applied.
@@ -71,4 +76,9 @@ def apply_rotary_ref(
     return rot(q), rot(k)
 
 
-apply_rotary = apply_rotary_ref
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(q):
+        return apply_rotary_triton(q, k, positions, cos_sin_cache)
+    return apply_rotary_ref(q, k, positions, cos_sin_cache)

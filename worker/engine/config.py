@@ -24,7 +24,14 @@ class EngineConfig:
 
     kv_cache_memory_bytes: int | None = None
     """Memory budget of the KV pool; default 1 GiB on CPU (the GPU path sizes it
-    from free memory). Ignored when ``num_kv_blocks`` is set."""
+    from ``gpu_memory_utilization``). Ignored when ``num_kv_blocks`` is set."""
+
+    gpu_memory_utilization: float = 0.9
+    """Fraction of the GPU's total memory the engine may use: weights, the profiled
+    activation peak and CUDA graphs first, the KV pool gets the rest."""
+
+    enforce_eager: bool = False
+    """On CUDA, run decode steps eagerly instead of replaying CUDA graphs."""
 
     num_kv_blocks: int | None = None
     """Exact number of KV blocks (tests use small pools to force preemption)."""
@@ -53,5 +60,7 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2, got {self.num_kv_blocks}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")

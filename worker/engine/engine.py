@@ -11,6 +11,7 @@ import json
 import logging
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,16 +31,24 @@ from worker.engine.types import (
     RequestOutput,
 )
 from worker.models.config import ModelConfig
+from worker.models.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from worker.engine.mock_runner import MockRunner
 
 logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, model: LlamaForCausalLM | None = None,
+                 runner: ModelRunner | MockRunner | None = None) -> None:
+        """``model``: already built weights (benchmarks, tests); default: load ``config.model``.
+        ``runner``: replaces the model runner (``mock_runner.MockRunner``: same ``execute``
+        contract, plus ``num_blocks``, ``max_model_len`` and ``device``)."""
         self.config = config
         model_dir = Path(config.model)
         self.model_config = ModelConfig.from_dir(model_dir)
-        self.runner = ModelRunner(config, self.model_config)
+        self.runner = runner if runner is not None else ModelRunner(config, self.model_config, model)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         # one sequence must always fit the pool, or preemption could never make room for it

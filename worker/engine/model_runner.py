@@ -3,6 +3,15 @@
 Owns the model, the device, and the KV pool tensor
 ``[num_layers, 2, num_blocks, block_size, kv_heads, head_dim]``. The pool is
 allocated once; its size comes from a memory budget (or an exact block count).
+
+Two paths share the step's host-side bookkeeping:
+
+* CPU: the pure-torch reference path (attention from Python lists).
+* CUDA: the batch is described as device tensors (decode and prefill
+  sub-batches, built with one host-to-device copy) and runs the Triton
+  kernels; steps whose sequences all have one new token replay a CUDA graph
+  (``cuda_graph.py``). The KV pool gets what ``gpu_memory_utilization``
+  leaves after the weights, a profiled activation peak and the graphs.
 """
 
 from __future__ import annotations
@@ -11,19 +20,24 @@ import logging
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from worker.engine.config import EngineConfig
+from worker.engine.cuda_graph import DecodeGraphs
 from worker.engine.sampler import SamplerResult, sample
 from worker.engine.scheduler import SchedulerOutput
-from worker.models.attention import AttentionMetadata
+from worker.models.attention import AttentionMetadata, DecodeBatch, PrefillBatch
 from worker.models.config import ModelConfig
+from worker.models.llama import LlamaForCausalLM
 from worker.models.loader import load_model
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CPU_KV_BYTES = 1 << 30
+MAX_GRAPH_BATCH = 512
+_GIB = 2**30
 
 
 def resolve_device(name: str) -> torch.device:
@@ -33,16 +47,23 @@ def resolve_device(name: str) -> torch.device:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig) -> None:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model: LlamaForCausalLM | None = None) -> None:
         self.config = config
         self.model_config = model_config
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if config.dtype == "auto":
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
             self.dtype = _DTYPES[config.dtype]
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
-        self.model = load_model(Path(config.model), self.max_model_len, self.device, self.dtype)
+        if model is None:
+            self.model = load_model(Path(config.model), self.max_model_len, self.device, self.dtype)
+        else:
+            self.model = model.to(device=self.device, dtype=self.dtype)
+            self.model.init_rope(self.max_model_len, self.device)
+        self.on_gpu = self.device.type == "cuda"
         self.num_blocks = self._num_kv_blocks()
         self.logits_observer: Callable[[list[str], torch.Tensor], None] | None = None
         """Sees each step's sampling logits (request ids, ``[S, V]``): for parity tests and debugging."""
@@ -57,30 +78,101 @@ class ModelRunner:
             self.num_blocks, config.block_size, self.num_blocks * config.block_size,
             self.kv_cache.numel() * self.kv_cache.element_size() / 2**20, self.device,
         )
+        self.graphs: DecodeGraphs | None = None
+        if self.on_gpu:
+            self._compile_decode_variants()
+        if self.on_gpu and not config.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, self._graph_batch_size(), self._blocks_per_seq())
+
+    @torch.inference_mode()
+    def _compile_decode_variants(self) -> None:
+        """Launch the decode kernel once per split count it can choose, on empty
+        contexts (nothing is read), so no step ever waits for Triton's compiler."""
+        from kernels.paged_decode_triton import MAX_SPLITS  # CUDA only: CPU machines need no Triton
+
+        mc, dev = self.model_config, self.device
+        q = torch.zeros((4, mc.num_heads, mc.head_dim), dtype=self.dtype, device=dev)
+        i32 = dict(dtype=torch.int32, device=dev)
+        splits = 1
+        while splits <= MAX_SPLITS:
+            decode = DecodeBatch(rows=torch.arange(4, **i32), block_tables=torch.zeros((4, 16), **i32),
+                                 context_lens=torch.zeros(4, **i32), num_splits=splits)
+            meta = AttentionMetadata(torch.full((4,), -1, **i32), decode.block_tables, [], [], decode=decode)
+            attn = self.model.layers[0].self_attn.attn
+            attn(q, q[:, : mc.num_kv_heads], q[:, : mc.num_kv_heads], self.kv_cache[0, 0], self.kv_cache[0, 1], meta)
+            splits *= 2
+        torch.cuda.synchronize(dev)
 
     def bytes_per_block(self) -> int:
         mc = self.model_config
         elem = torch.tensor([], dtype=self.dtype).element_size()
         return mc.num_layers * 2 * self.config.block_size * mc.num_kv_heads * mc.head_dim * elem
 
+    def _graph_batch_size(self) -> int:
+        return min(self.config.max_num_seqs, MAX_GRAPH_BATCH)
+
+    def _blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.config.block_size)
+
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         budget = self.config.kv_cache_memory_bytes
         if budget is None:
-            if self.device.type == "cuda":
-                free, _total = torch.cuda.mem_get_info(self.device)
-                budget = int(free * 0.9)
-            else:
-                budget = DEFAULT_CPU_KV_BYTES
+            budget = self._profile_kv_budget() if self.on_gpu else DEFAULT_CPU_KV_BYTES
         blocks = budget // self.bytes_per_block()
         if blocks < 2:
             raise ValueError(
                 f"KV cache budget of {budget} bytes holds {blocks} blocks of {self.bytes_per_block()} bytes; "
-                "raise kv_cache_memory_bytes"
+                "raise kv_cache_memory_bytes (or gpu_memory_utilization)"
             )
         return int(blocks)
 
+    @torch.inference_mode()
+    def _profile_kv_budget(self) -> int:
+        """Bytes left for the KV pool: ``total * gpu_memory_utilization`` minus the
+        peak of a forward pass over a full step budget (weights included), memory
+        held outside PyTorch (CUDA context, cuBLAS), and the same activation peak
+        again for the CUDA graphs' pool."""
+        dev, cfg = self.device, self.config
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        weights = torch.cuda.memory_allocated(dev)
+        n = min(cfg.max_num_batched_tokens, self.max_model_len)
+        table = list(range(-(-n // cfg.block_size)))
+        mc = self.model_config
+        scratch = torch.zeros((mc.num_layers, 2, len(table), cfg.block_size, mc.num_kv_heads, mc.head_dim),
+                              dtype=self.dtype, device=dev)
+        ids = [0] * n
+        slots = list(range(n))
+        meta, flat = self._gpu_metadata([n], [n], [table], ids, list(range(n)), slots, [n - 1] * min(cfg.max_num_seqs, n))
+        hidden = self.model(flat["ids"], flat["positions"], scratch, meta)
+        self.model.compute_logits(hidden.index_select(0, flat["logit_rows"])).argmax(dim=-1)
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - scratch.numel() * scratch.element_size()
+        del scratch, hidden, meta, flat
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        outside_torch = total - free - torch.cuda.memory_reserved(dev)
+        activations = peak - weights
+        graphs = activations if not cfg.enforce_eager else 0
+        budget = int(total * cfg.gpu_memory_utilization) - peak - outside_torch - graphs
+        logger.info(
+            "GPU memory: %.2f GiB total x %.2f utilization; weights %.2f GiB, activation peak %.2f GiB "
+            "(%d-token step), outside PyTorch %.2f GiB, CUDA-graph reserve %.2f GiB -> KV pool %.2f GiB",
+            total / _GIB, cfg.gpu_memory_utilization, weights / _GIB, activations / _GIB, n,
+            outside_torch / _GIB, graphs / _GIB, budget / _GIB,
+        )
+        if budget < 2 * self.bytes_per_block():
+            raise ValueError(
+                f"no GPU memory left for the KV pool: {total * cfg.gpu_memory_utilization / _GIB:.2f} GiB allowed "
+                f"(gpu_memory_utilization={cfg.gpu_memory_utilization}), {(peak + outside_torch + graphs) / _GIB:.2f} GiB "
+                "taken by weights, activations and graphs; raise gpu_memory_utilization or lower max_num_batched_tokens"
+            )
+        return budget
+
+    # ---- the step ------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> SamplerResult | None:
         """Runs the forward pass of ``plan``; samples for sequences whose known tokens are all computed."""
@@ -97,20 +189,47 @@ class ModelRunner:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
             end = start + n
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if n == 1:  # the common decode case, without generators
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                input_ids.extend(seq.token_ids[start:end])
+                positions.extend(range(start, end))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             context_lens.append(end)
             query_lens.append(n)
             if item.samples:
                 logit_rows.append(len(input_ids) - 1)
-        max_blocks = max(len(item.seq.block_table) for item in plan.scheduled)
-        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in plan.scheduled]
+        tables = [item.seq.block_table for item in plan.scheduled]
+        if not self.on_gpu:
+            logits = self._forward_reference(input_ids, positions, slots, context_lens, query_lens, tables, logit_rows)
+        elif self.graphs is not None and len(input_ids) == len(plan.scheduled) <= self.graphs.max_batch_size:
+            # every sequence has one new token: replay the decode graph
+            logits = self.graphs.run(input_ids, positions, slots, context_lens, tables)
+            if len(logit_rows) < len(input_ids):
+                logits = logits[torch.tensor(logit_rows, device=self.device)] if logit_rows else None
+        else:
+            logits = self._forward_gpu(input_ids, positions, slots, context_lens, query_lens, tables, logit_rows)
+        if logits is None:
+            return None
+        sampling = [item for item in plan.scheduled if item.samples]
+        if self.logits_observer is not None:
+            self.logits_observer([item.seq.request_id for item in sampling], logits)
+        return sample(
+            logits,
+            [item.seq.sampling for item in sampling],
+            [item.seq.generator for item in sampling],
+        )
+
+    def _forward_reference(self, input_ids, positions, slots, context_lens, query_lens, tables, logit_rows):
+        max_blocks = max(len(t) for t in tables)
+        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(padded, dtype=torch.int64, device=dev),
             context_lens=context_lens,
             query_lens=query_lens,
         )
@@ -122,12 +241,77 @@ class ModelRunner:
         )
         if not logit_rows:
             return None
-        logits = self.model.compute_logits(hidden.index_select(0, torch.tensor(logit_rows, device=dev)))
-        sampling = [item for item in plan.scheduled if item.samples]
-        if self.logits_observer is not None:
-            self.logits_observer([item.seq.request_id for item in sampling], logits)
-        return sample(
-            logits,
-            [item.seq.sampling for item in sampling],
-            [item.seq.generator for item in sampling],
+        return self.model.compute_logits(hidden.index_select(0, torch.tensor(logit_rows, device=dev)))
+
+    def _forward_gpu(self, input_ids, positions, slots, context_lens, query_lens, tables, logit_rows):
+        meta, flat = self._gpu_metadata(query_lens, context_lens, tables, input_ids, positions, slots, logit_rows)
+        hidden = self.model(flat["ids"], flat["positions"], self.kv_cache, meta)
+        if not logit_rows:
+            return None
+        return self.model.compute_logits(hidden.index_select(0, flat["logit_rows"]))
+
+    def _gpu_metadata(
+        self,
+        query_lens: list[int],
+        context_lens: list[int],
+        tables: list[list[int]],
+        input_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        logit_rows: list[int],
+    ) -> tuple[AttentionMetadata, dict[str, torch.Tensor]]:
+        """The step as int32 device tensors, all carved out of one host-to-device copy.
+
+        Every slice starts 16-byte aligned and block tables are padded to a
+        multiple of 16 columns, so the Triton kernels always see the same
+        pointer alignment and stride divisibility: no recompilation mid-run.
+        """
+        q_lens = np.asarray(query_lens, dtype=np.int32)
+        ctx = np.asarray(context_lens, dtype=np.int32)
+        starts = np.zeros_like(q_lens)
+        np.cumsum(q_lens[:-1], out=starts[1:])
+        width = -(-max(len(t) for t in tables) // 16) * 16
+        table = np.zeros((len(tables), width), dtype=np.int32)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = t
+        dec = np.flatnonzero(q_lens == 1)
+        pre = np.flatnonzero(q_lens > 1)
+        parts = {
+            "ids": np.asarray(input_ids, dtype=np.int32),
+            "positions": np.asarray(positions, dtype=np.int32),
+            "slots": np.asarray(slots, dtype=np.int32),
+            "logit_rows": np.asarray(logit_rows, dtype=np.int32),
+            "tables": table.ravel(),
+            "dec_rows": starts[dec],
+            "dec_ctx": ctx[dec],
+            "dec_tables": table[dec].ravel(),
+            "pre_start": starts[pre],
+            "pre_len": q_lens[pre],
+            "pre_ctx": ctx[pre],
+            "pre_tables": table[pre].ravel(),
+        }
+        padded = [np.pad(a, (0, -a.size % 4)) for a in parts.values()]
+        host = torch.from_numpy(np.concatenate(padded)).pin_memory()
+        flat = host.to(self.device, non_blocking=True)
+        out: dict[str, torch.Tensor] = {}
+        at = 0
+        for (name, arr), pad in zip(parts.items(), padded):
+            out[name] = flat[at : at + arr.size]
+            at += pad.size
+        decode = prefill = None
+        if dec.size:
+            decode = DecodeBatch(rows=out["dec_rows"], block_tables=out["dec_tables"].view(dec.size, width),
+                                 context_lens=out["dec_ctx"])
+        if pre.size:
+            prefill = PrefillBatch(query_start=out["pre_start"], query_lens=out["pre_len"], context_lens=out["pre_ctx"],
+                                   block_tables=out["pre_tables"].view(pre.size, width),
+                                   max_query_len=int(q_lens[pre].max()))
+        meta = AttentionMetadata(
+            slot_mapping=out["slots"],
+            block_tables=out["tables"].view(len(tables), width),
+            context_lens=context_lens,
+            query_lens=query_lens,
+            decode=decode,
+            prefill=prefill,
         )
+        return meta, out

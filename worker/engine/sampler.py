@@ -29,12 +29,13 @@ def sample(
 ) -> SamplerResult:
     """``logits``: ``[S, V]`` float32, one row per sequence that samples this step."""
     num_rows = logits.shape[0]
-    greedy = torch.tensor([o.greedy for o in options], device=logits.device)
-    if bool(greedy.all()):
+    greedy_rows = [o.greedy for o in options]  # decided on the host: no device sync
+    if all(greedy_rows):
         tokens = logits.argmax(dim=-1)
     else:
         tokens = _sample_random(logits, options, generators)
-        if bool(greedy.any()):
+        if any(greedy_rows):
+            greedy = torch.tensor(greedy_rows, device=logits.device)
             tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
     token_list = tokens.tolist()
     logprobs: list[TokenLogprob | None] = [None] * num_rows

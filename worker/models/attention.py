@@ -4,6 +4,11 @@ The model runner builds one ``AttentionMetadata`` per step; every layer reads
 it. The layer writes the step's new K/V into the paged cache first and then
 attends over the cache, so cached prefix blocks and the new tokens are read
 the same way.
+
+On CUDA the runner also describes the batch as device tensors, split into
+the sequences with one new token (``DecodeBatch``, the decode kernel) and
+those with more (``PrefillBatch``, the prefill kernel), and the layer runs the
+Triton kernels. Without that description it runs the torch reference.
 """
 
 from __future__ import annotations
@@ -12,16 +17,49 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.backend import HAS_TRITON
 from kernels.cache_ops import store_kv
 from kernels.paged_attention import paged_attention
+
+if HAS_TRITON:
+    from kernels.paged_decode_triton import paged_decode_attention
+    from kernels.paged_prefill_triton import paged_prefill_attention
+
+
+@dataclass
+class DecodeBatch:
+    """Sequences with exactly one query row this step (device tensors)."""
+
+    rows: torch.Tensor            # [Bd] int32: the flat query row of each
+    block_tables: torch.Tensor    # [Bd, W] int32
+    context_lens: torch.Tensor    # [Bd] int32; 0 marks a padding row (output zeros)
+    num_splits: int | None = None
+    """Context splits of the decode kernel; None: chosen from the batch shape."""
+
+
+@dataclass
+class PrefillBatch:
+    """Sequences with several query rows this step (device tensors)."""
+
+    query_start: torch.Tensor     # [Bp] int32: first flat query row
+    query_lens: torch.Tensor      # [Bp] int32
+    context_lens: torch.Tensor    # [Bp] int32
+    block_tables: torch.Tensor    # [Bp, W] int32
+    max_query_len: int
 
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor   # [T] int64: cache slot of each new token
-    block_tables: torch.Tensor   # [B, max_blocks] int64, padded with 0
-    context_lens: list[int]      # [B]: tokens in cache after this step
-    query_lens: list[int]        # [B]: new tokens of this step
+    slot_mapping: torch.Tensor   # [T] int64 (int32 on CUDA): cache slot of each new token; < 0: skip (CUDA only)
+    block_tables: torch.Tensor   # [B, max_blocks] int64, padded with 0 (reference path)
+    context_lens: list[int]      # [B]: tokens in cache after this step (reference path)
+    query_lens: list[int]        # [B]: new tokens of this step (reference path)
+    decode: DecodeBatch | None = None
+    prefill: PrefillBatch | None = None
+
+    @property
+    def on_gpu_kernels(self) -> bool:
+        return self.decode is not None or self.prefill is not None
 
 
 class PagedAttention(torch.nn.Module):
@@ -44,4 +82,15 @@ class PagedAttention(torch.nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_lens, self.scale)
+        if not meta.on_gpu_kernels:
+            return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_lens, self.scale)
+        out = torch.empty_like(q)
+        if meta.prefill is not None:
+            p = meta.prefill
+            paged_prefill_attention(q, k_cache, v_cache, p.block_tables, p.query_start, p.query_lens,
+                                    p.context_lens, p.max_query_len, self.scale, out)
+        if meta.decode is not None:
+            d = meta.decode
+            paged_decode_attention(q, k_cache, v_cache, d.block_tables, d.context_lens, d.rows, self.scale, out,
+                                   d.num_splits)
+        return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -36,6 +37,32 @@ def load_model(model_dir: Path, max_positions: int, device: torch.device, dtype:
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for file in files:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+
+    return _build(cfg, tensors(), max_positions, device, dtype, f"checkpoint in {model_dir}")
+
+
+def load_model_from_state_dict(
+    cfg: ModelConfig, state_dict: dict[str, torch.Tensor], max_positions: int, device: torch.device, dtype: torch.dtype
+) -> LlamaForCausalLM:
+    """The model from tensors named as in a checkpoint (e.g. a transformers model's
+    ``state_dict()``), fused and converted exactly as ``load_model`` does."""
+    return _build(cfg, iter(state_dict.items()), max_positions, device, dtype, "state dict")
+
+
+def _build(
+    cfg: ModelConfig,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    max_positions: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    source: str,
+) -> LlamaForCausalLM:
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model.to_empty(device=device)
@@ -45,27 +72,24 @@ def load_model(model_dir: Path, max_positions: int, device: torch.device, dtype:
     params = dict(model.named_parameters())
     pending: dict[str, list[torch.Tensor | None]] = {}
     loaded: set[str] = set()
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if _IGNORED.search(name):
-                    continue
-                target = name.removeprefix("model.")
-                parts = target.split(".")
-                tensor = f.get_tensor(name)
-                if len(parts) >= 2 and parts[-2] in _FUSED:
-                    fused, idx = _FUSED[parts[-2]]
-                    key = ".".join(parts[:-2] + [fused, parts[-1]])
-                    slots = pending.setdefault(key, [None] * (3 if fused == "qkv_proj" else 2))
-                    slots[idx] = tensor
-                    if all(s is not None for s in slots):
-                        _copy(params, key, torch.cat(slots, dim=0), loaded)  # type: ignore[arg-type]
-                        del pending[key]
-                    continue
-                if target not in params:
-                    logger.debug("ignoring checkpoint tensor %s", name)
-                    continue
-                _copy(params, target, tensor, loaded)
+    for name, tensor in tensors:
+        if _IGNORED.search(name):
+            continue
+        target = name.removeprefix("model.")
+        parts = target.split(".")
+        if len(parts) >= 2 and parts[-2] in _FUSED:
+            fused, idx = _FUSED[parts[-2]]
+            key = ".".join(parts[:-2] + [fused, parts[-1]])
+            slots = pending.setdefault(key, [None] * (3 if fused == "qkv_proj" else 2))
+            slots[idx] = tensor
+            if all(s is not None for s in slots):
+                _copy(params, key, torch.cat(slots, dim=0), loaded)  # type: ignore[arg-type]
+                del pending[key]
+            continue
+        if target not in params:
+            logger.debug("ignoring checkpoint tensor %s", name)
+            continue
+        _copy(params, target, tensor, loaded)
     if cfg.tie_word_embeddings or "lm_head.weight" not in loaded:
         if "lm_head.weight" not in loaded and not cfg.tie_word_embeddings:
             logger.warning("checkpoint has no lm_head.weight: tying it to the embeddings")
@@ -73,7 +97,7 @@ def load_model(model_dir: Path, max_positions: int, device: torch.device, dtype:
         loaded.add("lm_head.weight")
     missing = sorted(set(params) - loaded)
     if pending or missing:
-        raise ValueError(f"checkpoint in {model_dir} lacks tensors: {missing or sorted(pending)}")
+        raise ValueError(f"{source} lacks tensors: {missing or sorted(pending)}")
     model.eval()
     return model
 

@@ -1,0 +1,420 @@
+"""kvmesh's GPU engine against Hugging Face transformers on one GPU, same weights, same run.
+
+The model is Llama-3-8B-shaped (32 layers, hidden 4096, 32 heads, 8 KV heads,
+FFN 14336, vocabulary 128256; 16.06 GB of bf16 weights) with random weights
+from a fixed seed: transformers builds it on the GPU, kvmesh copies its
+weights (fusing q/k/v and gate/up as the loader does). transformers runs
+first; then its model is freed and the kvmesh engine sizes its KV pool from
+what is free (``--gpu-memory-utilization``). EOS is ignored everywhere.
+
+Measured (kvmesh in-process, no gRPC):
+* batch-1 decode, 128-token prompt, 256 new tokens: tokens/s, and the
+  fraction of the bandwidth limit (bytes one decode step must read, over the
+  card's measured device-to-device copy bandwidth, read + write counted);
+* offline throughput: 256 requests, prompt lengths uniform in [128, 1024],
+  256 output tokens each: output tokens/s;
+* TTFT of one 2,048-token prompt (median of 5, distinct prompts);
+* transformers: eager batch-1 decode, batch-1 decode with its static cache
+  (which ``generate`` compiles), a static batch of 64 prompts of 512 tokens
+  with 256 new tokens (kvmesh runs that batch too), and optionally
+  ``generate_batch`` on the offline workload (slow: off by default).
+
+Usage: python benchmarks/gpu_bench.py [--json out.json] [--hf none|eager|all]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import platform
+import random
+import statistics
+import subprocess
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+LLAMA3_8B = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+    tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
+)
+
+
+def copy_bandwidth(nbytes: int = 4 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written (median of 10)."""
+    src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(times)
+
+
+def build_hf(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": layers})
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval(), cfg
+
+
+def random_prompt(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(1000, 120000) for _ in range(n)]
+
+
+def timed(fn) -> tuple[float, object]:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+# ---- transformers ------------------------------------------------------------
+
+
+def hf_generate(model, prompts: list[list[int]], new: int, **kw) -> float:
+    """Output tokens/s of one ``generate`` call over equal-length prompts (no padding)."""
+    ids = torch.tensor(prompts, device="cuda")
+    with torch.inference_mode():
+        elapsed, out = timed(lambda: model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+            do_sample=False, pad_token_id=0, **kw))
+    assert out.shape[1] - ids.shape[1] == new, out.shape
+    return new * len(prompts) / elapsed
+
+
+def run_hf(model, args, rng, results: dict) -> None:
+    prompt = random_prompt(rng, 128)
+    hf_generate(model, [prompt], 4)  # warm-up
+    results["hf_eager_b1"] = hf_generate(model, [prompt], args.hf_eager_new_tokens)
+    print(f"transformers eager batch-1: {results['hf_eager_b1']:.1f} tok/s", flush=True)
+    batch = [random_prompt(rng, 512) for _ in range(64)]
+    results["hf_static_batch64"] = hf_generate(model, batch, 256)
+    print(f"transformers batch 64 x 512/256: {results['hf_static_batch64']:.1f} tok/s", flush=True)
+    if args.hf_generate_batch:
+        results["hf_generate_batch"] = hf_generate_batch(model, offline_workload(args))
+        print(f"transformers generate_batch offline: {results['hf_generate_batch']:.1f} tok/s", flush=True)
+
+
+def run_hf_compiled(model, rng, results: dict) -> None:
+    """Batch-1 decode with transformers' static cache, which ``generate`` compiles."""
+    prompt = random_prompt(rng, 128)
+    try:
+        start = time.perf_counter()
+        hf_generate(model, [prompt], 256, cache_implementation="static")  # compiles
+        results["hf_compile_s"] = time.perf_counter() - start
+        results["hf_static_compiled_b1"] = hf_generate(model, [prompt], 256, cache_implementation="static")
+        print(f"transformers static cache, compiled, batch-1: {results['hf_static_compiled_b1']:.1f} tok/s "
+              f"(first call incl. compile {results['hf_compile_s']:.0f} s)", flush=True)
+    except Exception as exc:  # reported in the table, not hidden
+        traceback.print_exc()
+        results["hf_static_compiled_b1_error"] = f"{type(exc).__name__}: {exc}"[:200]
+
+
+def hf_compiled_in_subprocess(args, results: dict) -> None:
+    """Run ``run_hf_compiled`` in a fresh process (its own GPU memory, a time limit)."""
+    import sys
+
+    out = Path(tempfile.mkdtemp()) / "hf_compiled.json"
+    cmd = [sys.executable, __file__, "--hf-compiled-only", "--layers", str(args.layers), "--json", str(out)]
+    try:
+        subprocess.run(cmd, timeout=args.hf_compile_timeout, check=True)
+        sub = json.loads(out.read_text())
+        results.update({k: v for k, v in sub.items() if k.startswith("hf_")})
+    except (subprocess.SubprocessError, OSError, ValueError) as exc:
+        results["hf_static_compiled_b1_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        print(f"transformers compiled run failed: {exc}", flush=True)
+
+
+def hf_generate_batch(model, workload: list[list[int]]) -> float:
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=256, min_new_tokens=256, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    with torch.inference_mode():
+        elapsed, out = timed(lambda: model.generate_batch(inputs=workload, generation_config=cfg))
+    produced = sum(len(r.generated_tokens) for r in out.values())
+    return produced / elapsed
+
+
+# ---- kvmesh --------------------------------------------------------------------
+
+
+def offline_workload(args) -> list[list[int]]:
+    rng = random.Random(1)
+    return [random_prompt(rng, rng.randint(128, 1024)) for _ in range(args.offline_requests)]
+
+
+def run_requests(engine, prompts: list[list[int]], new: int, tag: str) -> tuple[float, float, int]:
+    """(seconds to the first token of the first request, total seconds, output tokens)."""
+    from worker.engine.types import EngineRequest, SamplingOptions
+
+    opts = SamplingOptions(temperature=0.0, max_tokens=new, ignore_eos=True)
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(EngineRequest(f"{tag}-{i}", tuple(p), opts))
+    first = None
+    produced = 0
+    while engine.has_unfinished():
+        outs = engine.step()
+        if outs and first is None:
+            first = time.perf_counter() - start
+        produced += sum(len(o.new_token_ids) for o in outs)
+    return first or 0.0, time.perf_counter() - start, produced
+
+
+class StepStats:
+    """Wall time of ``runner.execute`` per kind of step (decode-only or mixed) while active."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.stats = {"decode_steps": 0, "decode_s": 0.0, "mixed_steps": 0, "mixed_s": 0.0}
+
+    def __enter__(self):
+        runner = self.engine.runner
+        self.original = runner.execute
+
+        def execute(plan):
+            start = time.perf_counter()
+            try:
+                return self.original(plan)
+            finally:
+                kind = "decode" if all(s.num_new_tokens == 1 for s in plan.scheduled) else "mixed"
+                self.stats[f"{kind}_steps"] += 1
+                self.stats[f"{kind}_s"] += time.perf_counter() - start
+
+        runner.execute = execute
+        return self.stats
+
+    def __exit__(self, *exc) -> None:
+        self.engine.runner.execute = self.original
+
+
+def run_kvmesh(engine, args, rng, results: dict) -> None:
+    run_requests(engine, [random_prompt(rng, 128)], 8, "warm")
+    run_requests(engine, [random_prompt(rng, 2048)], 1, "warm-ttft")
+    first, total, produced = run_requests(engine, [random_prompt(rng, 128)], 256, "b1")
+    results["kvmesh_b1"] = produced / total
+    results["kvmesh_b1_decode_only"] = (produced - 1) / (total - first)
+    print(f"kvmesh batch-1: {results['kvmesh_b1']:.1f} tok/s ({results['kvmesh_b1_decode_only']:.1f} decode only)", flush=True)
+    ttfts = [run_requests(engine, [random_prompt(rng, 2048)], 1, f"ttft{i}")[0] for i in range(5)]
+    results["kvmesh_ttft_2048_ms"] = 1e3 * statistics.median(ttfts)
+    results["kvmesh_ttft_runs_ms"] = [round(1e3 * t, 2) for t in ttfts]
+    print(f"kvmesh TTFT 2048: {results['kvmesh_ttft_2048_ms']:.1f} ms", flush=True)
+    workload = offline_workload(args)
+    with StepStats(engine) as stats:
+        _, total, produced = run_requests(engine, workload, 256, "offline")
+    results["kvmesh_offline_steps"] = stats
+    print(f"offline steps: {stats}", flush=True)
+    assert produced == 256 * len(workload), produced
+    results["kvmesh_offline"] = produced / total
+    results["kvmesh_offline_s"] = total
+    results["kvmesh_offline_preemptions"] = engine.num_preemptions
+    print(f"kvmesh offline: {results['kvmesh_offline']:.0f} output tok/s ({total:.1f} s)", flush=True)
+    batch = [random_prompt(rng, 512) for _ in range(64)]
+    _, total, produced = run_requests(engine, batch, 256, "b64")
+    results["kvmesh_batch64"] = produced / total
+    print(f"kvmesh batch 64 x 512/256: {results['kvmesh_batch64']:.0f} tok/s", flush=True)
+
+
+def profile_decode(engine, batch: int, prompt_len: int, steps: int = 30) -> dict:
+    """Per-step wall time of pure decode steps, split into the engine's three stages
+    (``execute`` includes waiting for the GPU), and torch.profiler's top GPU kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from worker.engine.types import EngineRequest, SamplingOptions
+
+    rng = random.Random(batch)
+    opts = SamplingOptions(temperature=0.0, max_tokens=4 * steps + 64, ignore_eos=True)
+    ids = [f"prof{batch}-{i}" for i in range(batch)]
+    for rid in ids:
+        engine.add_request(EngineRequest(rid, tuple(random_prompt(rng, prompt_len)), opts))
+    started: set[str] = set()
+    while len(started) < batch:
+        started.update(o.request_id for o in engine.step())
+    spent = {"schedule": 0.0, "execute": 0.0, "update": 0.0}
+    originals = (engine.scheduler.schedule, engine.runner.execute, engine._update)
+
+    def clocked(name, fn):
+        def run(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[name] += time.perf_counter() - t
+        return run
+
+    engine.scheduler.schedule = clocked("schedule", originals[0])
+    engine.runner.execute = clocked("execute", originals[1])
+    engine._update = clocked("update", originals[2])
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    wall = (time.perf_counter() - start) / steps
+    engine.scheduler.schedule, engine.runner.execute, engine._update = originals
+    for k in spent:
+        spent[k] = 1e3 * spent[k] / steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            engine.step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=60)
+    for rid in ids:
+        engine.abort_request(rid)
+    print(f"decode batch {batch} (prompt {prompt_len}): {1e3 * wall:.2f} ms/step; per step ms: {spent}", flush=True)
+    print(table, flush=True)
+    return {"batch": batch, "ms_per_step": 1e3 * wall, **{f"{k}_ms": v for k, v in spent.items()}}
+
+
+def decode_bytes_per_step(weights: int, embed: int, cfg, context: int) -> int:
+    """Bytes a batch-1 decode step must read: every weight but the embedding table
+    (one row of it), plus the K/V of ``context`` cached tokens."""
+    kv = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    return weights - embed + context * kv
+
+
+def versions() -> dict:
+    import transformers
+    import triton
+
+    info = {
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "triton": triton.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+    }
+    try:
+        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                        capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        info["driver"] = f"unknown ({exc})"
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hf", choices=("none", "eager", "all"), default="all",
+                        help="transformers runs: none, eager only, or eager and static-cache compiled")
+    parser.add_argument("--hf-eager-new-tokens", type=int, default=64, help="new tokens of the eager batch-1 run")
+    parser.add_argument("--hf-generate-batch", action="store_true", help="also run transformers generate_batch offline")
+    parser.add_argument("--layers", type=int, default=32, help="fewer layers for a quick smoke run")
+    parser.add_argument("--offline-requests", type=int, default=256)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--profile", action="store_true", help="profile decode steps at batch 1, 64 and 256 first")
+    parser.add_argument("--hf-compile-timeout", type=int, default=300, help="seconds for the compiled transformers run")
+    parser.add_argument("--hf-compiled-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", default=None, help="write all results here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    from worker.engine.config import EngineConfig
+    from worker.engine.engine import LLMEngine
+    from worker.models.config import ModelConfig
+    from worker.models.loader import load_model_from_state_dict
+
+    if args.hf_compiled_only:
+        results = {}
+        hf, _ = build_hf(args.layers)
+        run_hf_compiled(hf, random.Random(2), results)
+        Path(args.json).write_text(json.dumps(results))
+        return
+    info = versions()
+    print(f"# {info}", flush=True)
+    results: dict = {"info": info, "args": vars(args)}
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
+    bandwidth = copy_bandwidth()
+    results["copy_bandwidth_TBps"] = bandwidth / 1e12
+    print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s", flush=True)
+
+    elapsed, (hf, hf_cfg) = timed(lambda: build_hf(args.layers))
+    weights = sum(p.numel() * p.element_size() for p in hf.parameters())
+    embed = hf.model.embed_tokens.weight.numel() * 2
+    results["weights_GB"] = weights / 1e9
+    print(f"built transformers model: {weights / 1e9:.2f} GB of weights in {elapsed:.0f} s", flush=True)
+    rng = random.Random(0)
+    if args.hf != "none":
+        run_hf(hf, args, rng, results)
+        save()
+
+    model_dir = Path(tempfile.mkdtemp(prefix="llama3-8b-shaped-"))
+    hf_cfg.save_pretrained(model_dir)
+    mcfg = ModelConfig.from_dir(model_dir)
+    ours = load_model_from_state_dict(mcfg, hf.state_dict(), 4096, torch.device("cuda"), torch.bfloat16)
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+    elapsed, engine = timed(lambda: LLMEngine(EngineConfig(
+        model=str(model_dir), device="cuda", dtype="bfloat16", max_model_len=4096, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
+    ), model=ours))
+    results["kvmesh_init_s"] = elapsed
+    results["kv_blocks"] = engine.runner.num_blocks
+    results["kv_tokens"] = engine.runner.num_blocks * engine.config.block_size
+    print(f"kvmesh engine ready in {elapsed:.0f} s: {results['kv_blocks']} KV blocks, {results['kv_tokens']} tokens", flush=True)
+    if args.profile:
+        results["profile"] = [profile_decode(engine, b, p) for b, p in ((1, 128), (64, 512), (256, 640))]
+    run_kvmesh(engine, args, rng, results)
+    step_bytes = decode_bytes_per_step(weights, embed, hf_cfg, 128 + 128)
+    limit = bandwidth / step_bytes
+    results["bandwidth_limit_b1_tok_s"] = limit
+    save()
+    if args.hf == "all":
+        del engine, ours
+        gc.collect()
+        torch.cuda.empty_cache()
+        hf_compiled_in_subprocess(args, results)
+        save()
+    print_table(results, limit)
+
+
+def print_table(r: dict, limit: float) -> None:
+    def f(key: str, fmt: str = "{:.1f}") -> str:
+        if key in r:
+            return fmt.format(r[key])
+        return "error" if f"{key}_error" in r else "not run"
+
+    rows = [
+        ("batch-1 decode, tok/s (128 prompt, 256 new)", f("kvmesh_b1"), f("hf_eager_b1"), f("hf_static_compiled_b1"),
+         f"{limit:.0f} (kvmesh at {100 * r['kvmesh_b1'] / limit:.0f}%, decode only "
+         f"{100 * r['kvmesh_b1_decode_only'] / limit:.0f}%)"),
+        ("offline 256 req [128,1024]/256, output tok/s", f("kvmesh_offline", "{:.0f}"), f("hf_generate_batch", "{:.0f}"), "-", "-"),
+        ("static batch 64 x 512/256, output tok/s", f("kvmesh_batch64", "{:.0f}"), f("hf_static_batch64", "{:.0f}"), "-", "-"),
+        ("TTFT 2048-token prompt, ms", f("kvmesh_ttft_2048_ms"), "-", "-", "-"),
+    ]
+    head = ("metric", "kvmesh", "HF eager", "HF static+compile", "bandwidth limit")
+    widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(5)]
+    line = " | ".join("{:<%d}" % w for w in widths)
+    print()
+    print(line.format(*head))
+    print(line.format(*("-" * w for w in widths)))
+    for row in rows:
+        print(line.format(*row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Each Triton kernel against its torch reference (and PyTorch's own kernels), at Llama-3-8B shapes.
+
+Prints one table: time (median of ``triton.testing.do_bench``) and achieved
+bandwidth (bytes each kernel must move at least, over its time) or TFLOP/s,
+next to the torch reference and, for prefill attention, SDPA's flash kernel.
+Also sweeps the decode kernel's launch parameters (``DecodeTuning``) and the
+matmul shapes of a decode step (cuBLAS through ``F.linear``) at batch 1, 64
+and 256, whose bandwidth bounds batch-1 decode.
+
+Usage: python benchmarks/gpu_kernels.py [--sweep] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from kernels.activation import silu_and_mul_ref
+from kernels.activation_triton import silu_and_mul_triton
+from kernels.cache_ops import store_kv_ref
+from kernels.cache_ops_triton import store_kv_triton
+from kernels.paged_attention import paged_attention_ref
+from kernels.paged_decode_triton import DecodeTuning, paged_decode_attention
+from kernels.paged_prefill_triton import paged_prefill_attention
+from kernels.rmsnorm import add_rms_norm_ref
+from kernels.rmsnorm_triton import rms_norm_triton
+from kernels.rotary import apply_rotary_ref, build_cos_sin_cache
+from kernels.rotary_triton import apply_rotary_triton
+
+HQ, HK, D, HIDDEN, FFN, VOCAB, BS = 32, 8, 128, 4096, 14336, 128256, 16
+DEV = "cuda"
+BF16 = torch.bfloat16
+ROWS: list[dict] = []
+
+
+def ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def row(kernel: str, shape: str, t: float, *, nbytes: float = 0, flops: float = 0, ref: float | None = None, note: str = ""):
+    r = {"kernel": kernel, "shape": shape, "us": 1e3 * t, "GBps": nbytes / t / 1e6 if nbytes else None,
+         "TFLOPs": flops / t / 1e9 if flops else None, "ref_us": 1e3 * ref if ref else None, "note": note}
+    ROWS.append(r)
+    rate = f"{r['GBps']:.0f} GB/s" if r["GBps"] else f"{r['TFLOPs']:.0f} TFLOP/s"
+    refs = f"  ref {r['ref_us']:.1f} us" if ref else ""
+    print(f"{kernel:<22} {shape:<28} {r['us']:>9.1f} us  {rate:>13}{refs}  {note}", flush=True)
+
+
+def bench_gemm() -> None:
+    shapes = {"qkv": (6144, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * FFN, HIDDEN), "down": (HIDDEN, FFN),
+              "lm_head": (VOCAB, HIDDEN)}
+    for m in (1, 64, 256):
+        for name, (n, k) in shapes.items():
+            copies = max(1, (200 << 20) // (n * k * 2))  # rotate weights so that L2 cannot hold them
+            ws = [torch.randn(n, k, device=DEV, dtype=BF16) for _ in range(min(copies, 4))]
+            x = torch.randn(m, k, device=DEV, dtype=BF16)
+            it = iter(range(1 << 30))
+            t = ms(lambda: F.linear(x, ws[next(it) % len(ws)]))
+            row("F.linear (cuBLAS)", f"M={m} {name} {n}x{k}", t, nbytes=n * k * 2 + m * (n + k) * 2, flops=0 if m == 1 else 2 * m * n * k)
+            del ws
+
+
+def paged_setup(batch: int, ctx: int):
+    blocks_per = -(-ctx // BS)
+    num_blocks = max(batch * blocks_per + 8, 4096)
+    perm = torch.randperm(num_blocks)[: batch * blocks_per].view(batch, blocks_per)
+    k = torch.randn(num_blocks, BS, HK, D, device=DEV, dtype=BF16)
+    v = torch.randn_like(k)
+    return k, v, perm.to(DEV, torch.int32)
+
+
+def bench_decode(sweep: bool) -> None:
+    cases = [(1, 256), (1, 4096), (16, 1024), (64, 640), (256, 700)]
+    tunings = [DecodeTuning()]
+    if sweep:
+        tunings = [DecodeTuning(b, w, s, waves) for b in (32, 64, 128) for w in (4, 8) for s in (2, 3) for waves in (2,)]
+        tunings += [DecodeTuning(64, 4, 2, 4), DecodeTuning(64, 4, 2, 8)]
+    for batch, ctx in cases:
+        k, v, table = paged_setup(batch, ctx)
+        q = torch.randn(batch, HQ, D, device=DEV, dtype=BF16)
+        out = torch.empty_like(q)
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+        rows = torch.arange(batch, device=DEV, dtype=torch.int32)
+        nbytes = batch * ctx * HK * D * 2 * 2
+        ref = None
+        if batch * ctx <= 64 * 1024:
+            ref = ms(lambda: paged_attention_ref(q, k, v, table.long(), [ctx] * batch, [1] * batch, D**-0.5))
+        results = []
+        for tuning in tunings:
+            t = ms(lambda: paged_decode_attention(q, k, v, table, lens, rows, D**-0.5, out, tuning=tuning))
+            results.append((t, tuning))
+        results.sort(key=lambda x: x[0])
+        for t, tuning in results[: 3 if sweep else 1]:
+            row("paged decode (Triton)", f"B={batch} ctx={ctx}", t, nbytes=nbytes, ref=ref,
+                note=f"block_n={tuning.block_n} warps={tuning.num_warps} stages={tuning.num_stages} waves={tuning.waves}")
+        if sweep:
+            default = next(t for t, tu in results if tu == DecodeTuning())
+            row("paged decode (Triton)", f"B={batch} ctx={ctx}", default, nbytes=nbytes, note="default tuning")
+
+
+def bench_prefill() -> None:
+    for n in (512, 2048):
+        k, v, table = paged_setup(1, n)
+        q = torch.randn(n, HQ, D, device=DEV, dtype=BF16)
+        out = torch.empty_like(q)
+        i32 = dict(dtype=torch.int32, device=DEV)
+        args = (table, torch.zeros(1, **i32), torch.tensor([n], **i32), torch.tensor([n], **i32), n, D**-0.5, out)
+        t = ms(lambda: paged_prefill_attention(q, k, v, *args))
+        flops = 4 * n * n * HQ * D / 2
+        qs = q.transpose(0, 1)[None].contiguous()
+        ks = torch.randn(1, HK, n, D, device=DEV, dtype=BF16)
+        vs = torch.randn_like(ks)
+        sdpa = ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True))
+        row("paged prefill (Triton)", f"1 x {n} causal", t, flops=flops, ref=sdpa, note="ref = SDPA (contiguous K/V, no paging)")
+
+
+def bench_elementwise() -> None:
+    t_ = 4096
+    x = torch.randn(t_, HIDDEN, device=DEV, dtype=BF16)
+    r = torch.randn_like(x)
+    w = torch.randn(HIDDEN, device=DEV, dtype=BF16)
+    row("add+rmsnorm (Triton)", f"{t_} x {HIDDEN}", ms(lambda: rms_norm_triton(x, w, 1e-5, r)), nbytes=4 * x.numel() * 2,
+        ref=ms(lambda: add_rms_norm_ref(x, r, w, 1e-5)))
+    g = torch.randn(t_, 2 * FFN, device=DEV, dtype=BF16)
+    row("silu_and_mul (Triton)", f"{t_} x 2*{FFN}", ms(lambda: silu_and_mul_triton(g)), nbytes=1.5 * g.numel() * 2,
+        ref=ms(lambda: silu_and_mul_ref(g)))
+    qkv = torch.randn(t_, (HQ + 2 * HK) * D, device=DEV, dtype=BF16)
+    q = qkv[:, : HQ * D].view(t_, HQ, D)
+    kk = qkv[:, HQ * D : (HQ + HK) * D].view(t_, HK, D)
+    cache = build_cos_sin_cache(D, 8192, 500000.0, None, torch.float32, torch.device(DEV))
+    pos = torch.randint(0, 8192, (t_,), device=DEV)
+    row("rotary q+k (Triton)", f"{t_} tokens", ms(lambda: apply_rotary_triton(q, kk, pos, cache)),
+        nbytes=2 * (HQ + HK) * D * t_ * 2, ref=ms(lambda: apply_rotary_ref(q, kk, pos, cache)))
+    vv = qkv[:, (HQ + HK) * D :].view(t_, HK, D)
+    kc = torch.zeros(8192, BS, HK, D, device=DEV, dtype=BF16)
+    vc = torch.zeros_like(kc)
+    slots = torch.randperm(8192 * BS, device=DEV)[:t_]
+    row("store_kv (Triton)", f"{t_} tokens", ms(lambda: store_kv_triton(kk, vv, kc, vc, slots)),
+        nbytes=4 * HK * D * t_ * 2, ref=ms(lambda: store_kv_ref(kk, vv, kc, vc, slots)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="sweep the decode kernel's launch parameters")
+    parser.add_argument("--only", default="gemm,decode,prefill,elementwise")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    random.seed(0)
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    parts = {"gemm": bench_gemm, "decode": lambda: bench_decode(args.sweep), "prefill": bench_prefill,
+             "elementwise": bench_elementwise}
+    for name in args.only.split(","):
+        parts[name]()
+    if args.json:
+        Path(args.json).write_text(json.dumps(ROWS, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Triton decode attention over the paged KV cache: one query token per sequence.
+
+Grid ``(sequences, kv_heads, splits)``. A program serves all query heads of
+one KV head (grouped-query attention reads each K/V tile once for the whole
+group, the group padded to 16 rows for the tensor cores) over one slice of
+the context. The context is cut into ``num_splits`` equal slices at run time
+(``ceil(ctx / splits)`` rounded up to a tile), so a short batch of long
+sequences still fills the card; with more than one split a second kernel
+merges the slices' partial softmax states. ``num_splits`` depends only on the
+batch shape, never on the data, so the launch can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.backend import next_pow2, num_sms, require, require_device
+
+MAX_SPLITS = 32
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeTuning:
+    """Launch parameters of the decode kernel (``benchmarks/gpu_kernels.py`` sweeps them)."""
+
+    block_n: int = 64
+    """Keys per loop iteration."""
+    num_warps: int = 4
+    num_stages: int = 2
+    waves: int = 2
+    """Splits are chosen so that about this many waves of programs fill the card."""
+
+
+DEFAULT_TUNING = DecodeTuning()
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, rows_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
+    q_st, q_sh, kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, bt_sb, o_st, o_sh,
+    n_q_heads, scale_log2,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    kh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + b)
+    part = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * part
+    end = tl.minimum(start + part, ctx)
+    if NUM_SPLITS > 1:
+        if start >= end:
+            return  # an empty slice: the merge kernel never reads it
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    g = tl.arange(0, BLOCK_G)
+    qh = kh * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    qd_mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + row * q_st + qh[:, None] * q_sh + d[None, :], mask=qd_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    table = bt_ptr + b * bt_sb
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < end
+        block = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        offset = (n % BLOCK_SIZE).to(tl.int64)
+        kv_mask = n_mask[:, None] & (d < HEAD_DIM)[None, :]
+        k = tl.load(kc_ptr + block[:, None] * kc_sb + offset[:, None] * kc_st + kh * kc_sh + d[None, :],
+                    mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vc_ptr + block[:, None] * vc_sb + offset[:, None] * vc_st + kh * vc_sh + d[None, :],
+                    mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        l_safe = tl.where(l_i > 0, l_i, 1.0)  # an empty context (padding row) gives zeros
+        out = acc / l_safe[:, None]
+        tl.store(out_ptr + row * o_st + qh[:, None] * o_sh + d[None, :], out.to(out_ptr.dtype.element_ty), mask=qd_mask)
+    else:
+        idx = (b * n_q_heads + qh) * NUM_SPLITS + split
+        tl.store(m_ptr + idx, m_i, mask=g < GROUP)
+        tl.store(l_ptr + idx, l_i, mask=g < GROUP)
+        tl.store(acc_ptr + idx[:, None] * HEAD_DIM + d[None, :], acc, mask=qd_mask)
+
+
+@triton.jit
+def _paged_decode_merge_kernel(
+    m_ptr, l_ptr, acc_ptr, ctx_ptr, rows_ptr, out_ptr, o_st, o_sh, n_q_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    ctx = tl.load(ctx_ptr + b)
+    part = tl.maximum(tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N, BLOCK_N)
+    n_valid = tl.cdiv(ctx, part)
+    s = tl.arange(0, NUM_SPLITS)
+    s_mask = s < n_valid
+    base = (b * n_q_heads + h) * NUM_SPLITS
+    m = tl.load(m_ptr + base + s, mask=s_mask, other=float("-inf"))
+    l = tl.load(l_ptr + base + s, mask=s_mask, other=0.0)
+    w = tl.where(s_mask, tl.exp2(m - tl.max(m, 0)), 0.0)
+    denom = tl.sum(w * l, 0)
+    denom = tl.where(denom > 0, denom, 1.0)
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.load(acc_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :],
+                  mask=s_mask[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / denom
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    tl.store(out_ptr + row * o_st + h * o_sh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def choose_num_splits(
+    batch: int, kv_heads: int, max_context_len: int, device: torch.device, tuning: DecodeTuning = DEFAULT_TUNING
+) -> int:
+    """Splits per sequence: enough programs for ``tuning.waves`` waves of the card, a
+    power of two, at most one per tile of ``max_context_len`` and at most ``MAX_SPLITS``."""
+    want = (tuning.waves * num_sms(device)) // max(1, batch * kv_heads)
+    cap = min(MAX_SPLITS, next_pow2(triton.cdiv(max(max_context_len, 1), tuning.block_n)))
+    splits = 1
+    while splits * 2 <= min(want, cap):
+        splits *= 2
+    return splits
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    rows: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    num_splits: int | None = None,
+    tuning: DecodeTuning = DEFAULT_TUNING,
+) -> torch.Tensor:
+    """Attention of query row ``rows[i]`` of ``query`` ``[N, Hq, D]`` over the first
+    ``context_lens[i]`` cached tokens of sequence ``i`` (its new token already
+    written). Writes those rows of ``out`` (same shape as ``query``) and returns it;
+    other rows are untouched. A sequence with ``context_lens[i] == 0`` gets zeros.
+
+    ``block_tables`` ``[B, W]`` int32/int64; ``context_lens`` ``[B]`` int32;
+    ``rows`` ``[B]`` int32/int64; caches ``[blocks, block_size, Hk, D]``.
+    ``num_splits`` defaults to ``choose_num_splits(B, Hk, W * block_size)``.
+    """
+    require(query.dim() == 3 and query.stride(2) == 1, f"query must be [N, Hq, D] with unit inner stride, got {tuple(query.shape)} {query.stride()}")
+    _, hq, dim = query.shape
+    require(k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.shape[3] == dim,
+            f"caches must be equal [blocks, block_size, Hk, {dim}], got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    block_size, hk = k_cache.shape[1], k_cache.shape[2]
+    require(hq % hk == 0, f"query heads ({hq}) must be a multiple of KV heads ({hk})")
+    require(k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "caches need unit stride along head_dim")
+    require(query.dtype == k_cache.dtype == v_cache.dtype, f"dtypes differ: query {query.dtype}, cache {k_cache.dtype}")
+    require(dim >= 16, f"head_dim must be >= 16, got {dim}")
+    require(block_tables.dim() == 2 and block_tables.dtype in (torch.int32, torch.int64) and block_tables.stride(1) == 1,
+            f"block_tables must be [B, W] int32/int64 with unit inner stride, got {tuple(block_tables.shape)} {block_tables.dtype}")
+    batch = block_tables.shape[0]
+    require(context_lens.shape == (batch,) and context_lens.dtype == torch.int32,
+            f"context_lens must be [{batch}] int32, got {tuple(context_lens.shape)} {context_lens.dtype}")
+    require(rows.shape == (batch,) and rows.dtype in (torch.int32, torch.int64),
+            f"rows must be [{batch}] int32/int64, got {tuple(rows.shape)} {rows.dtype}")
+    require(out.shape == query.shape and out.dtype == query.dtype and out.stride(2) == 1,
+            f"out must match query {tuple(query.shape)} {query.dtype}, got {tuple(out.shape)} {out.dtype}")
+    require_device(query, k_cache, v_cache, block_tables, context_lens, rows, out)
+    if batch == 0:
+        return out
+    splits = num_splits or choose_num_splits(batch, hk, block_tables.shape[1] * block_size, query.device, tuning)
+    require(splits == next_pow2(splits) and splits <= MAX_SPLITS, f"num_splits must be a power of two <= {MAX_SPLITS}, got {splits}")
+    group = hq // hk
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    if splits > 1:
+        m = torch.empty((batch, hq, splits), dtype=torch.float32, device=query.device)
+        l = torch.empty_like(m)
+        acc = torch.empty((batch, hq, splits, dim), dtype=torch.float32, device=query.device)
+    else:
+        m = l = acc = out  # unused
+    _paged_decode_kernel[(batch, hk, splits)](
+        query, k_cache, v_cache, block_tables, context_lens, rows, out, m, l, acc,
+        query.stride(0), query.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        hq, scale * _LOG2E,
+        GROUP=group, BLOCK_G=max(16, next_pow2(group)), HEAD_DIM=dim, BLOCK_D=next_pow2(dim),
+        BLOCK_SIZE=block_size, BLOCK_N=tuning.block_n, NUM_SPLITS=splits, PRECISION=precision,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+    )
+    if splits > 1:
+        _paged_decode_merge_kernel[(batch, hq)](
+            m, l, acc, context_lens, rows, out, out.stride(0), out.stride(1), hq,
+            HEAD_DIM=dim, BLOCK_D=next_pow2(dim), BLOCK_N=tuning.block_n, NUM_SPLITS=splits, num_warps=4,
+        )
+    return out

@@ -1,0 +1,150 @@
+"""Triton attention for prefill and chunked prefill, reading K/V from the paged cache.
+
+Variable-length sequences in one launch: sequence ``i`` owns query rows
+``query_start[i] : query_start[i] + query_lens[i]``, which are the last
+``query_lens[i]`` of its ``context_lens[i]`` cached tokens (new K/V already
+written). So a chunk after cached prefix blocks attends to the prefix and
+causally to itself, the same rule as the torch reference.
+
+Grid ``(query tiles, query heads, sequences)``; a flash-attention loop over
+key tiles with an online softmax. Key tiles wholly below the diagonal run
+without the causal mask; only the tiles crossing it pay for it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.backend import next_pow2, require, require_device
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend(q, m_i, l_i, acc, n0, pos, hi, table, kc_ptr, vc_ptr, kh,
+            kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, scale_log2,
+            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+            MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    n = n0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    if MASKED:
+        n_mask = n < hi
+        block = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        kv_mask = n_mask[:, None] & (d < HEAD_DIM)[None, :]
+    else:
+        block = tl.load(table + n // BLOCK_SIZE).to(tl.int64)
+        kv_mask = (n >= 0)[:, None] & (d < HEAD_DIM)[None, :]
+    offset = (n % BLOCK_SIZE).to(tl.int64)
+    k = tl.load(kc_ptr + block[:, None] * kc_sb + offset[:, None] * kc_st + kh * kc_sh + d[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    if MASKED:
+        s = tl.where((n[None, :] <= pos[:, None]) & n_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(vc_ptr + block[:, None] * vc_sb + offset[:, None] * vc_st + kh * vc_sh + d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, qs_ptr, ql_ptr, ctx_ptr, out_ptr,
+    q_st, q_sh, kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, bt_sb, o_st, o_sh,
+    scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    q_len = tl.load(ql_ptr + b)
+    if tile * BLOCK_M >= q_len:
+        return
+    q0 = tl.load(qs_ptr + b).to(tl.int64)
+    ctx = tl.load(ctx_ptr + b)
+    prefix = ctx - q_len
+    kh = h // GROUP
+    m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    qd_mask = (m < q_len)[:, None] & (d < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + (q0 + m)[:, None] * q_st + h * q_sh + d[None, :], mask=qd_mask, other=0.0)
+    pos = prefix + m  # absolute position of each query row
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table = bt_ptr + b * bt_sb
+    hi = tl.minimum(ctx, prefix + (tile + 1) * BLOCK_M)  # keys the tile's last row sees
+    full = tl.minimum((prefix + tile * BLOCK_M + 1) // BLOCK_N * BLOCK_N, hi)  # keys every row sees
+    for n0 in range(0, full, BLOCK_N):
+        m_i, l_i, acc = _attend(q, m_i, l_i, acc, n0, pos, hi, table, kc_ptr, vc_ptr, kh,
+                                kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, scale_log2,
+                                HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, PRECISION)
+    for n0 in range(full, hi, BLOCK_N):
+        m_i, l_i, acc = _attend(q, m_i, l_i, acc, n0, pos, hi, table, kc_ptr, vc_ptr, kh,
+                                kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, scale_log2,
+                                HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, PRECISION)
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + (q0 + m)[:, None] * o_st + h * o_sh + d[None, :], out.to(out_ptr.dtype.element_ty), mask=qd_mask)
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start: torch.Tensor,
+    query_lens: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Causal attention of the query rows of ``B`` sequences over their paged contexts.
+
+    ``query``/``out`` ``[N, Hq, D]``; ``block_tables`` ``[B, W]`` int32/int64;
+    ``query_start``/``query_lens``/``context_lens`` ``[B]`` int32 with
+    ``1 <= query_lens[i] <= context_lens[i]``; ``max_query_len`` bounds
+    ``query_lens`` (it sizes the grid). Writes the sequences' rows of ``out``.
+    """
+    require(query.dim() == 3 and query.stride(2) == 1, f"query must be [N, Hq, D] with unit inner stride, got {tuple(query.shape)} {query.stride()}")
+    _, hq, dim = query.shape
+    require(k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.shape[3] == dim,
+            f"caches must be equal [blocks, block_size, Hk, {dim}], got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    block_size, hk = k_cache.shape[1], k_cache.shape[2]
+    require(hq % hk == 0, f"query heads ({hq}) must be a multiple of KV heads ({hk})")
+    require(k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "caches need unit stride along head_dim")
+    require(query.dtype == k_cache.dtype == v_cache.dtype, f"dtypes differ: query {query.dtype}, cache {k_cache.dtype}")
+    require(dim >= 16, f"head_dim must be >= 16, got {dim}")
+    require(block_tables.dim() == 2 and block_tables.dtype in (torch.int32, torch.int64) and block_tables.stride(1) == 1,
+            f"block_tables must be [B, W] int32/int64 with unit inner stride, got {tuple(block_tables.shape)} {block_tables.dtype}")
+    batch = block_tables.shape[0]
+    for name, t in (("query_start", query_start), ("query_lens", query_lens), ("context_lens", context_lens)):
+        require(t.shape == (batch,) and t.dtype == torch.int32, f"{name} must be [{batch}] int32, got {tuple(t.shape)} {t.dtype}")
+    require(out.shape == query.shape and out.dtype == query.dtype and out.stride(2) == 1,
+            f"out must match query {tuple(query.shape)} {query.dtype}, got {tuple(out.shape)} {out.dtype}")
+    require(max_query_len >= 1, f"max_query_len must be >= 1, got {max_query_len}")
+    require_device(query, k_cache, v_cache, block_tables, query_start, query_lens, context_lens, out)
+    if batch == 0:
+        return out
+    if query.dtype == torch.float32:
+        block_m, block_n, warps, precision = 64, 32, 4, "ieee"
+    else:
+        block_m, block_n, warps, precision = 128, 64, (8 if dim >= 128 else 4), "tf32"
+    grid = (triton.cdiv(max_query_len, block_m), hq, batch)
+    _paged_prefill_kernel[grid](
+        query, k_cache, v_cache, block_tables, query_start, query_lens, context_lens, out,
+        query.stride(0), query.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        scale * _LOG2E,
+        GROUP=hq // hk, HEAD_DIM=dim, BLOCK_D=next_pow2(dim), BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
+        num_warps=warps, num_stages=2,
+    )
+    return out

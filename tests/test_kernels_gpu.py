@@ -1,0 +1,265 @@
+"""Every Triton kernel against its torch reference, on random inputs, over a sweep of shapes.
+
+Run on CUDA (marked ``gpu``; skipped where there is none). With
+``TRITON_INTERPRET=1`` the same tests run the kernels on CPU through Triton's
+interpreter (float32 only, slow): a cheap check of indexing before a GPU run.
+
+Tolerances, stated per dtype:
+* elementwise kernels (RMSNorm, rotary, SiLU-and-mul) round like the
+  reference step by step, so bf16 results differ from it by at most one bf16
+  rounding (``rtol=2**-7``), float32 by summation order only; rotary has no
+  reduction, so at most 0.1% of its elements may differ at all, by one
+  rounding at the scale of the inputs (``2**-7 * max|x|``: ``x1*cos - x2*sin``
+  can cancel);
+* the K/V store is a copy: exact;
+* attention against a float32 reference on the same (bf16-rounded) inputs:
+  ``|out - ref| / |ref|`` (Frobenius) below 1e-2 for bf16 (probabilities are
+  rounded to bf16 before the P·V product, as in flash attention) and below
+  1e-5 for float32 (IEEE dot products).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+from kernels.activation import silu_and_mul_ref
+from kernels.backend import HAS_TRITON
+from kernels.cache_ops import store_kv_ref
+from kernels.paged_attention import paged_attention_ref
+from kernels.rmsnorm import add_rms_norm_ref, rms_norm_ref
+from kernels.rotary import apply_rotary_ref, build_cos_sin_cache
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not HAS_TRITON or not (torch.cuda.is_available() or INTERPRET), reason="needs CUDA and Triton"),
+]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32] if INTERPRET else [torch.bfloat16, torch.float32]
+ATTN_TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
+
+
+def _rtol(dtype: torch.dtype) -> float:
+    return 2**-7 if dtype == torch.bfloat16 else 1e-5
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    torch.manual_seed(hash(request.node.name) % 2**31)
+    random.seed(request.node.name)
+
+
+# ---- elementwise -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,hidden", [(1, 64), (7, 576), (130, 4096), (3, 1000)])
+def test_rms_norm(dtype, tokens, hidden):
+    from kernels.rmsnorm_triton import rms_norm_triton
+
+    x = torch.randn(tokens, hidden, device=DEVICE).to(dtype)
+    res = torch.randn(tokens, hidden, device=DEVICE).to(dtype)
+    w = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(dtype)
+    torch.testing.assert_close(rms_norm_triton(x, w, 1e-5), rms_norm_ref(x, w, 1e-5), rtol=_rtol(dtype), atol=1e-5)
+    out, summed = rms_norm_triton(x, w, 1e-5, res)
+    ref_out, ref_sum = add_rms_norm_ref(x, res, w, 1e-5)
+    assert torch.equal(summed, ref_sum)
+    torch.testing.assert_close(out, ref_out, rtol=_rtol(dtype), atol=1e-5)
+    # a strided view (rows of a wider buffer) reads the same
+    wide = torch.randn(tokens, hidden + 64, device=DEVICE).to(dtype)[:, :hidden]
+    torch.testing.assert_close(rms_norm_triton(wide, w, 1e-5), rms_norm_ref(wide, w, 1e-5), rtol=_rtol(dtype), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,d", [(1, 128), (5, 1536), (64, 2000), (2, 14336)])
+def test_silu_and_mul(dtype, tokens, d):
+    from kernels.activation_triton import silu_and_mul_triton
+
+    x = (2 * torch.randn(tokens, 2 * d, device=DEVICE)).to(dtype)
+    torch.testing.assert_close(silu_and_mul_triton(x), silu_and_mul_ref(x), rtol=_rtol(dtype), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 9, 100])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (9, 3, 64), (32, 8, 128)])
+def test_rotary(dtype, tokens, heads, kv_heads, head_dim):
+    from kernels.rotary_triton import apply_rotary_triton
+
+    cache = build_cos_sin_cache(head_dim, 4096, 500000.0, None, torch.float32, torch.device(DEVICE))
+    # q and k as views of one fused projection, as the model passes them
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=DEVICE).to(dtype)
+    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    pos = torch.randint(0, 4096, (tokens,), device=DEVICE)
+    q_out, k_out = apply_rotary_triton(q, k, pos, cache)
+    q_ref, k_ref = apply_rotary_ref(q, k, pos, cache)
+    for out, ref, x in ((q_out, q_ref, q), (k_out, k_ref, k)):
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            continue
+        diff = (out.float() - ref.float()).abs()
+        assert diff.max() <= 2**-7 * x.float().abs().max()
+        assert (diff > 0).float().mean() < 1e-3
+
+
+# ---- K/V store -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("tokens,kv_heads,head_dim", [(1, 2, 64), (37, 8, 128), (300, 3, 64)])
+def test_store_kv(dtype, block_size, tokens, kv_heads, head_dim):
+    from kernels.cache_ops_triton import store_kv_triton
+
+    num_blocks = (tokens + block_size - 1) // block_size + 3
+    kv = torch.randn(tokens, 2 * kv_heads * head_dim, device=DEVICE).to(dtype)
+    key = kv[:, : kv_heads * head_dim].view(tokens, kv_heads, head_dim)
+    value = kv[:, kv_heads * head_dim :].view(tokens, kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:tokens]
+    caches = [torch.randn(num_blocks, block_size, kv_heads, head_dim, device=DEVICE).to(dtype) for _ in range(4)]
+    caches[2].copy_(caches[0])
+    caches[3].copy_(caches[1])
+    store_kv_triton(key, value, caches[0], caches[1], slots.to(torch.int32))
+    store_kv_ref(key, value, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    # negative slots are skipped
+    before = caches[0].clone()
+    store_kv_triton(key, value, caches[0], caches[1], torch.full((tokens,), -1, device=DEVICE, dtype=torch.int64))
+    assert torch.equal(caches[0], before)
+
+
+# ---- attention -------------------------------------------------------------------
+
+
+def _paged_setup(ctx_lens, block_size, kv_heads, head_dim, dtype):
+    """Random caches and shuffled block tables holding each sequence's context."""
+    needed = [(c + block_size - 1) // block_size for c in ctx_lens]
+    num_blocks = sum(needed) + 5
+    perm = torch.randperm(num_blocks).tolist()
+    tables, at = [], 0
+    for n in needed:
+        tables.append(perm[at : at + n])
+        at += n
+    width = max(needed) + 2  # tables wider than needed, padded with garbage ids
+    table = torch.tensor([t + [random.randrange(num_blocks) for _ in range(width - len(t))] for t in tables])
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device=DEVICE).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device=DEVICE).to(dtype)
+    return k_cache, v_cache, table.to(DEVICE)
+
+
+def _reference(q, k_cache, v_cache, table, ctx_lens, q_lens, scale):
+    """The torch reference in float32 on the same (rounded) inputs."""
+    return paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), table, ctx_lens, q_lens, scale)
+
+
+DECODE_CASES = [
+    # (block_size, heads, kv_heads, head_dim, context lengths)
+    (16, 4, 4, 64, [1]),
+    (16, 32, 8, 128, [1, 15, 16, 17, 100]),
+    (8, 9, 3, 64, [7, 64, 65, 200]),
+    (32, 8, 2, 128, [1000, 3, 2049]),
+    (1, 4, 2, 64, [1, 5, 33]),
+    (16, 32, 8, 128, [3000]),
+    (128, 8, 2, 64, [1, 127, 129, 700]),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits", [None, 1, 4, 32])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"bs{c[0]}-h{c[1]}/{c[2]}-d{c[3]}-n{len(c[4])}")
+def test_paged_decode(dtype, splits, case):
+    from kernels.paged_decode_triton import paged_decode_attention
+
+    block_size, heads, kv_heads, head_dim, ctx_lens = case
+    if INTERPRET and max(ctx_lens) > 1100:
+        pytest.skip("long contexts are too slow in the interpreter")
+    k_cache, v_cache, table = _paged_setup(ctx_lens, block_size, kv_heads, head_dim, dtype)
+    batch = len(ctx_lens)
+    # query rows of the sequences sit among other rows, in a shuffled order
+    n_rows = batch + 3
+    rows = torch.randperm(n_rows)[:batch]
+    q_all = torch.randn(n_rows, heads, head_dim, device=DEVICE).to(dtype)
+    out = torch.full_like(q_all, float("nan"))
+    scale = head_dim**-0.5
+    paged_decode_attention(q_all, k_cache, v_cache, table.to(torch.int32), torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE),
+                           rows.to(DEVICE), scale, out, splits)
+    got = out[rows]
+    assert not got.isnan().any(), "some output rows were not written"
+    untouched = torch.ones(n_rows, dtype=torch.bool)
+    untouched[rows] = False
+    assert out[untouched].isnan().all(), "rows outside `rows` were written"
+    ref = _reference(q_all[rows], k_cache, v_cache, table, ctx_lens, [1] * batch, scale)
+    assert _rel(got, ref) < ATTN_TOL[dtype]
+
+
+def test_paged_decode_empty_context_gives_zeros():
+    from kernels.paged_decode_triton import paged_decode_attention
+
+    k_cache, v_cache, table = _paged_setup([5, 1], 16, 2, 64, DTYPES[0])
+    q = torch.randn(2, 4, 64, device=DEVICE).to(DTYPES[0])
+    for splits in (1, 4):
+        out = torch.full_like(q, float("nan"))
+        paged_decode_attention(q, k_cache, v_cache, table, torch.tensor([5, 0], dtype=torch.int32, device=DEVICE),
+                               torch.arange(2, device=DEVICE), 0.125, out, splits)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        assert not out[0].isnan().any()
+
+
+PREFILL_CASES = [
+    # (block_size, heads, kv_heads, head_dim, [(query_len, context_len), ...])
+    (16, 4, 4, 64, [(1, 1)]),
+    (16, 9, 3, 64, [(5, 5), (17, 40), (1, 50), (128, 128)]),
+    (16, 32, 8, 128, [(200, 333), (2, 2), (64, 100)]),
+    (8, 8, 2, 128, [(300, 300), (130, 131)]),
+    (32, 4, 1, 64, [(33, 33), (70, 1000)]),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"bs{c[0]}-h{c[1]}/{c[2]}-d{c[3]}-n{len(c[4])}")
+def test_paged_prefill(dtype, case):
+    from kernels.paged_prefill_triton import paged_prefill_attention
+
+    block_size, heads, kv_heads, head_dim, seqs = case
+    q_lens = [q for q, _ in seqs]
+    ctx_lens = [c for _, c in seqs]
+    k_cache, v_cache, table = _paged_setup(ctx_lens, block_size, kv_heads, head_dim, dtype)
+    total = sum(q_lens)
+    q = torch.randn(total, heads, head_dim, device=DEVICE).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    starts = [sum(q_lens[:i]) for i in range(len(q_lens))]
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    scale = head_dim**-0.5
+    paged_prefill_attention(q, k_cache, v_cache, table.to(torch.int32), torch.tensor(starts, **i32), torch.tensor(q_lens, **i32),
+                            torch.tensor(ctx_lens, **i32), max(q_lens), scale, out)
+    assert not out.isnan().any(), "some output rows were not written"
+    ref = _reference(q, k_cache, v_cache, table, ctx_lens, q_lens, scale)
+    assert _rel(out, ref) < ATTN_TOL[dtype]
+
+
+def test_launchers_reject_bad_inputs():
+    from kernels.paged_decode_triton import paged_decode_attention
+    from kernels.rmsnorm_triton import rms_norm_triton
+
+    x = torch.randn(4, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="weight must be contiguous"):
+        rms_norm_triton(x, torch.ones(32, device=DEVICE), 1e-5)
+    with pytest.raises(ValueError, match="unit stride"):
+        rms_norm_triton(x.t(), torch.ones(4, device=DEVICE), 1e-5)
+    k_cache, v_cache, table = _paged_setup([5], 16, 2, 64, torch.float32)
+    q = torch.randn(1, 4, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="context_lens must be"):
+        paged_decode_attention(q, k_cache, v_cache, table, torch.tensor([5], device=DEVICE), torch.zeros(1, device=DEVICE, dtype=torch.int32),
+                               0.1, torch.empty_like(q))
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        paged_decode_attention(torch.randn(1, 3, 64, device=DEVICE), k_cache, v_cache, table,
+                               torch.tensor([5], dtype=torch.int32, device=DEVICE), torch.zeros(1, device=DEVICE, dtype=torch.int32),
+                               0.1, torch.empty(1, 3, 64, device=DEVICE))

@@ -1,0 +1,134 @@
+"""CUDA graphs of the decode step: one graph per batch-size bucket, static inputs in one place.
+
+A decode step (one new token per sequence) launches ~10 kernels per layer;
+replaying a captured graph removes their launch cost. Graphs are captured
+for the bucket sizes of ``capture_sizes``, largest first, into one shared
+memory pool; a batch is padded up to the next bucket. Padding rows carry slot
+-1 (the K/V store skips them) and context length 0 (attention writes zeros),
+so they touch no sequence's cache and their logits are never read.
+
+Every input lives in two static tensors: ``[4, max_bs]`` int32 (token ids,
+positions, slots, context lengths) and ``[max_bs, max_blocks]`` int32 block
+tables, filled through pinned host mirrors with one copy each per step. The
+decode kernel's context split depends only on the bucket size, so it is
+fixed at capture.
+
+Block tables are copied into the host mirror only where they changed: a row
+remembers the list it was filled from and its length. This relies on the
+block manager's contract that a sequence's ``block_table`` list only grows
+(appends) until the sequence is freed or reset, which gives it a new list.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from worker.models.attention import AttentionMetadata, DecodeBatch
+from worker.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+_IDS, _POS, _SLOTS, _CTX = range(4)
+
+
+def capture_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 16 up to ``max_batch_size`` (itself included)."""
+    sizes = [s for s in (1, 2, 4, 8) if s < max_batch_size]
+    sizes += list(range(16, max_batch_size, 16))
+    return sizes + [max_batch_size]
+
+
+class DecodeGraphs:
+    def __init__(
+        self, model: LlamaForCausalLM, kv_cache: torch.Tensor, max_batch_size: int, max_blocks_per_seq: int
+    ) -> None:
+        self.sizes = capture_sizes(max_batch_size)
+        self.max_batch_size = self.sizes[-1]
+        n, width = -(-self.max_batch_size // 4) * 4, -(-max_blocks_per_seq // 16) * 16  # aligned rows
+        device = kv_cache.device
+        self._host = torch.zeros((4, n), dtype=torch.int32).pin_memory()
+        self._host_tables = torch.zeros((n, width), dtype=torch.int32).pin_memory()
+        self._np = self._host.numpy()
+        self._np_tables = self._host_tables.numpy()
+        self._inputs = torch.zeros((4, n), dtype=torch.int32, device=device)
+        self._tables = torch.zeros((n, width), dtype=torch.int32, device=device)
+        self._rows = torch.arange(n, dtype=torch.int32, device=device)
+        self._copied = torch.cuda.Event()
+        self._row_source: list[list[int] | None] = [None] * n  # the list each host row was filled from
+        self._row_len = [0] * n
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}
+        self._capture(model, kv_cache)
+
+    def _metadata(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self._inputs[_SLOTS, :size],
+            block_tables=self._tables[:size],
+            context_lens=[],
+            query_lens=[],
+            decode=DecodeBatch(rows=self._rows[:size], block_tables=self._tables[:size],
+                               context_lens=self._inputs[_CTX, :size]),
+        )
+
+    @torch.inference_mode()
+    def _capture(self, model: LlamaForCausalLM, kv_cache: torch.Tensor) -> None:
+        start = time.perf_counter()
+        self._inputs[_SLOTS].fill_(-1)  # nothing is written to the cache while capturing
+        pool = None
+        for size in reversed(self.sizes):
+            meta = self._metadata(size)
+            ids, pos = self._inputs[_IDS, :size], self._inputs[_POS, :size]
+            model.compute_logits(model(ids, pos, kv_cache, meta))  # warm-up: compiles this shape's kernels
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = model.compute_logits(model(ids, pos, kv_cache, meta))
+            pool = graph.pool() if pool is None else pool
+            self._graphs[size] = graph
+            self._logits[size] = logits
+        torch.cuda.synchronize()
+        logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
+                    len(self.sizes), self.sizes, time.perf_counter() - start)
+
+    def bucket(self, batch_size: int) -> int:
+        for size in self.sizes:
+            if size >= batch_size:
+                return size
+        raise ValueError(f"batch of {batch_size} exceeds the largest captured size {self.max_batch_size}")
+
+    def run(
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+    ) -> torch.Tensor:
+        """Replays the step for ``len(input_ids)`` sequences; returns their logits ``[B, V]``.
+
+        The returned tensor is graph memory: read it before the next ``run``.
+        """
+        batch = len(input_ids)
+        size = self.bucket(batch)
+        self._copied.synchronize()  # the previous step's copies have left the host mirrors
+        host = self._np
+        host[_IDS, :batch] = input_ids
+        host[_POS, :batch] = positions
+        host[_SLOTS, :batch] = slots
+        host[_CTX, :batch] = context_lens
+        host[:, batch:size] = 0
+        host[_SLOTS, batch:size] = -1
+        for i, table in enumerate(block_tables):
+            have = self._row_len[i] if self._row_source[i] is table else 0
+            if have != len(table):
+                self._np_tables[i, have : len(table)] = table[have:]
+                self._row_source[i] = table
+                self._row_len[i] = len(table)
+        self._inputs.copy_(self._host, non_blocking=True)
+        self._tables[:size].copy_(self._host_tables[:size], non_blocking=True)
+        self._copied.record()
+        self._graphs[size].replay()
+        return self._logits[size][:batch]
