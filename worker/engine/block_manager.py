@@ -180,6 +180,11 @@ class BlockManager:
         self._events.append(AllBlocksCleared())
         return True
 
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks entered in the prefix cache (referenced or not)."""
+        return len(self._cached)
+
     def cached_block_hashes(self) -> list[int]:
         return list(self._cached)
 

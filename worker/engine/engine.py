@@ -186,7 +186,7 @@ class LLMEngine:
             waiting_prefill_tokens=self.scheduler.waiting_prefill_tokens(),
             kv_blocks_total=bm.num_blocks,
             kv_blocks_used=bm.num_used_blocks,
-            kv_blocks_cached=len(bm.cached_block_hashes()),
+            kv_blocks_cached=bm.num_cached_blocks,
         )
 
     def drain_kv_events(self) -> list[KvCacheEvent]:
