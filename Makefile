@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: quickstart test install install-test serve proto clean
+.PHONY: quickstart test install install-test redis serve proto clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,16 @@ quickstart: install
 	$(PIP) install -q openai
 	bash deploy/quickstart.sh
 
+# The Redis discovery tests start their own redis-server on a free loopback
+# port; this only makes sure the binary is there (Debian package).
+redis:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server (Debian package redis-server)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+
 # The whole test suite (CI runs exactly this through .ci/run).
-test: install-test
+test: install-test redis
 	$(PY) -m pytest -q -ra
 
 serve: install
