@@ -94,8 +94,8 @@ class NoHealthyWorker(RouterError):
 class WorkerFailed(RouterError):
     """The worker serving a request died, reset the stream or ended it early.
 
-    ``retriable``: another worker may take the request, provided no token
-    of it was streamed yet.
+    ``retriable``: the failure is the worker's, so another worker may take
+    the request over (continuing after the tokens already streamed).
     """
 
     grpc_code = grpc.StatusCode.UNAVAILABLE
@@ -109,13 +109,14 @@ class WorkerFailed(RouterError):
 
 
 class WorkerTimeout(WorkerFailed):
-    """The worker sent nothing for longer than the router's stream timeout."""
+    """The worker sent nothing for longer than the router's stream timeout
+    (a stalled worker: the request may move to another one)."""
 
     http_status = 504
     code = "worker_timeout"
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, retriable=False)
+        super().__init__(message, retriable=True)
 
 
 class WorkerRejected(RouterError):

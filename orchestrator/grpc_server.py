@@ -1,5 +1,5 @@
-"""Thin gRPC servicers: ``kvmesh.v1.Generation`` (clients) and
-``kvmesh.v1.Registry`` (workers joining).
+"""Thin gRPC servicers: ``kvmesh.v1.Generation`` (clients),
+``kvmesh.v1.Registry`` (workers joining) and ``kvmesh.v1.Admin`` (introspection).
 
 Each RPC converts its proto with ``from_pb``/``to_pb`` and delegates to the
 router or the worker registry. ``error_boundary`` is the one place errors
@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import grpc
 
-from kvmesh.v1 import generate_pb2, generate_pb2_grpc, registry_pb2, registry_pb2_grpc
+from kvmesh.v1 import admin_pb2, admin_pb2_grpc, generate_pb2, generate_pb2_grpc, registry_pb2, registry_pb2_grpc
 from orchestrator.errors import InvalidArgument, RouterError, grpc_status
 from orchestrator.metrics import RouterMetrics
 from orchestrator.registry import WorkerRegistry
@@ -89,6 +89,17 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
     @error_boundary
     async def ListModels(self, request: generate_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):
         return generate_pb2.ListModelsResponse(models=[card.to_pb() for card in self.router.model_cards()])
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    def __init__(self, router: Router, metrics: RouterMetrics) -> None:
+        self.router = router
+        self.metrics = metrics
+
+    @error_boundary
+    async def DryRunRoute(self, request: admin_pb2.DryRunRouteRequest, context: grpc.aio.ServicerContext):
+        model, decision = await self.router.dry_run(GenerateRequest.from_pb(request.request))
+        return decision.to_pb(model)
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):

@@ -2,7 +2,9 @@
 
 Routes: POST ``/v1/completions`` and ``/v1/chat/completions`` (whole or SSE),
 GET ``/v1/models``, ``/health`` (200 with a healthy worker, else 503) and
-``/metrics`` (Prometheus text).
+``/metrics`` (Prometheus text); debug: POST ``/v1/route/dry_run`` (a
+completions or chat body: where the router would place it and why, as
+``kvmesh.v1.DryRunRouteResponse`` in JSON; nothing is routed).
 
 Errors: ``_boundary`` (a middleware) is the one place exceptions become
 responses, with the status and OpenAI error JSON declared in errors.py; it
@@ -70,6 +72,7 @@ class HttpApi:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_text)
+        app.router.add_post("/v1/route/dry_run", self.dry_run)
         return app
 
     @web.middleware
@@ -169,6 +172,14 @@ class HttpApi:
         return body
 
     # --- information ---------------------------------------------------------------
+
+    async def dry_run(self, request: web.Request) -> web.Response:
+        body = await self._json_body(request)
+        body.pop("stream", None)
+        parse = parse_chat if "messages" in body else parse_completion
+        api = parse(body, f"dryrun-{uuid.uuid4().hex}")
+        model, decision = await self.router.dry_run(api.generate)
+        return web.json_response(decision.to_json(model))
 
     async def models(self, request: web.Request) -> web.Response:
         data = [{"id": card.id, "object": "model", "created": self._started, "owned_by": "kvmesh",

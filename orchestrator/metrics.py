@@ -9,6 +9,7 @@ on every restart; series kept per id would grow without bound).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -21,6 +22,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+_PLACEMENT_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2)
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -69,10 +71,33 @@ class RouterMetrics:
         # Submits re-sent to another worker after a failure before any token.
         self.retries = Counter(
             "kvmesh_router_worker_retries", "Requests retried on another worker.", ["model"], registry=r)
+        # Requests moved to another worker after a failure mid-stream (tokens
+        # already streamed), continuing from the last one (router.py).
+        self.migrations = Counter(
+            "kvmesh_router_request_migrations", "Requests migrated to another worker mid-stream.",
+            ["model"], registry=r)
+
+        # KV-aware placement (placement.py, kv_indexer.py).
+        # Time to choose a worker for one request, prompt hashing included.
+        self.placement_seconds = Histogram(
+            "kvmesh_router_placement_seconds", "Time to choose a worker (hashing included).",
+            ["policy"], buckets=_PLACEMENT_BUCKETS, registry=r)
+        # KV events from workers applied to the router's prefix index.
+        self.kv_events = Counter(
+            "kvmesh_router_kv_events", "KV events applied to the prefix index.", registry=r)
+        # Rebuilds of one worker's index entries from its snapshot, by reason
+        # (join, gap, out_of_range: resume refused, e.g. a restart).
+        self.kv_resyncs = Counter(
+            "kvmesh_router_kv_resyncs", "Prefix index resyncs of one worker from its snapshot.",
+            ["reason"], registry=r)
 
     def watch_workers(self, workers: Callable[[], Iterable[WorkerHandle]]) -> None:
         """Export per-worker gauges read from ``workers()`` at scrape time."""
         self.registry.register(WorkerCollector(workers))
+
+    def watch_kv_index(self, stats: Callable[[], KvIndexStats]) -> None:
+        """Export the prefix index's size read from ``stats()`` at scrape time."""
+        self.registry.register(KvIndexCollector(stats))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -111,3 +136,33 @@ class WorkerCollector(Collector):
             placed.add_metric(key, w.placements)
             failures.add_metric(key, w.failures)
         yield from (running, waiting, kv_usage, in_flight, healthy, placed, failures)
+
+
+@dataclass(frozen=True)
+class KvIndexStats:
+    entries: int              # (worker, block) pairs in the event-fed index
+    blocks: int               # distinct block hashes in it
+    approx_bytes: int         # its estimated memory
+    predicted_entries: int    # block hashes held by recent-placement predictions
+    capacity_evictions: int   # entries dropped by the per-worker cap (lost removals)
+
+
+class KvIndexCollector(Collector):
+    """The router's prefix index size: bounded by workers x KV pool blocks, watched here."""
+
+    def __init__(self, stats: Callable[[], KvIndexStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        s = self._stats()
+        yield GaugeMetricFamily("kvmesh_router_kv_index_entries",
+                                "(worker, block) pairs in the prefix index.", value=s.entries)
+        yield GaugeMetricFamily("kvmesh_router_kv_index_blocks",
+                                "Distinct block hashes in the prefix index.", value=s.blocks)
+        yield GaugeMetricFamily("kvmesh_router_kv_index_bytes",
+                                "Estimated memory of the prefix index.", value=s.approx_bytes)
+        yield GaugeMetricFamily("kvmesh_router_kv_predicted_entries",
+                                "Block hashes held by recent-placement predictions.", value=s.predicted_entries)
+        yield CounterMetricFamily("kvmesh_router_kv_index_capacity_evictions",
+                                  "Index entries dropped by the per-worker capacity cap.",
+                                  value=s.capacity_evictions)

@@ -2,17 +2,56 @@
 
 A policy sees a ``RequestView`` (what a policy may look at: prompt token
 ids, cache salt and block size are there for KV-aware placement) and the
-model's available workers, and returns one of them. Policies are looked up
-by name in ``POLICIES``; adding one is adding an entry.
+model's available workers. ``choose`` returns one of them and may record
+the decision (a turn counter, the ``kv`` policy's load ledger and recent
+placements); ``explain`` answers the same question for a dry run, with every
+candidate's terms, and records nothing. Policies are looked up by name in
+``POLICIES``; adding one is adding an entry.
+
+The ``kv`` policy (``KvAware``) and its formula
+-----------------------------------------------
+For a prompt of ``T`` tokens in blocks of ``B`` tokens, and each candidate
+worker ``w``::
+
+    P        = ceil(T / B)                          prompt blocks
+    cached   = leading prompt blocks w has cached   (KV events, kvstore.PrefixIndex)
+    predicted= leading prompt blocks w has cached or was given by this router in
+               the last predict_ttl_s seconds       (+ kvstore.RecentPrefixes)
+    overlap  = min(predicted, (T - 1) // B)         the last token is always recomputed
+    queued   = max(own prefill blocks, ceil(worker waiting_prefill_tokens / B))
+    shared   = min(queued, overlap - min(cached, overlap))
+               this prompt's blocks already queued for prefill on w: computed once for both
+    prefill  = queued - shared + P - overlap_credit * overlap
+    decode   = max(own decode blocks, worker kv_blocks_used)
+    cost     = prefill_weight * prefill + decode_weight * decode        (lower wins)
+
+"own" blocks come from this router's load ledger (load_ledger.py): exact and
+immediate for its own requests; the worker's heartbeat adds other routers'
+requests, with a lag, hence ``max``. The decode term counts each running
+request's blocks separately (attention reads a shared prefix once per
+sequence), so it grows with every request a worker takes even when they
+share one prefix: with the default weights a worker holding a whole prompt
+loses once it decodes about ``prefill_weight / decode_weight`` (= 4)
+prompt-sized requests more than an idle one. That is the guard against
+hot-spotting: cache affinity never outweighs an unbounded load skew.
+
+``temperature`` 0 picks the lowest cost (ties rotate); above 0 the worker is
+sampled with probability ``softmax(-(cost - min) / (max - min) / temperature)``.
+Every decision can be logged as the formula with its terms
+(``log_decisions``, else at DEBUG).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+import math
+import random
+from dataclasses import dataclass, replace
+from typing import Callable, NamedTuple, Protocol, Sequence
 
+from kvmesh.v1 import admin_pb2
+from kvstore.hashing import max_cacheable_prompt_blocks
+from orchestrator.kv_state import KvSettings, KvState
 from orchestrator.workers import WorkerHandle
 
 logger = logging.getLogger(__name__)
@@ -27,6 +66,60 @@ class RequestView:
     block_size: int
 
 
+@dataclass(frozen=True)
+class WorkerScore:
+    """One candidate's terms in a decision (fields as in admin.proto's WorkerRouteScore)."""
+
+    worker_id: str
+    overlap_blocks: int = 0
+    cached_blocks: int = 0
+    predicted_blocks: int = 0
+    cost: float = 0.0
+    prefill_blocks: float = 0.0
+    decode_blocks: float = 0.0
+    probability: float = 0.0
+
+    def to_pb(self) -> admin_pb2.WorkerRouteScore:
+        return admin_pb2.WorkerRouteScore(
+            worker_id=self.worker_id, overlap_blocks=self.overlap_blocks, cached_blocks=self.cached_blocks,
+            predicted_blocks=self.predicted_blocks, cost=self.cost, prefill_blocks=self.prefill_blocks,
+            decode_blocks=self.decode_blocks, probability=self.probability)
+
+    def to_json(self) -> dict[str, object]:
+        return {"worker_id": self.worker_id, "overlap_blocks": self.overlap_blocks,
+                "cached_blocks": self.cached_blocks, "predicted_blocks": self.predicted_blocks,
+                "cost": self.cost, "prefill_blocks": self.prefill_blocks, "decode_blocks": self.decode_blocks,
+                "probability": self.probability}
+
+
+@dataclass(frozen=True)
+class PlacementDecision:
+    """What a policy chose and why; ``scores`` cheapest first."""
+
+    policy: str
+    chosen: WorkerHandle
+    prompt_tokens: int
+    block_size: int
+    scores: tuple[WorkerScore, ...]
+    formula: str = ""
+
+    @property
+    def prompt_blocks(self) -> int:
+        return -(-self.prompt_tokens // self.block_size)
+
+    def to_pb(self, model: str) -> admin_pb2.DryRunRouteResponse:
+        return admin_pb2.DryRunRouteResponse(
+            model=model, policy=self.policy, chosen_worker_id=self.chosen.worker_id,
+            prompt_tokens=self.prompt_tokens, prompt_blocks=self.prompt_blocks, block_size=self.block_size,
+            workers=[s.to_pb() for s in self.scores], formula=self.formula)
+
+    def to_json(self, model: str) -> dict[str, object]:
+        return {"model": model, "policy": self.policy, "chosen_worker_id": self.chosen.worker_id,
+                "prompt_tokens": self.prompt_tokens, "prompt_blocks": self.prompt_blocks,
+                "block_size": self.block_size, "formula": self.formula,
+                "workers": [s.to_json() for s in self.scores]}
+
+
 class PlacementPolicy(Protocol):
     name: str
 
@@ -34,6 +127,41 @@ class PlacementPolicy(Protocol):
         """One of ``candidates`` (never empty, all ``available``). Must not
         await or block: it runs on the event loop for every request."""
         ...
+
+    def explain(self, request: RequestView, candidates: Sequence[WorkerHandle]) -> PlacementDecision:
+        """What ``choose`` would do now, with every candidate's terms; records nothing."""
+        ...
+
+
+class _Turns:
+    """A rotating tie-break counter that a dry run can read without advancing."""
+
+    def __init__(self) -> None:
+        self._n = 0
+
+    def take(self) -> int:
+        self._n += 1
+        return self._n - 1
+
+    def peek(self) -> int:
+        return self._n
+
+
+# --- simple policies ----------------------------------------------------------------------
+
+def _overlap_scores(kv: KvState | None, request: RequestView, candidates: Sequence[WorkerHandle],
+                    costs: Sequence[float], chosen: WorkerHandle) -> tuple[WorkerScore, ...]:
+    """Scores for policies without a KV term: their cost, plus the overlaps for information."""
+    cached: dict[str, int] = {}
+    predicted: dict[str, int] = {}
+    cap = max_cacheable_prompt_blocks(len(request.prompt_token_ids), request.block_size)
+    if kv is not None and len(candidates) > 1:
+        cached, predicted = kv.overlaps(kv.prompt_hashes(request), kv.clock())
+    scores = [WorkerScore(w.worker_id, min(predicted.get(w.worker_id, 0), cap),
+                          cached.get(w.worker_id, 0), predicted.get(w.worker_id, 0), float(c),
+                          probability=1.0 if w is chosen else 0.0)
+              for w, c in zip(candidates, costs)]
+    return tuple(sorted(scores, key=lambda s: s.cost))
 
 
 class LeastLoaded:
@@ -47,14 +175,13 @@ class LeastLoaded:
 
     name = "least_loaded"
 
-    def __init__(self) -> None:
-        self._turn = itertools.count()
+    def __init__(self, kv: KvState | None = None) -> None:
+        self._turns = _Turns()
+        self._kv = kv
 
     def choose(self, request: RequestView, candidates: Sequence[WorkerHandle]) -> WorkerHandle:
-        costs = [w.in_flight + w.load.num_waiting for w in candidates]
-        best = min(costs)
-        tied = [w for w, c in zip(candidates, costs) if c == best]
-        chosen = tied[next(self._turn) % len(tied)]
+        costs = self._costs(candidates)
+        chosen = self._pick(candidates, costs, self._turns.take())
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("least_loaded %s -> %s; cost = in_flight + waiting: %s", request.request_id,
                          chosen.worker_id, ", ".join(
@@ -62,28 +189,198 @@ class LeastLoaded:
                              for w, c in zip(candidates, costs)))
         return chosen
 
+    def explain(self, request: RequestView, candidates: Sequence[WorkerHandle]) -> PlacementDecision:
+        costs = self._costs(candidates)
+        chosen = self._pick(candidates, costs, self._turns.peek())
+        return PlacementDecision(self.name, chosen, len(request.prompt_token_ids), request.block_size,
+                                 _overlap_scores(self._kv, request, candidates, costs, chosen),
+                                 "cost = in_flight + num_waiting")
+
+    @staticmethod
+    def _costs(candidates: Sequence[WorkerHandle]) -> list[int]:
+        return [w.in_flight + w.load.num_waiting for w in candidates]
+
+    @staticmethod
+    def _pick(candidates: Sequence[WorkerHandle], costs: list[int], turn: int) -> WorkerHandle:
+        best = min(costs)
+        tied = [w for w, c in zip(candidates, costs) if c == best]
+        return tied[turn % len(tied)]
+
 
 class RoundRobin:
     """Each request goes to the next worker in turn, ignoring load."""
 
     name = "round_robin"
 
-    def __init__(self) -> None:
-        self._turn = itertools.count()
+    def __init__(self, kv: KvState | None = None) -> None:
+        self._turns = _Turns()
+        self._kv = kv
 
     def choose(self, request: RequestView, candidates: Sequence[WorkerHandle]) -> WorkerHandle:
-        return candidates[next(self._turn) % len(candidates)]
+        return candidates[self._turns.take() % len(candidates)]
+
+    def explain(self, request: RequestView, candidates: Sequence[WorkerHandle]) -> PlacementDecision:
+        chosen = candidates[self._turns.peek() % len(candidates)]
+        return PlacementDecision(self.name, chosen, len(request.prompt_token_ids), request.block_size,
+                                 _overlap_scores(self._kv, request, candidates, [0] * len(candidates), chosen))
 
 
-POLICIES: dict[str, Callable[[], PlacementPolicy]] = {
+class RandomChoice:
+    """A uniformly random worker (seedable for tests)."""
+
+    name = "random"
+
+    def __init__(self, kv: KvState | None = None, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+        self._kv = kv
+
+    def choose(self, request: RequestView, candidates: Sequence[WorkerHandle]) -> WorkerHandle:
+        return self._rng.choice(candidates)
+
+    def explain(self, request: RequestView, candidates: Sequence[WorkerHandle]) -> PlacementDecision:
+        state = self._rng.getstate()        # a draw that leaves the generator as it was
+        chosen = self._rng.choice(candidates)
+        self._rng.setstate(state)
+        scores = _overlap_scores(self._kv, request, candidates, [0] * len(candidates), chosen)
+        share = 1.0 / len(candidates)
+        return PlacementDecision(self.name, chosen, len(request.prompt_token_ids), request.block_size,
+                                 tuple(replace(s, probability=share) for s in scores))
+
+
+# --- KV-aware ---------------------------------------------------------------------------------
+
+class _Row(NamedTuple):
+    """The kv formula's terms for one candidate."""
+
+    cached: int
+    predicted: int
+    overlap: int
+    prefill: float
+    decode: float
+    cost: float
+
+
+class KvAware:
+    """The ``kv`` policy: prefix overlap against prefill queue and decode load (module docstring)."""
+
+    name = "kv"
+
+    def __init__(self, kv: KvState | None = None, rng: random.Random | None = None) -> None:
+        self._kv = kv or KvState()
+        self._settings = self._kv.settings
+        self._rng = rng or random.Random()
+        self._turns = _Turns()
+
+    def choose(self, request: RequestView, candidates: Sequence[WorkerHandle]) -> WorkerHandle:
+        kv = self._kv
+        now = kv.clock()
+        blocks = -(-len(request.prompt_token_ids) // request.block_size)
+        if len(candidates) == 1:             # nothing to weigh: skip hashing, keep the ledger exact
+            chosen = candidates[0]
+            kv.ledger.own_load(chosen, now)  # sweeps ended leases
+            kv.ledger.add(chosen.worker_id, request.request_id, blocks=blocks, prefill_blocks=blocks,
+                          done_hash=None, now=now)
+            return chosen
+        hashes = kv.prompt_hashes(request)
+        rows = self._terms(request, candidates, hashes, now)
+        index, probabilities = self._select([r[5] for r in rows], self._turns.take())
+        chosen, row = candidates[index], _Row(*rows[index])
+        kv.ledger.add(chosen.worker_id, request.request_id, blocks=blocks, prefill_blocks=blocks - row.overlap,
+                      done_hash=hashes[-1] if len(hashes) > row.overlap else None, now=now)
+        kv.recent.record(chosen.worker_id, hashes[row.predicted:], now)   # it holds (or will) the rest
+        if self._settings.log_decisions or logger.isEnabledFor(logging.DEBUG):
+            self._log(request, self._decision(request, candidates, rows, index, probabilities))
+        return chosen
+
+    def explain(self, request: RequestView, candidates: Sequence[WorkerHandle]) -> PlacementDecision:
+        kv = self._kv
+        rows = self._terms(request, candidates, kv.prompt_hashes(request), kv.clock())
+        rng_state = self._rng.getstate()
+        index, probabilities = self._select([r[5] for r in rows], self._turns.peek())
+        self._rng.setstate(rng_state)
+        return self._decision(request, candidates, rows, index, probabilities)
+
+    def _terms(self, request: RequestView, candidates: Sequence[WorkerHandle], hashes: list[int],
+               now: float) -> list[tuple[int, int, int, float, float, float]]:
+        """Every candidate's terms as ``_Row`` fields, in candidate order (the hot path: plain
+        tuples, no calls per worker)."""
+        s, kv = self._settings, self._kv
+        bs = request.block_size
+        num_tokens = len(request.prompt_token_ids)
+        prompt_blocks = -(-num_tokens // bs)
+        cap = max_cacheable_prompt_blocks(num_tokens, bs)
+        cached_of, predicted_of = kv.overlaps(hashes, now)
+        cached_get, predicted_get = cached_of.get, predicted_of.get
+        pw, dw, credit = s.prefill_weight, s.decode_weight, s.overlap_credit
+        rows = []
+        for w, (own_prefill, own_decode) in zip(candidates, kv.ledger.own_loads(candidates, now)):
+            wid = w.worker_id
+            cached = cached_get(wid, 0)
+            predicted = predicted_get(wid, 0)
+            overlap = predicted if predicted < cap else cap
+            load = w.load
+            queued = -(-load.waiting_prefill_tokens // bs)
+            if own_prefill > queued:
+                queued = own_prefill
+            shared = overlap - (cached if cached < overlap else overlap)
+            if shared > queued:
+                shared = queued
+            prefill = queued - shared + prompt_blocks - credit * overlap
+            decode = load.kv_blocks_used
+            if own_decode > decode:
+                decode = own_decode
+            rows.append((cached, predicted, overlap, prefill, decode, pw * prefill + dw * decode))
+        return rows
+
+    def _decision(self, request: RequestView, candidates: Sequence[WorkerHandle], rows: list[tuple], index: int,
+                  probabilities: list[float]) -> PlacementDecision:
+        scores = []
+        for w, row, p in zip(candidates, rows, probabilities):
+            r = _Row(*row)
+            scores.append(WorkerScore(w.worker_id, r.overlap, r.cached, r.predicted, r.cost, r.prefill, r.decode, p))
+        scores.sort(key=lambda sc: sc.cost)
+        return PlacementDecision(self.name, candidates[index], len(request.prompt_token_ids), request.block_size,
+                                 tuple(scores), self._settings.formula)
+
+    def _select(self, costs: list[float], turn: int) -> tuple[int, list[float]]:
+        """The chosen index and each candidate's probability of being chosen."""
+        best = min(costs)
+        if self._settings.temperature == 0:
+            tied = [i for i, c in enumerate(costs) if c - best <= 1e-9 * max(1.0, abs(best))]
+            chosen = tied[turn % len(tied)]
+            return chosen, [1.0 if i == chosen else 0.0 for i in range(len(costs))]
+        spread = max(costs) - best
+        logits = [-(c - best) / spread / self._settings.temperature if spread > 0 else 0.0 for c in costs]
+        top = max(logits)
+        weights = [math.exp(x - top) for x in logits]
+        total = sum(weights)
+        probabilities = [x / total for x in weights]
+        chosen = self._rng.choices(range(len(costs)), weights=weights)[0]
+        return chosen, probabilities
+
+    def _log(self, request: RequestView, d: PlacementDecision) -> None:
+        s = self._settings
+        level = logging.INFO if s.log_decisions else logging.DEBUG
+        logger.log(level, "kv %s -> %s; P=%d blocks; %s: %s", request.request_id, d.chosen.worker_id,
+                   d.prompt_blocks, s.formula, "; ".join(
+                       "%s: %.1f = %g * %.1f + %g * %.1f (overlap %d: cached %d, predicted %d)" % (
+                           sc.worker_id, sc.cost, s.prefill_weight, sc.prefill_blocks, s.decode_weight,
+                           sc.decode_blocks, sc.overlap_blocks, sc.cached_blocks, sc.predicted_blocks)
+                       for sc in d.scores))
+
+
+POLICIES: dict[str, Callable[[KvState | None], PlacementPolicy]] = {
+    KvAware.name: KvAware,
     LeastLoaded.name: LeastLoaded,
+    RandomChoice.name: RandomChoice,
     RoundRobin.name: RoundRobin,
 }
 
 
-def make_policy(name: str) -> PlacementPolicy:
-    """A new policy by name; ``ValueError`` lists the valid names."""
+def make_policy(name: str, kv: KvState | None = None) -> PlacementPolicy:
+    """A new policy by name, reading ``kv`` (the router's KV state) when it needs it;
+    ``ValueError`` lists the valid names."""
     factory = POLICIES.get(name)
     if factory is None:
         raise ValueError(f"unknown placement policy {name!r}; valid: {', '.join(sorted(POLICIES))}")
-    return factory()
+    return factory(kv)

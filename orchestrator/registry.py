@@ -12,10 +12,19 @@ Workers join in two ways:
   streams, and a later successful poll brings it back. Static workers are
   never removed; one that is down at start-up is connected when it comes up.
 
-Joining fetches ``GetModelInfo``. The first worker of a model defines its
+* discovered: another component (redis_discovery.py) registers the worker
+  with ``expires=False`` and reports its heartbeats and departure itself
+  (``heartbeat``, ``deregister``, ``expire``).
+
+Joining fetches ``GetModelInfo``. A worker whose block hash scheme differs
+from this router's (``kvstore.hashing.HASH_SCHEME``) is refused: the router
+could never match its blocks. The first worker of a model defines its
 ``ModelEntry`` (spec + tokenizer); later workers of that model must agree on
-context window, block size and tokenizer fingerprint, or are refused. A
-model disappears with its last registered worker.
+context window, block size, hash scheme and tokenizer fingerprint, or are
+refused. A model disappears with its last registered worker.
+
+Listeners (``add_listener``) hear every join and leave, with the handle: the
+KV indexer follows a worker's events from its join to its leave.
 """
 
 from __future__ import annotations
@@ -24,11 +33,12 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import grpc
 
 from kvmesh.v1 import worker_pb2
+from kvstore.hashing import HASH_SCHEME
 from orchestrator.errors import (InvalidArgument, ModelNotFound, NoHealthyWorker, WorkerFailed,
                                  WorkerIncompatible, WorkerUnreachable)
 from orchestrator.tokenize import TokenizerBundle, fingerprint_of
@@ -39,6 +49,11 @@ logger = logging.getLogger(__name__)
 
 DEREGISTER_GRACE_S = 30.0
 """How long a deregistered worker's channel stays open for streams still running."""
+
+
+class WorkerListener(Protocol):
+    def worker_joined(self, handle: WorkerHandle) -> None: ...
+    def worker_left(self, handle: WorkerHandle) -> None: ...
 
 
 @dataclass(eq=False)
@@ -65,6 +80,12 @@ class WorkerRegistry:
         self._static_pending: set[str] = set()             # static addresses not yet connected
         self._monitor: asyncio.Task | None = None
         self._closing: set[asyncio.Task] = set()
+        self._listeners: list[WorkerListener] = []
+        self._no_expiry: set[str] = set()                  # liveness reported by a discovery backend
+
+    def add_listener(self, listener: WorkerListener) -> None:
+        """``listener`` hears every join (after it is routable) and leave (before its channel closes)."""
+        self._listeners.append(listener)
 
     # --- life cycle --------------------------------------------------------
 
@@ -87,8 +108,11 @@ class WorkerRegistry:
     # --- joining and leaving ----------------------------------------------
 
     async def register(self, worker_id: str, address: str, model: str = "", *,
-                       static: bool = False) -> WorkerHandle:
+                       static: bool = False, expires: bool = True) -> WorkerHandle:
         """Adds (or replaces) a worker after fetching its ModelInfo.
+
+        ``expires=False``: never dropped for missed heartbeats here; the
+        caller (a discovery backend) calls ``expire`` or ``deregister``.
 
         Raises ``WorkerUnreachable`` when GetModelInfo fails,
         ``InvalidArgument`` when ``model`` differs from what the worker serves,
@@ -118,7 +142,13 @@ class WorkerRegistry:
             entry = self._models.setdefault(info.model, entry)   # it may have left with `old`
         self._workers[handle.worker_id] = handle
         entry.workers[handle.worker_id] = handle
+        if expires:
+            self._no_expiry.discard(handle.worker_id)
+        else:
+            self._no_expiry.add(handle.worker_id)
         logger.info("worker %s joined at %s serving %s (static=%s)", handle.worker_id, address, info.model, static)
+        for listener in self._listeners:
+            listener.worker_joined(handle)
         self._on_change()
         return handle
 
@@ -138,6 +168,15 @@ class WorkerRegistry:
         self._remove(handle, grace=DEREGISTER_GRACE_S, error=None)
         return True
 
+    def expire(self, worker_id: str, reason: str) -> bool:
+        """Drops a worker that died (``reason`` says how it was noticed); its streams fail now."""
+        handle = self._workers.get(worker_id)
+        if handle is None:
+            return False
+        logger.warning("worker %s %s; dropping it", worker_id, reason)
+        self._remove(handle, grace=None, error=WorkerFailed(f"worker {worker_id} {reason} and was dropped"))
+        return True
+
     def mark_unreachable(self, handle: WorkerHandle) -> None:
         """The router failed to reach the worker: place nothing there until it
         heartbeats (registered) or answers a poll (static) again."""
@@ -150,6 +189,9 @@ class WorkerRegistry:
 
     def workers(self) -> list[WorkerHandle]:
         return list(self._workers.values())
+
+    def get(self, worker_id: str) -> WorkerHandle | None:
+        return self._workers.get(worker_id)
 
     def resolve(self, model: str) -> ModelEntry:
         """The entry of ``model``; an empty name means the only model served."""
@@ -180,6 +222,12 @@ class WorkerRegistry:
         return address
 
     async def _entry_for(self, info: worker_pb2.ModelInfo, worker_id: str) -> ModelEntry:
+        if info.hash_scheme != HASH_SCHEME:
+            raise WorkerIncompatible(
+                f"worker {worker_id} hashes KV blocks with scheme {info.hash_scheme!r} but this router uses "
+                f"{HASH_SCHEME!r}: its prefix cache could never be matched; run the same kvmesh version on both")
+        if info.block_size < 1:
+            raise WorkerIncompatible(f"worker {worker_id} reports block_size {info.block_size}; it must be >= 1")
         fingerprint = fingerprint_of(info.tokenizer_json, info.chat_template, info.bos_token, info.eos_token)
         entry = self._models.get(info.model)
         if entry is not None:
@@ -228,6 +276,9 @@ class WorkerRegistry:
     def _remove(self, handle: WorkerHandle, *, grace: float | None, error: WorkerFailed | None) -> None:
         if self._workers.get(handle.worker_id) is handle:
             del self._workers[handle.worker_id]
+            self._no_expiry.discard(handle.worker_id)
+        for listener in self._listeners:
+            listener.worker_left(handle)
         entry = self._models.get(handle.model)
         if entry is not None and entry.workers.get(handle.worker_id) is handle:
             del entry.workers[handle.worker_id]
@@ -252,7 +303,7 @@ class WorkerRegistry:
     def _expire_silent(self) -> None:
         deadline = time.monotonic() - self._missed * self.heartbeat_interval_s
         for handle in list(self._workers.values()):
-            if handle.static or handle.last_seen >= deadline:
+            if handle.static or handle.worker_id in self._no_expiry or handle.last_seen >= deadline:
                 continue
             logger.warning("worker %s missed %d heartbeats; dropping it", handle.worker_id, self._missed)
             self._remove(handle, grace=None, error=WorkerFailed(

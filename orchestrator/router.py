@@ -11,13 +11,26 @@ Failure rules:
   Submit call, which aborts the request on the worker;
 * ``abort(request_id)`` does the same and ends the stream with finish reason
   ``abort``;
-* a worker that fails before it produced a token (connection refused or
-  reset, stream ended without a finish, refused for load) is replaced once
-  by another worker; after a token it fails the stream with ``WorkerFailed``;
-* a worker silent for ``worker_timeout_s`` while the router waits on it
-  fails the stream with ``WorkerTimeout`` (never a hang);
+* a worker that fails (connection refused or reset, process gone, stream
+  ended without a finish, engine error, refused for load, dropped by the
+  registry, silent for ``worker_timeout_s``) is replaced by another worker,
+  at most ``max_migrations`` times per request; then the stream fails with
+  the last ``WorkerFailed`` (a ``WorkerTimeout`` for a silent worker: never a
+  hang). The failed call is cancelled, so a worker still alive frees the
+  request's blocks;
 * a stop string ends the stream with finish reason ``stop`` and cancels the
   worker call.
+
+Migration (failover without loss). A request that fails after some tokens
+were streamed continues elsewhere as a new Submit of the original prompt
+plus every token streamed so far, with ``max_tokens`` lowered by their
+number and the same sampling settings; ``_Output`` (detokenizer, stop
+strings, usage) carries on across workers, so the client's stream goes on
+with no token lost or repeated. Greedy requests continue exactly as an
+uninterrupted run would; sampled ones continue with a valid sample that need
+not match an uninterrupted run token for token (the seed restarts its
+stream). Usage counts the original prompt, every generated token, and the
+cached tokens the first worker reported.
 """
 
 from __future__ import annotations
@@ -27,7 +40,7 @@ import logging
 import time
 import uuid
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable
 
 import grpc
@@ -38,7 +51,7 @@ from orchestrator.detokenize import StopMatcher
 from orchestrator.errors import (DuplicateRequestId, InvalidArgument, NoHealthyWorker, Overloaded, RouterError,
                                  WorkerFailed, WorkerRejected, WorkerTimeout)
 from orchestrator.metrics import RouterMetrics
-from orchestrator.placement import PlacementPolicy, RequestView
+from orchestrator.placement import PlacementDecision, PlacementPolicy, RequestView
 from orchestrator.registry import ModelEntry, WorkerRegistry
 from orchestrator.tokenize import TokenizerBundle
 from orchestrator.types import Chunk, FinishReason, GenerateRequest, ModelCard, Sampling, TokenLogprob, Usage
@@ -61,13 +74,19 @@ class RouterLimits:
 
     worker_timeout_s: float = 120.0
     """Longest wait for a worker's next message (queueing and prefill
-    included) before the request fails with ``WorkerTimeout``."""
+    included) before the worker counts as failed (``WorkerTimeout``)."""
+
+    max_migrations: int = 2
+    """How many times one request may move to another worker after a worker
+    failure (before or after its first token); 0 fails it on the first."""
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
         if self.worker_timeout_s <= 0:
             raise ValueError(f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
+        if self.max_migrations < 0:
+            raise ValueError(f"max_migrations must be >= 0, got {self.max_migrations}")
 
 
 @dataclass(frozen=True)
@@ -154,24 +173,29 @@ class _Output:
         self._model = p.entry.spec.name
         self._ttft = metrics.ttft.labels(self._model)          # resolved once: labels() costs µs per call
         self._itl = metrics.itl.labels(self._model)
-        self.completion_tokens = 0
+        self.generated: list[int] = []
+        """Every token id streamed so far, from all workers (a migration resubmits them)."""
         self.cached_tokens = 0
         self._last_token_at: float | None = None
 
     @property
+    def completion_tokens(self) -> int:
+        return len(self.generated)
+
+    @property
     def started(self) -> bool:
-        """Whether any token arrived (then no retry elsewhere is possible)."""
-        return self.completion_tokens > 0
+        """Whether any token arrived (a failure from now on is a migration)."""
+        return bool(self.generated)
 
     def on_response(self, resp: worker_pb2.SubmitResponse, worker_id: str) -> Chunk:
         ids = tuple(resp.token_ids)
-        if resp.cached_tokens:
+        if resp.cached_tokens and not self.started:    # a migrated request's later workers don't count
             self.cached_tokens = resp.cached_tokens
         if ids:
-            self._observe_tokens(len(ids))
+            self._observe_tokens(ids)
         finish = FinishReason.from_pb(resp.finish_reason)
         if finish is FinishReason.ERROR:
-            raise WorkerFailed(f"worker {worker_id} failed the request (engine error)", retriable=not self.started)
+            raise WorkerFailed(f"worker {worker_id} failed the request (engine error)")
         text = self._stops.feed(self._detok.add(ids))
         if self._stops.stopped:
             finish = FinishReason.STOP
@@ -197,14 +221,14 @@ class _Output:
         m.cached_prompt_tokens.labels(self._model).inc(usage.cached_tokens)
         return Chunk(self._p.request_id, text, token_ids, logprobs, finish, usage, worker_id)
 
-    def _observe_tokens(self, n: int) -> None:
+    def _observe_tokens(self, ids: tuple[int, ...]) -> None:
         now = time.monotonic()
         if self._last_token_at is None:
             self._ttft.observe(now - self._p.arrival)
         else:
             self._itl.observe(now - self._last_token_at)
         self._last_token_at = now
-        self.completion_tokens += n
+        self.generated.extend(ids)
 
 
 class Router:
@@ -215,6 +239,7 @@ class Router:
         self._metrics = metrics
         self._limits = limits
         self._active: dict[str, _Active] = {}
+        self._placement_seconds = metrics.placement_seconds.labels(policy.name)
 
     # --- queries ---------------------------------------------------------------
 
@@ -227,6 +252,27 @@ class Router:
 
     def tokenizer(self, model: str) -> TokenizerBundle:
         return self._registry.resolve(model).tokenizer
+
+    def is_running(self, request_id: str) -> bool:
+        """Whether ``request_id`` is streaming now (the kv policy's load ledger asks)."""
+        return request_id in self._active
+
+    async def dry_run(self, request: GenerateRequest) -> tuple[str, PlacementDecision]:
+        """(model, decision): where ``request`` would be placed now and why, without
+        routing it. Raises the errors ``prepare`` raises, except for admission."""
+        entry = self._registry.resolve(request.model)
+        spec = entry.spec
+        validation.validate_prompt(request.prompt, vocab_size=spec.vocab_size)
+        prompt_ids = await entry.tokenizer.encode_prompt(request.prompt)
+        if not prompt_ids:
+            raise InvalidArgument("prompt", "tokenizes to no tokens")
+        validation.check_context_window(len(prompt_ids), request.sampling.max_tokens, spec.max_model_len)
+        candidates = entry.candidates()
+        if not candidates:
+            raise NoHealthyWorker(f"no healthy worker serves model {spec.name!r}")
+        view = RequestView(request.request_id or "dry-run", spec.name, prompt_ids, request.cache_salt,
+                           spec.block_size)
+        return spec.name, self._policy.explain(view, candidates)
 
     # --- the request path -------------------------------------------------------
 
@@ -270,9 +316,13 @@ class Router:
         failed: list[str] = []
         try:
             while not active.aborted:
+                submit = _continuation(p, output.generated)
+                if submit is None:      # the budget was used up; only the finish got lost
+                    yield output.final(FinishReason.LENGTH, "")
+                    return
                 worker = self._place(p, exclude=failed)
                 try:
-                    async with aclosing(self._submit(p, worker, active)) as responses:
+                    async with aclosing(self._submit(submit, worker, active)) as responses:
                         async for resp in responses:
                             chunk = output.on_response(resp, worker.worker_id)
                             yield chunk
@@ -281,12 +331,7 @@ class Router:
                 except WorkerFailed as e:
                     worker.failures += 1
                     failed.append(worker.worker_id)
-                    retry = (e.retriable and not output.started and len(failed) == 1
-                             and any(w.worker_id not in failed for w in p.entry.candidates()))
-                    if not retry:
-                        raise
-                    logger.warning("request %s: %s; retrying on another worker", p.request_id, e.message)
-                    self._metrics.retries.labels(p.entry.spec.name).inc()
+                    self._move_or_raise(p, e, output, failed)
                 except _AbortRequested:
                     break
             yield output.final(FinishReason.ABORT, "")
@@ -304,22 +349,40 @@ class Router:
 
     # --- internals ----------------------------------------------------------------
 
+    def _move_or_raise(self, p: PreparedRequest, e: WorkerFailed, output: _Output, failed: list[str]) -> None:
+        """Returns when ``p`` may move on from its ``len(failed)``-th failed worker; else raises ``e``."""
+        limit = self._limits.max_migrations
+        if not e.retriable:
+            raise e
+        if len(failed) > limit:
+            raise _annotated(e, f"gave up after {limit} migrations: max_migrations={limit}")
+        if not any(w.worker_id not in failed for w in p.entry.candidates()):
+            raise _annotated(e, "no other worker to take the request over")
+        model = p.entry.spec.name
+        if output.started:
+            logger.warning("request %s: %s; migrating with %d tokens streamed (move %d of at most %d)",
+                           p.request_id, e.message, output.completion_tokens, len(failed), limit)
+            self._metrics.migrations.labels(model).inc()
+        else:
+            logger.warning("request %s: %s; retrying on another worker", p.request_id, e.message)
+            self._metrics.retries.labels(model).inc()
+
     def _place(self, p: PreparedRequest, exclude: list[str]) -> WorkerHandle:
         candidates = [w for w in p.entry.candidates() if w.worker_id not in exclude]
         if not candidates:
             raise NoHealthyWorker(f"no healthy worker serves model {p.entry.spec.name!r}")
         view = RequestView(p.request_id, p.entry.spec.name, p.prompt_ids, p.cache_salt, p.entry.spec.block_size)
+        started = time.perf_counter()
         worker = self._policy.choose(view, candidates)
+        self._placement_seconds.observe(time.perf_counter() - started)
         worker.placements += 1
         return worker
 
-    async def _submit(self, p: PreparedRequest, worker: WorkerHandle,
+    async def _submit(self, request: worker_pb2.SubmitRequest, worker: WorkerHandle,
                       active: _Active) -> AsyncIterator[worker_pb2.SubmitResponse]:
         """The worker's messages up to and including the one with a finish
         reason; raises ``WorkerFailed``/``WorkerRejected``/``_AbortRequested``."""
-        call = worker.stub.Submit(worker_pb2.SubmitRequest(
-            request_id=p.request_id, prompt_token_ids=p.prompt_ids,
-            sampling=p.sampling.to_pb(with_stop=False), cache_salt=p.cache_salt))
+        call = worker.stub.Submit(request)
         attempt = _Attempt(call, worker)
         active.attempt = attempt
         worker.streams.add(attempt)
@@ -360,6 +423,30 @@ class Router:
             return WorkerRejected(f"worker {worker.worker_id} rejected the request: {e.details()}",
                                   grpc.StatusCode.INVALID_ARGUMENT, 400)
         return WorkerFailed(message, retriable=code in _RETRIABLE_CODES)
+
+
+def _continuation(p: PreparedRequest, generated: list[int]) -> worker_pb2.SubmitRequest | None:
+    """The Submit that continues ``p`` after ``generated`` (its first Submit when
+    empty): prompt plus generated tokens, ``max_tokens`` lowered by their
+    number. None when nothing is left to generate."""
+    sampling = p.sampling
+    if generated:
+        if len(p.prompt_ids) + len(generated) >= p.entry.spec.max_model_len:
+            return None
+        if sampling.max_tokens is not None:
+            if sampling.max_tokens <= len(generated):
+                return None
+            sampling = replace(sampling, max_tokens=sampling.max_tokens - len(generated))
+    return worker_pb2.SubmitRequest(
+        request_id=p.request_id, prompt_token_ids=p.prompt_ids + generated if generated else p.prompt_ids,
+        sampling=sampling.to_pb(with_stop=False), cache_salt=p.cache_salt)
+
+
+def _annotated(e: WorkerFailed, note: str) -> WorkerFailed:
+    """``e`` (its class decides the status code) with ``note`` appended to the client's message."""
+    e.message = f"{e.message} ({note})"
+    e.args = (e.message,)
+    return e
 
 
 def _task_cancelled() -> bool:

@@ -25,18 +25,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from kvmesh.v1 import generate_pb2, generate_pb2_grpc, registry_pb2, registry_pb2_grpc
-from orchestrator.grpc_server import GenerationServicer, RegistryServicer
+from kvmesh.v1 import admin_pb2, admin_pb2_grpc, generate_pb2, generate_pb2_grpc, registry_pb2, registry_pb2_grpc
+from kvmesh.v1.redis_layout import DEFAULT_PREFIX as REDIS_DEFAULT_PREFIX
+from orchestrator.grpc_server import AdminServicer, GenerationServicer, RegistryServicer
 from orchestrator.http_api import HttpApi
-from orchestrator.metrics import RouterMetrics
+from orchestrator.kv_indexer import EventFeed, GrpcFeed, KvIndexer
+from orchestrator.metrics import KvIndexStats, RouterMetrics
+from orchestrator.kv_state import KvSettings, KvState
 from orchestrator.placement import POLICIES, make_policy
 from orchestrator.registry import WorkerRegistry
 from orchestrator.router import Router, RouterLimits
+from orchestrator.workers import WorkerHandle
 
 logger = logging.getLogger(__name__)
 
 GENERATION_SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 REGISTRY_SERVICE = registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+DISCOVERY_BACKENDS = ("router", "redis")
 HTTP_SHUTDOWN_S = 5.0
 """How long HTTP requests still running may take to finish at shutdown."""
 
@@ -58,8 +64,25 @@ class RouterConfig:
     workers: tuple[str, ...] = ()
     """Static workers (host:port), used besides those that register."""
 
-    policy: str = "least_loaded"
-    """Placement policy, one of placement.POLICIES."""
+    policy: str = "kv"
+    """Placement policy, one of placement.POLICIES. ``kv`` weighs each worker's
+    cached prefix against its load; with a single candidate every policy is the
+    same (``kv`` then skips hashing)."""
+
+    kv: KvSettings = KvSettings()
+    """Weights, temperature and memory bounds of the ``kv`` policy (placement.py)."""
+
+    discovery: str = "router"
+    """How workers join besides ``workers``: "router" (they call the Registry
+    service) or "redis" (they register in Redis at ``redis_url``; loads and KV
+    events travel through Redis, so router replicas share one view). The
+    Registry service keeps answering either way."""
+
+    redis_url: str | None = None
+    """redis://host:port[/db]; required by discovery "redis"."""
+
+    redis_prefix: str = REDIS_DEFAULT_PREFIX
+    """Prefix of this cluster's Redis keys (must match the workers')."""
 
     heartbeat_interval_s: float = 2.0
     """Heartbeat period asked of registered workers; also the GetLoad poll
@@ -72,10 +95,17 @@ class RouterConfig:
     """Requests admitted at once; beyond it clients get 429 / RESOURCE_EXHAUSTED."""
 
     worker_timeout_s: float = 120.0
-    """Longest wait for a worker's next message before the request fails."""
+    """Longest wait for a worker's next message before the worker counts as failed."""
+
+    max_migrations: int = 2
+    """Times one request may move to another worker after worker failures."""
 
     max_body_bytes: int = 8 * 1024 * 1024
     """Largest HTTP request body; larger ones get 413."""
+
+    def limits(self) -> RouterLimits:
+        return RouterLimits(max_in_flight=self.max_in_flight, worker_timeout_s=self.worker_timeout_s,
+                            max_migrations=self.max_migrations)
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "http_port"):
@@ -84,13 +114,17 @@ class RouterConfig:
                 raise ValueError(f"{name} must be in [0, 65535] (0 = a free port), got {port}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown placement policy {self.policy!r}; valid: {', '.join(sorted(POLICIES))}")
+        if self.discovery not in DISCOVERY_BACKENDS:
+            raise ValueError(f"unknown discovery backend {self.discovery!r}; valid: {', '.join(DISCOVERY_BACKENDS)}")
+        if self.discovery == "redis" and not self.redis_url:
+            raise ValueError("discovery 'redis' needs redis_url (--redis-url redis://HOST:PORT)")
         if self.heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
         if self.missed_heartbeats < 1:
             raise ValueError(f"missed_heartbeats must be >= 1, got {self.missed_heartbeats}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
-        RouterLimits(self.max_in_flight, self.worker_timeout_s)   # validates both
+        self.limits()   # validates them
 
 
 class RouterServer:
@@ -107,8 +141,17 @@ class RouterServer:
             on_change=self._workers_changed,
         )
         self.metrics.watch_workers(self.registry.workers)
-        self.router = Router(self.registry, make_policy(config.policy), self.metrics,
-                             RouterLimits(config.max_in_flight, config.worker_timeout_s))
+        self.kv = KvState(config.kv)
+        self.metrics.watch_kv_index(self._kv_index_stats)
+        self.router = Router(self.registry, make_policy(config.policy, self.kv), self.metrics, config.limits())
+        self.kv.ledger.bind(self.router.is_running)
+        self.redis_discovery = None
+        if config.discovery == "redis":
+            from orchestrator.redis_discovery import RedisDiscovery  # needs the redis package only when used
+            self.redis_discovery = RedisDiscovery(self.registry, config.redis_url, config.redis_prefix,
+                                                  config.heartbeat_interval_s)
+        self.kv_indexer = KvIndexer(self.kv, self.metrics, feed_for=self._kv_feed)
+        self.registry.add_listener(self.kv_indexer)
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
         self.grpc_port = 0
@@ -127,6 +170,8 @@ class RouterServer:
             await self._start_grpc()
             await self._start_http()
             await self.registry.start(self.config.workers)
+            if self.redis_discovery is not None:
+                await self.redis_discovery.start()
             await self._set_generation_health()
         except BaseException:
             await self.stop(grace=0)
@@ -143,8 +188,20 @@ class RouterServer:
         if self._grpc is not None:
             await self._grpc.stop(grace)
             self._grpc = None
+        await self.kv_indexer.stop()          # before its Redis feeds lose their connection
+        if self.redis_discovery is not None:
+            await self.redis_discovery.stop()
         await self.registry.stop()
         await asyncio.gather(*self._health_tasks, return_exceptions=True)
+
+    def _kv_feed(self, handle: WorkerHandle) -> EventFeed:
+        feed = self.redis_discovery.feed_for(handle) if self.redis_discovery is not None else None
+        return feed or GrpcFeed(handle)
+
+    def _kv_index_stats(self) -> KvIndexStats:
+        index = self.kv.index
+        return KvIndexStats(index.num_entries(), index.num_blocks(), index.approx_bytes(),
+                            self.kv.recent.num_entries(), index.num_capacity_evictions)
 
     async def __aenter__(self) -> RouterServer:
         await self.start()
@@ -159,9 +216,10 @@ class RouterServer:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         generate_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.router, self.metrics), server)
         registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.registry, self.metrics), server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.router, self.metrics), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (GENERATION_SERVICE, REGISTRY_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            (GENERATION_SERVICE, REGISTRY_SERVICE, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), server)
         address = f"{self.config.grpc_host}:{self.config.grpc_port}"
         try:
@@ -213,6 +271,31 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
                         help="a static worker; repeat for several (workers may also register themselves)")
     parser.add_argument("--policy", choices=sorted(POLICIES), default=d.policy,
                         help="placement policy (default %(default)s)")
+    k = KvSettings
+    kv = parser.add_argument_group("kv placement (cost = prefill_weight * prefill_blocks + "
+                                   "decode_weight * decode_blocks; see orchestrator/placement.py)")
+    kv.add_argument("--kv-prefill-weight", type=float, default=k.prefill_weight,
+                    help="weight of blocks still to prefill (default %(default)s)")
+    kv.add_argument("--kv-decode-weight", type=float, default=k.decode_weight,
+                    help="weight of KV blocks decoding on the worker (default %(default)s)")
+    kv.add_argument("--kv-overlap-credit", type=float, default=k.overlap_credit,
+                    help="share of a cached block subtracted from the prefill; 0 ignores caches (default %(default)s)")
+    kv.add_argument("--kv-temperature", type=float, default=k.temperature,
+                    help="0 picks the cheapest worker; > 0 samples a softmax over costs (default %(default)s)")
+    kv.add_argument("--kv-predict-ttl", type=float, default=k.predict_ttl_s,
+                    help="seconds a placement counts as cached before KV events confirm it (default %(default)s)")
+    kv.add_argument("--kv-index-max-blocks-per-worker", type=int, default=k.index_max_blocks_per_worker,
+                    help="cap on one worker's prefix index entries (default %(default)s)")
+    kv.add_argument("--log-placement", action="store_true",
+                    help="log every placement decision with its cost terms at INFO")
+    disc = parser.add_argument_group("discovery")
+    disc.add_argument("--discovery", choices=DISCOVERY_BACKENDS, default=d.discovery,
+                      help="router: workers call the Registry service; redis: workers register in Redis, "
+                           "shared by router replicas (default %(default)s)")
+    disc.add_argument("--redis-url", default=None, metavar="redis://HOST:PORT",
+                      help="the shared Redis of discovery backend redis")
+    disc.add_argument("--redis-prefix", default=d.redis_prefix,
+                      help="prefix of this cluster's Redis keys (default %(default)s)")
     parser.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval_s,
                         help="seconds between worker heartbeats / polls (default %(default)s)")
     parser.add_argument("--missed-heartbeats", type=int, default=d.missed_heartbeats,
@@ -221,6 +304,8 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
                         help="requests admitted at once; more get 429 (default %(default)s)")
     parser.add_argument("--worker-timeout", type=float, default=d.worker_timeout_s,
                         help="seconds to wait for a worker's next message (default %(default)s)")
+    parser.add_argument("--max-migrations", type=int, default=d.max_migrations,
+                        help="times a request may move to another worker after failures (default %(default)s)")
     parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
                         help="largest HTTP request body (default %(default)s)")
 
@@ -230,9 +315,15 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         grpc_host=args.grpc_host, grpc_port=args.grpc_port,
         http_host=args.http_host, http_port=args.http_port,
         workers=tuple(args.worker), policy=args.policy,
+        kv=KvSettings(prefill_weight=args.kv_prefill_weight, decode_weight=args.kv_decode_weight,
+                      overlap_credit=args.kv_overlap_credit, temperature=args.kv_temperature,
+                      predict_ttl_s=args.kv_predict_ttl,
+                      index_max_blocks_per_worker=args.kv_index_max_blocks_per_worker,
+                      log_decisions=args.log_placement),
+        discovery=args.discovery, redis_url=args.redis_url, redis_prefix=args.redis_prefix,
         heartbeat_interval_s=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
         max_in_flight=args.max_in_flight, worker_timeout_s=args.worker_timeout,
-        max_body_bytes=args.max_body_bytes,
+        max_migrations=args.max_migrations, max_body_bytes=args.max_body_bytes,
     )
 
 

@@ -253,8 +253,8 @@ def test_round_robin_cycles():
 
 
 def test_unknown_policy_lists_valid_names():
-    with pytest.raises(ValueError, match="least_loaded, round_robin"):
-        make_policy("random")
+    with pytest.raises(ValueError, match="kv, least_loaded, random, round_robin"):
+        make_policy("fastest")
 
 
 # --- error mapping -------------------------------------------------------------------------------

@@ -3,6 +3,11 @@
 The main CLI (orchestrator/cli.py) calls ``add_worker_args`` on its
 ``worker`` subparser and ``run_worker`` with the parsed namespace;
 ``python -m worker.cli`` runs the same thing standalone.
+
+``--engine mock`` replaces the model's forward pass by a timing model
+(``worker/engine/mock_runner.py``; only config.json and the tokenizer of
+``--model`` are read) and ``--num-workers N`` runs N such workers in this
+one process (``worker/mock_fleet.py``).
 """
 
 from __future__ import annotations
@@ -13,8 +18,12 @@ import logging
 
 from worker.config import WorkerConfig, default_worker_id
 from worker.engine.config import EngineConfig
+from worker.engine.mock_timing import TimingModel
+from worker.mock_fleet import fleet_configs, serve_fleet
 from worker.models.hub import resolve_model
 from worker.service import serve_worker
+
+ENGINES = ("model", "mock")
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +35,12 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--served-name", default=None, help="name the model is served under (default: its directory name)")
     g.add_argument("--router", default=None, metavar="HOST:PORT",
                    help="register with this router's Registry service and send heartbeats")
+    g.add_argument("--discovery", choices=("router", "redis"), default="router",
+                   help="router: register with --router over gRPC; redis: register in Redis at --redis-url "
+                        "(shared by every router replica) (default %(default)s)")
+    g.add_argument("--redis-url", default=None, metavar="redis://HOST:PORT",
+                   help="the shared Redis of discovery backend redis")
+    g.add_argument("--redis-prefix", default="kvmesh", help="prefix of this cluster's Redis keys (default %(default)s)")
     g.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for remote routers)")
     g.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one (default)")
     g.add_argument("--worker-id", default=None, help="identity towards the router (default: hostname-pid-random)")
@@ -36,16 +51,46 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running requests may take before stop")
     e = parser.add_argument_group("engine")
+    e.add_argument("--engine", choices=ENGINES, default="model",
+                   help="model: run the model (default); mock: the real scheduler and KV cache with the forward "
+                        "pass replaced by the timing model below (no weights loaded)")
+    e.add_argument("--num-workers", type=int, default=1,
+                   help="mock workers in this process, each with its own port and id <worker-id>-<i> (default 1)")
     e.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     e.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     e.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     e.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV pool size in blocks")
     e.add_argument("--kv-cache-memory-gib", type=float, default=None, help="KV pool budget in GiB")
+    e.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory for weights, activations and the KV pool (default 0.9)")
+    e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     e.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one batch")
     e.add_argument("--max-num-batched-tokens", type=int, default=2048, help="per-step token budget")
     e.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     e.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     e.add_argument("--seed", type=int, default=0, help="seed for requests without one")
+    d = TimingModel()
+    m = parser.add_argument_group("mock engine timing (--engine mock; defaults: Llama-3-8B on one H100)")
+    m.add_argument("--mock-prefill-us-per-token", type=float, default=d.prefill_s_per_token * 1e6,
+                   help="prefill microseconds per uncached prompt token (default %(default)g)")
+    m.add_argument("--mock-decode-base-ms", type=float, default=d.decode_base_s * 1e3,
+                   help="milliseconds of every decode step (default %(default)g)")
+    m.add_argument("--mock-decode-us-per-seq", type=float, default=d.decode_s_per_seq * 1e6,
+                   help="decode step microseconds added per sequence in the batch (default %(default)g)")
+    m.add_argument("--mock-decode-ns-per-context-token", type=float, default=d.decode_s_per_context_token * 1e9,
+                   help="decode step nanoseconds added per context token of the batch (default %(default)g)")
+    m.add_argument("--speedup", type=float, default=d.speedup,
+                   help="run every mock step this many times faster than modelled (default %(default)g)")
+
+
+def timing_from_args(args: argparse.Namespace) -> TimingModel:
+    return TimingModel(
+        prefill_s_per_token=args.mock_prefill_us_per_token * 1e-6,
+        decode_base_s=args.mock_decode_base_ms * 1e-3,
+        decode_s_per_seq=args.mock_decode_us_per_seq * 1e-6,
+        decode_s_per_context_token=args.mock_decode_ns_per_context_token * 1e-9,
+        speedup=args.speedup,
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
@@ -57,6 +102,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         dtype=args.dtype,
         block_size=args.block_size,
         kv_cache_memory_bytes=memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
         num_kv_blocks=args.num_kv_blocks,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -71,6 +118,9 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         worker_id=args.worker_id or default_worker_id(),
         advertise_address=args.advertise_address,
         router_address=args.router,
+        discovery=args.discovery,
+        redis_url=args.redis_url,
+        redis_prefix=args.redis_prefix,
         heartbeat_interval_s=args.heartbeat_interval,
         drain_timeout_s=args.drain_timeout,
     )
@@ -79,9 +129,20 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 def run_worker(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = config_from_args(args)
     try:
-        asyncio.run(serve_worker(config))
+        config = config_from_args(args)
+        if args.engine == "mock":
+            serving = serve_fleet(fleet_configs(config, args.num_workers), timing_from_args(args))
+        elif args.num_workers != 1:
+            raise ValueError(f"--num-workers {args.num_workers} needs --engine mock (a model engine owns its "
+                             "device; start one process per model worker, or use `kvmesh serve --num-workers`)")
+        else:
+            serving = serve_worker(config)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+    try:
+        asyncio.run(serving)
     except RuntimeError as exc:
         logger.error("worker %s failed: %s", config.worker_id, exc)
         return 1

@@ -40,6 +40,20 @@ class WorkerConfig:
     router_address: str | None = None
     """host:port of a router's Registry service; None runs standalone."""
 
+    discovery: str = "router"
+    """How routers find this worker: "router" (Register/Heartbeat RPCs to
+    ``router_address``) or "redis" (a worker key with a TTL and a KV event
+    stream in Redis at ``redis_url``, read by every router replica)."""
+
+    redis_url: str | None = None
+    """redis://host:port[/db] of the shared Redis; required by discovery "redis"."""
+
+    redis_prefix: str = "kvmesh"
+    """Prefix of every Redis key (kvmesh/v1/redis_layout.py); separates clusters sharing a Redis."""
+
+    missed_heartbeats: int = 3
+    """Discovery "redis": the worker key's TTL, in heartbeat intervals."""
+
     heartbeat_interval_s: float = 2.0
     """Seconds between heartbeats until the router's RegisterResponse sets its own."""
 
@@ -77,6 +91,12 @@ class WorkerConfig:
                 f"retry_max_s ({self.retry_max_s}) is smaller than retry_initial_s "
                 f"({self.retry_initial_s}); raise retry_max_s or lower retry_initial_s"
             )
+        if self.discovery not in ("router", "redis"):
+            raise ValueError(f"discovery must be 'router' or 'redis', got {self.discovery!r}")
+        if self.discovery == "redis" and not self.redis_url:
+            raise ValueError("discovery 'redis' needs redis_url (--redis-url redis://HOST:PORT)")
+        if self.missed_heartbeats < 1:
+            raise ValueError(f"missed_heartbeats must be >= 1, got {self.missed_heartbeats}")
         if self.kv_event_buffer < 1:
             raise ValueError(f"kv_event_buffer must be >= 1, got {self.kv_event_buffer}")
         if self.max_message_bytes < 4 * 1024 * 1024:

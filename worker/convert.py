@@ -20,7 +20,7 @@ from worker.engine.types import (
     RequestOutput,
     SamplingOptions,
 )
-from worker.engine_loop import ServedModel
+from worker.engine_loop import KvCacheSnapshot, ServedModel
 from worker.kv_events import NumberedEvent
 
 _FINISH_TO_PB = {
@@ -131,3 +131,8 @@ def kv_event_to_pb(numbered: NumberedEvent) -> worker_pb2.KvEvent:
 
 def kv_batch_to_pb(batch: list[NumberedEvent]) -> worker_pb2.KvEventBatch:
     return worker_pb2.KvEventBatch(events=[kv_event_to_pb(e) for e in batch])
+
+
+def kv_snapshot_to_pb(snapshot: KvCacheSnapshot, epoch: str) -> worker_pb2.KvSnapshot:
+    return worker_pb2.KvSnapshot(last_event_id=snapshot.last_event_id, block_hashes=snapshot.block_hashes,
+                                 kv_blocks_total=snapshot.kv_blocks_total, epoch=epoch)

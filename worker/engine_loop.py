@@ -8,7 +8,7 @@ construction (CUDA's current device is per thread) to shutdown, and is the
 only thread that ever calls it. The two sides meet at exactly two points:
 
 * event loop -> engine thread: a thread-safe command queue (``_Add``,
-  ``_Abort``, ``_Stop``);
+  ``_Abort``, ``_KvSnapshot``, ``_Stop``);
 * engine thread -> event loop: ``loop.call_soon_threadsafe`` callbacks that
   carry outputs, KV events and acknowledgements.
 
@@ -67,6 +67,13 @@ class Engine(Protocol):
     def load(self) -> LoadSnapshot: ...
     def drain_kv_events(self) -> list[KvCacheEvent]: ...
 
+    @property
+    def block_manager(self) -> _CachedBlocks: ...
+
+
+class _CachedBlocks(Protocol):
+    def cached_block_hashes(self) -> list[int]: ...
+
 
 class EngineLoopClosed(RuntimeError):
     """The loop was stopped (or its thread died); it accepts no more requests."""
@@ -114,11 +121,27 @@ class _Abort:
     done: asyncio.Future | None  # None when the consumer left and nobody waits
 
 
+@dataclass(frozen=True)
+class _KvSnapshot:
+    position: Callable[[], int]  # read on the event loop right after the events before the snapshot
+    done: asyncio.Future  # KvCacheSnapshot
+
+
 class _Stop:
     pass
 
 
-_Command = Union[_Add, _Abort, _Stop]
+_Command = Union[_Add, _Abort, _KvSnapshot, _Stop]
+
+
+@dataclass(frozen=True)
+class KvCacheSnapshot:
+    """The engine's reusable cached blocks at one instant between two steps."""
+
+    last_event_id: int
+    """The id of the last KV event published before the snapshot (0: none yet)."""
+    block_hashes: tuple[int, ...]
+    kv_blocks_total: int
 
 
 class _LoopGone(Exception):
@@ -233,6 +256,20 @@ class EngineLoop:
         self._commands.put(_Abort(request_id, done))
         return await done
 
+    async def kv_snapshot(self, position: Callable[[], int]) -> KvCacheSnapshot:
+        """The engine's cached block hashes, taken on the engine thread between steps.
+
+        ``position()`` is called on the event loop right after every KV event
+        produced before the snapshot went to ``on_kv_events`` and before any
+        later one, so pass the publisher's last event id: the snapshot then
+        reflects exactly the events up to the id it returns. Raises
+        ``EngineLoopClosed`` after ``stop``, and what the engine raised.
+        """
+        self._check_open()
+        done = self._loop.create_future()
+        self._commands.put(_KvSnapshot(position, done))
+        return await done
+
     def load(self) -> LoadSnapshot:
         """The engine's load as of its last step or command (never blocks on a step)."""
         if self._snapshot is None:
@@ -316,6 +353,8 @@ class EngineLoop:
                 _resolve(cmd.done, exc=EngineLoopClosed("the engine loop stopped"))
             elif isinstance(cmd, _Abort):
                 _resolve(cmd.done, False)
+            elif isinstance(cmd, _KvSnapshot):
+                _resolve(cmd.done, exc=EngineLoopClosed("the engine loop stopped"))
         if self._streams and self.last_error is None:
             self.last_error = "the engine thread exited"
         for rid, stream in list(self._streams.items()):
@@ -379,7 +418,10 @@ class EngineLoop:
             except queue.Empty:
                 return cmds
 
-    def _apply(self, engine: Engine, cmd: _Add | _Abort) -> None:
+    def _apply(self, engine: Engine, cmd: _Add | _Abort | _KvSnapshot) -> None:
+        if isinstance(cmd, _KvSnapshot):
+            self._take_kv_snapshot(engine, cmd)
+            return
         if isinstance(cmd, _Add):
             try:
                 engine.add_request(cmd.request)
@@ -400,6 +442,26 @@ class EngineLoop:
         if found:
             self._pending.append((self._deliver, ([RequestOutput(rid, (), finish_reason=FinishReason.ABORT)],)))
         self._pending.append((_resolve, (cmd.done, found)))
+
+    def _take_kv_snapshot(self, engine: Engine, cmd: _KvSnapshot) -> None:
+        # Events first, then the snapshot's resolution, both straight onto the
+        # loop (not via _pending): callbacks run in order, so cmd.position()
+        # sees exactly the events that precede the snapshot.
+        try:
+            events = engine.drain_kv_events()
+            hashes = tuple(engine.block_manager.cached_block_hashes())
+            total = engine.load().kv_blocks_total
+        except Exception as exc:
+            logger.exception("KV snapshot failed")
+            self._call(_resolve, cmd.done, None, exc)
+            return
+        if events:
+            self._call(self._on_kv_events, events)
+        self._call(self._finish_kv_snapshot, cmd, hashes, total)
+
+    @staticmethod
+    def _finish_kv_snapshot(cmd: _KvSnapshot, hashes: tuple[int, ...], total: int) -> None:
+        _resolve(cmd.done, KvCacheSnapshot(cmd.position(), hashes, total))
 
     def _step(self, engine: Engine) -> None:
         try:

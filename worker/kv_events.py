@@ -1,7 +1,9 @@
 """Numbers a worker's KV-cache events and fans them out to StreamKvEvents subscribers.
 
 Identifiers: ``event_id`` is per worker, starts at 1 with each publisher (one
-per engine start) and increases by one per event. The last ``capacity``
+per engine start) and increases by one per event. ``epoch`` is a random
+token per publisher naming that numbering, so a subscriber can tell a
+restarted worker (ids from 1 again) from the one it followed. The last ``capacity``
 events stay in a ring buffer, so a router that lost its stream resumes with
 ``after_event_id`` = the last id it applied and misses nothing.
 
@@ -9,7 +11,8 @@ Resync contract: a subscriber asking to resume from a position outside the
 retained window gets ``EventsUnavailableError``, which the servicer turns into
 ``OUT_OF_RANGE``. It happens when the id is older than the buffer (events were
 dropped while the subscriber was away or too slow) or newer than the last
-event (the worker restarted and numbers from 1 again). Either way the
+event (the worker restarted and numbers from 1 again), or when the
+subscriber names an epoch that is not this publisher's. Either way the
 subscriber's view of this worker is stale: it must drop what it knows of this
 worker's blocks and subscribe again with ``after_event_id=0``. OUT_OF_RANGE,
 not FAILED_PRECONDITION, because the fault is the requested position, which no
@@ -29,6 +32,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import secrets
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterable
 
@@ -56,6 +60,8 @@ class KvEventPublisher:
         self._buffer: collections.deque[NumberedEvent] = collections.deque(maxlen=capacity)
         self._max_batch = max_batch
         self._next_id = 1
+        self.epoch = secrets.token_hex(8)
+        """This publisher's numbering (KvSnapshot.epoch); new on every engine start."""
         self._wakeup = asyncio.Event()
         self._closed = False
         self._subscribers = 0
@@ -76,15 +82,20 @@ class KvEventPublisher:
             self._next_id += 1
         self._wake()
 
-    def subscribe(self, after_event_id: int) -> AsyncIterator[list[NumberedEvent]]:
+    def subscribe(self, after_event_id: int, epoch: str = "") -> AsyncIterator[list[NumberedEvent]]:
         """Batches of events with ids > ``after_event_id``, oldest first, forever.
 
         ``after_event_id=0`` starts at the next event. The position is fixed
         now, so events published before the first iteration are not missed.
         Raises ``EventsUnavailableError`` now if the position is not
-        retained, or later if this subscriber falls ``capacity`` events
-        behind. The iterator ends after ``close()``.
+        retained or ``epoch`` (when given) is not this publisher's, or later
+        if this subscriber falls ``capacity`` events behind. The iterator
+        ends after ``close()``.
         """
+        if epoch and epoch != self.epoch:
+            raise EventsUnavailableError(
+                f"event epoch {epoch!r} is not this worker's ({self.epoch!r}): it restarted since; "
+                f"resync: drop this worker's blocks, fetch GetKvSnapshot and resume after its last_event_id")
         return self._follow(self._start_position(after_event_id))
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ import functools
 import logging
 import random
 import signal
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,11 +30,15 @@ from grpc_reflection.v1alpha import reflection
 
 from kvmesh.v1 import registry_pb2, registry_pb2_grpc, worker_pb2, worker_pb2_grpc
 from worker.config import WorkerConfig
-from worker.convert import kv_batch_to_pb, load_to_pb, model_info_to_pb, output_to_pb, request_from_pb
+from worker.convert import (kv_batch_to_pb, kv_snapshot_to_pb, load_to_pb, model_info_to_pb, output_to_pb,
+                            request_from_pb)
 from worker.engine.config import EngineConfig
 from worker.engine.types import FinishReason
 from worker.engine_loop import Engine, EngineLoop, EngineLoopClosed
 from worker.kv_events import EventsUnavailableError, KvEventPublisher
+
+if TYPE_CHECKING:
+    from worker.redis_link import RedisLink
 
 logger = logging.getLogger(__name__)
 
@@ -132,11 +136,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     @_streaming
     async def StreamKvEvents(self, request, context):
         start_after = request.after_event_id or self._events.last_event_id
-        batches = self._events.subscribe(request.after_event_id)
+        batches = self._events.subscribe(request.after_event_id, request.epoch)
         async with contextlib.aclosing(batches):
             await context.send_initial_metadata(((START_AFTER_METADATA_KEY, str(start_after)),))
             async for batch in batches:
                 yield kv_batch_to_pb(batch)
+
+    @_unary
+    async def GetKvSnapshot(self, request, context):
+        snapshot = await self._engine.kv_snapshot(lambda: self._events.last_event_id)
+        return kv_snapshot_to_pb(snapshot, self._events.epoch)
 
 
 class RouterLink:
@@ -246,7 +255,7 @@ class WorkerServer:
         self.engine = EngineLoop(engine_factory or functools.partial(_build_engine, config.engine),
                                  self.events.publish)
         self.health = health.aio.HealthServicer()
-        self.router: RouterLink | None = None
+        self.router: RouterLink | RedisLink | None = None
         self.port = 0
         self.address = ""
         self._server: grpc.aio.Server | None = None
@@ -283,7 +292,11 @@ class WorkerServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         logger.info("worker %s serving %s on %s:%d (advertised as %s)",
                     cfg.worker_id, model.summary.name, cfg.host, self.port, self.address)
-        if cfg.router_address:
+        if cfg.discovery == "redis":
+            from worker.redis_link import RedisLink  # needs the redis package only when used
+            self.router = RedisLink(cfg, self.address, model.summary.name, self.load_report, self.events)
+            self.router.start()
+        elif cfg.router_address:
             self.router = RouterLink(cfg, self.address, model.summary.name, self.load_report)
             self.router.start()
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvmesh.v1 import worker_pb2 as kvmesh_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvmesh/v1/registry.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/worker.proto\"D\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"0\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x02\"J\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.kvmesh.v1.LoadReport\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse2\xe2\x01\n\x08Registry\x12\x43\n\x08Register\x12\x1a.kvmesh.v1.RegisterRequest\x1a\x1b.kvmesh.v1.RegisterResponse\x12\x46\n\tHeartbeat\x12\x1b.kvmesh.v1.HeartbeatRequest\x1a\x1c.kvmesh.v1.HeartbeatResponse\x12I\n\nDeregister\x12\x1c.kvmesh.v1.DeregisterRequest\x1a\x1d.kvmesh.v1.DeregisterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvmesh/v1/registry.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/worker.proto\"D\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"0\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x02\"J\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.kvmesh.v1.LoadReport\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"\xb7\x01\n\x0cWorkerRecord\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12#\n\x04load\x18\x04 \x01(\x0b\x32\x15.kvmesh.v1.LoadReport\x12\x16\n\x0ekv_event_epoch\x18\x05 \x01(\t\x12\x19\n\x11heartbeat_unix_ms\x18\x06 \x01(\x04\x12\x1c\n\x14heartbeat_interval_s\x18\x07 \x01(\x02\x32\xe2\x01\n\x08Registry\x12\x43\n\x08Register\x12\x1a.kvmesh.v1.RegisterRequest\x1a\x1b.kvmesh.v1.RegisterResponse\x12\x46\n\tHeartbeat\x12\x1b.kvmesh.v1.HeartbeatRequest\x1a\x1c.kvmesh.v1.HeartbeatResponse\x12I\n\nDeregister\x12\x1c.kvmesh.v1.DeregisterRequest\x1a\x1d.kvmesh.v1.DeregisterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,6 +44,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEREGISTERREQUEST']._serialized_end=333
   _globals['_DEREGISTERRESPONSE']._serialized_start=335
   _globals['_DEREGISTERRESPONSE']._serialized_end=355
-  _globals['_REGISTRY']._serialized_start=358
-  _globals['_REGISTRY']._serialized_end=584
+  _globals['_WORKERRECORD']._serialized_start=358
+  _globals['_WORKERRECORD']._serialized_end=541
+  _globals['_REGISTRY']._serialized_start=544
+  _globals['_REGISTRY']._serialized_end=770
 # @@protoc_insertion_point(module_scope)

@@ -45,3 +45,21 @@ class DeregisterRequest(_message.Message):
 class DeregisterResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class WorkerRecord(_message.Message):
+    __slots__ = ("worker_id", "address", "model", "load", "kv_event_epoch", "heartbeat_unix_ms", "heartbeat_interval_s")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    KV_EVENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    address: str
+    model: str
+    load: _worker_pb2.LoadReport
+    kv_event_epoch: str
+    heartbeat_unix_ms: int
+    heartbeat_interval_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., load: _Optional[_Union[_worker_pb2.LoadReport, _Mapping]] = ..., kv_event_epoch: _Optional[str] = ..., heartbeat_unix_ms: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...

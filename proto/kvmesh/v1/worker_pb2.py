@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvmesh.v1 import common_pb2 as kvmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvmesh/v1/worker.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"~\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\"\xa7\x01\n\x0eSubmitResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12$\n\x08logprobs\x18\x02 \x03(\x0b\x32\x12.kvmesh.v1.Logprob\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.kvmesh.v1.FinishReason\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\"(\n\x12WorkerAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"$\n\x13WorkerAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\xd8\x01\n\nLoadReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x1e\n\x16waiting_prefill_tokens\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\r\x12\x18\n\x10kv_blocks_cached\x18\x07 \x01(\r\x12\x10\n\x08kv_usage\x18\x08 \x01(\x02\x12\x10\n\x08\x64raining\x18\t \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xed\x01\n\tModelInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x16\n\x0etokenizer_json\x18\x06 \x01(\t\x12\x15\n\rchat_template\x18\x07 \x01(\t\x12\x11\n\tbos_token\x18\x08 \x01(\t\x12\x11\n\teos_token\x18\t \x01(\t\x12\x12\n\nvocab_size\x18\n \x01(\r\x12\x13\n\x0bhash_scheme\x18\x0b \x01(\t\"/\n\x15StreamKvEventsRequest\x12\x16\n\x0e\x61\x66ter_event_id\x18\x01 \x01(\x04\"2\n\x0cKvEventBatch\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.kvmesh.v1.KvEvent\"\xa9\x01\n\x07KvEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x04\x12(\n\x06stored\x18\x02 \x01(\x0b\x32\x16.kvmesh.v1.BlockStoredH\x00\x12*\n\x07removed\x18\x03 \x01(\x0b\x32\x17.kvmesh.v1.BlockRemovedH\x00\x12.\n\x07\x63leared\x18\x04 \x01(\x0b\x32\x1b.kvmesh.v1.AllBlocksClearedH\x00\x42\x06\n\x04kind\"\x80\x01\n\x0b\x42lockStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\x12\x1e\n\x11parent_block_hash\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\nblock_size\x18\x04 \x01(\rB\x14\n\x12_parent_block_hash\"$\n\x0c\x42lockRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\"\x12\n\x10\x41llBlocksCleared2\xe3\x02\n\x06Worker\x12?\n\x06Submit\x12\x18.kvmesh.v1.SubmitRequest\x1a\x19.kvmesh.v1.SubmitResponse0\x01\x12\x46\n\x05\x41\x62ort\x12\x1d.kvmesh.v1.WorkerAbortRequest\x1a\x1e.kvmesh.v1.WorkerAbortResponse\x12;\n\x07GetLoad\x12\x19.kvmesh.v1.GetLoadRequest\x1a\x15.kvmesh.v1.LoadReport\x12\x44\n\x0cGetModelInfo\x12\x1e.kvmesh.v1.GetModelInfoRequest\x1a\x14.kvmesh.v1.ModelInfo\x12M\n\x0eStreamKvEvents\x12 .kvmesh.v1.StreamKvEventsRequest\x1a\x17.kvmesh.v1.KvEventBatch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvmesh/v1/worker.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"~\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\"\xa7\x01\n\x0eSubmitResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12$\n\x08logprobs\x18\x02 \x03(\x0b\x32\x12.kvmesh.v1.Logprob\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.kvmesh.v1.FinishReason\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\"(\n\x12WorkerAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"$\n\x13WorkerAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\xd8\x01\n\nLoadReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x1e\n\x16waiting_prefill_tokens\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\r\x12\x18\n\x10kv_blocks_cached\x18\x07 \x01(\r\x12\x10\n\x08kv_usage\x18\x08 \x01(\x02\x12\x10\n\x08\x64raining\x18\t \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xed\x01\n\tModelInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x16\n\x0etokenizer_json\x18\x06 \x01(\t\x12\x15\n\rchat_template\x18\x07 \x01(\t\x12\x11\n\tbos_token\x18\x08 \x01(\t\x12\x11\n\teos_token\x18\t \x01(\t\x12\x12\n\nvocab_size\x18\n \x01(\r\x12\x13\n\x0bhash_scheme\x18\x0b \x01(\t\">\n\x15StreamKvEventsRequest\x12\x16\n\x0e\x61\x66ter_event_id\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\t\"2\n\x0cKvEventBatch\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.kvmesh.v1.KvEvent\"\xa9\x01\n\x07KvEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x04\x12(\n\x06stored\x18\x02 \x01(\x0b\x32\x16.kvmesh.v1.BlockStoredH\x00\x12*\n\x07removed\x18\x03 \x01(\x0b\x32\x17.kvmesh.v1.BlockRemovedH\x00\x12.\n\x07\x63leared\x18\x04 \x01(\x0b\x32\x1b.kvmesh.v1.AllBlocksClearedH\x00\x42\x06\n\x04kind\"\x80\x01\n\x0b\x42lockStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\x12\x1e\n\x11parent_block_hash\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\nblock_size\x18\x04 \x01(\rB\x14\n\x12_parent_block_hash\"$\n\x0c\x42lockRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\"\x12\n\x10\x41llBlocksCleared\"\x16\n\x14GetKvSnapshotRequest\"a\n\nKvSnapshot\x12\x15\n\rlast_event_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x04\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\t2\xac\x03\n\x06Worker\x12?\n\x06Submit\x12\x18.kvmesh.v1.SubmitRequest\x1a\x19.kvmesh.v1.SubmitResponse0\x01\x12\x46\n\x05\x41\x62ort\x12\x1d.kvmesh.v1.WorkerAbortRequest\x1a\x1e.kvmesh.v1.WorkerAbortResponse\x12;\n\x07GetLoad\x12\x19.kvmesh.v1.GetLoadRequest\x1a\x15.kvmesh.v1.LoadReport\x12\x44\n\x0cGetModelInfo\x12\x1e.kvmesh.v1.GetModelInfoRequest\x1a\x14.kvmesh.v1.ModelInfo\x12M\n\x0eStreamKvEvents\x12 .kvmesh.v1.StreamKvEventsRequest\x1a\x17.kvmesh.v1.KvEventBatch0\x01\x12G\n\rGetKvSnapshot\x12\x1f.kvmesh.v1.GetKvSnapshotRequest\x1a\x15.kvmesh.v1.KvSnapshotb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,17 +49,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO']._serialized_start=700
   _globals['_MODELINFO']._serialized_end=937
   _globals['_STREAMKVEVENTSREQUEST']._serialized_start=939
-  _globals['_STREAMKVEVENTSREQUEST']._serialized_end=986
-  _globals['_KVEVENTBATCH']._serialized_start=988
-  _globals['_KVEVENTBATCH']._serialized_end=1038
-  _globals['_KVEVENT']._serialized_start=1041
-  _globals['_KVEVENT']._serialized_end=1210
-  _globals['_BLOCKSTORED']._serialized_start=1213
-  _globals['_BLOCKSTORED']._serialized_end=1341
-  _globals['_BLOCKREMOVED']._serialized_start=1343
-  _globals['_BLOCKREMOVED']._serialized_end=1379
-  _globals['_ALLBLOCKSCLEARED']._serialized_start=1381
-  _globals['_ALLBLOCKSCLEARED']._serialized_end=1399
-  _globals['_WORKER']._serialized_start=1402
-  _globals['_WORKER']._serialized_end=1757
+  _globals['_STREAMKVEVENTSREQUEST']._serialized_end=1001
+  _globals['_KVEVENTBATCH']._serialized_start=1003
+  _globals['_KVEVENTBATCH']._serialized_end=1053
+  _globals['_KVEVENT']._serialized_start=1056
+  _globals['_KVEVENT']._serialized_end=1225
+  _globals['_BLOCKSTORED']._serialized_start=1228
+  _globals['_BLOCKSTORED']._serialized_end=1356
+  _globals['_BLOCKREMOVED']._serialized_start=1358
+  _globals['_BLOCKREMOVED']._serialized_end=1394
+  _globals['_ALLBLOCKSCLEARED']._serialized_start=1396
+  _globals['_ALLBLOCKSCLEARED']._serialized_end=1414
+  _globals['_GETKVSNAPSHOTREQUEST']._serialized_start=1416
+  _globals['_GETKVSNAPSHOTREQUEST']._serialized_end=1438
+  _globals['_KVSNAPSHOT']._serialized_start=1440
+  _globals['_KVSNAPSHOT']._serialized_end=1537
+  _globals['_WORKER']._serialized_start=1540
+  _globals['_WORKER']._serialized_end=1968
 # @@protoc_insertion_point(module_scope)

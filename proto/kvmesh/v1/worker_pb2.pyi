@@ -102,10 +102,12 @@ class ModelInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_json: _Optional[str] = ..., chat_template: _Optional[str] = ..., bos_token: _Optional[str] = ..., eos_token: _Optional[str] = ..., vocab_size: _Optional[int] = ..., hash_scheme: _Optional[str] = ...) -> None: ...
 
 class StreamKvEventsRequest(_message.Message):
-    __slots__ = ("after_event_id",)
+    __slots__ = ("after_event_id", "epoch")
     AFTER_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     after_event_id: int
-    def __init__(self, after_event_id: _Optional[int] = ...) -> None: ...
+    epoch: str
+    def __init__(self, after_event_id: _Optional[int] = ..., epoch: _Optional[str] = ...) -> None: ...
 
 class KvEventBatch(_message.Message):
     __slots__ = ("events",)
@@ -146,3 +148,19 @@ class BlockRemoved(_message.Message):
 class AllBlocksCleared(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class GetKvSnapshotRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KvSnapshot(_message.Message):
+    __slots__ = ("last_event_id", "block_hashes", "kv_blocks_total", "epoch")
+    LAST_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    last_event_id: int
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    kv_blocks_total: int
+    epoch: str
+    def __init__(self, last_event_id: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ..., kv_blocks_total: _Optional[int] = ..., epoch: _Optional[str] = ...) -> None: ...

@@ -59,6 +59,11 @@ class WorkerStub:
                 request_serializer=kvmesh_dot_v1_dot_worker__pb2.StreamKvEventsRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_worker__pb2.KvEventBatch.FromString,
                 _registered_method=True)
+        self.GetKvSnapshot = channel.unary_unary(
+                '/kvmesh.v1.Worker/GetKvSnapshot',
+                request_serializer=kvmesh_dot_v1_dot_worker__pb2.GetKvSnapshotRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_worker__pb2.KvSnapshot.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -96,6 +101,19 @@ class WorkerServicer:
 
     def StreamKvEvents(self, request, context):
         """KV-cache events as they happen, starting after `after_event_id`.
+        Fails with OUT_OF_RANGE when that position is not retained, or when
+        `epoch` names an earlier run of the worker: the caller must resync from
+        GetKvSnapshot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKvSnapshot(self, request, context):
+        """The worker's whole prefix cache at one instant, with the id of the last
+        KV event it reflects, taken on the engine thread between two steps. A
+        router (re)builds its view of this worker from it, then applies the
+        events after `last_event_id` (from StreamKvEvents or Redis).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +146,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.StreamKvEvents,
                     request_deserializer=kvmesh_dot_v1_dot_worker__pb2.StreamKvEventsRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_worker__pb2.KvEventBatch.SerializeToString,
+            ),
+            'GetKvSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKvSnapshot,
+                    request_deserializer=kvmesh_dot_v1_dot_worker__pb2.GetKvSnapshotRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_worker__pb2.KvSnapshot.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +288,33 @@ class Worker:
             '/kvmesh.v1.Worker/StreamKvEvents',
             kvmesh_dot_v1_dot_worker__pb2.StreamKvEventsRequest.SerializeToString,
             kvmesh_dot_v1_dot_worker__pb2.KvEventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKvSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.v1.Worker/GetKvSnapshot',
+            kvmesh_dot_v1_dot_worker__pb2.GetKvSnapshotRequest.SerializeToString,
+            kvmesh_dot_v1_dot_worker__pb2.KvSnapshot.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,360 @@
+"""KV-aware placement as pure state machines: the ``kv`` policy's formula and its
+guards, the router's load ledger, and the prefix indexes against brute force.
+No servers (the cluster tests are in test_kv_routing_cluster.py)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from kvstore.hashing import CachedBlockHasher, HashNamespace, block_hashes
+from kvstore.index import PrefixIndex, RecentPrefixes, WorkerSlots
+from orchestrator.load_ledger import LoadLedger
+from orchestrator.kv_state import KvSettings, KvState
+from orchestrator.placement import KvAware, RandomChoice, RequestView, RoundRobin, make_policy
+from orchestrator.workers import WorkerHandle, WorkerLoad
+
+BS = 4
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def handle(worker_id: str, **load) -> WorkerHandle:
+    w = WorkerHandle(worker_id, f"{worker_id}:1", "m", channel=None, stub=None)
+    w.load = WorkerLoad(**load)
+    return w
+
+
+def view(tokens: list[int], rid: str = "r", salt: str = "") -> RequestView:
+    return RequestView(rid, "m", tokens, salt, BS)
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(1000) for _ in range(n)]
+
+
+class Cluster:
+    """A KvState + KvAware over hand-made handles; requests "run" until ``finish``."""
+
+    def __init__(self, names: str = "abcd", **settings) -> None:
+        self.clock = Clock()
+        self.kv = KvState(KvSettings(**settings), clock=self.clock)
+        self.running: set[str] = set()
+        self.kv.ledger.bind(self.running.__contains__)
+        self.policy = KvAware(self.kv, rng=random.Random(0))
+        self.workers = [handle(n) for n in names]
+        self.by_id = {w.worker_id: w for w in self.workers}
+        self._ids = iter(range(10**9))
+        for w in self.workers:
+            self.kv.index.add_worker(w.worker_id, 10_000)
+
+    def cache(self, worker_id: str, prompt: list[int], salt: str = "") -> None:
+        hashes = self.kv.prompt_hashes(view(prompt, salt=salt))
+        index = self.kv.index
+        index.apply_stored(worker_id, index.last_event_id(worker_id) + 1, hashes)
+
+    def place(self, prompt: list[int]) -> str:
+        rid = f"r{next(self._ids)}"
+        w = self.policy.choose(view(prompt, rid), self.workers)
+        self.running.add(rid)
+        w.in_flight += 1          # what Router._submit does right after placement
+        return w.worker_id
+
+    def finish_all(self) -> None:
+        self.running.clear()
+        for w in self.workers:
+            w.in_flight = 0       # Router._submit's finally
+
+    def explain(self, prompt: list[int]):
+        return self.policy.explain(view(prompt, "dry"), self.workers)
+
+
+# --- the formula -------------------------------------------------------------------------------------
+
+def test_cached_hasher_equals_block_hashes():
+    rng = random.Random(0)
+    hasher = CachedBlockHasher(segment_blocks=4, max_segments=6)      # small: evictions happen
+    shared = tokens(50, 100)
+    for i in range(120):
+        bs = rng.choice([1, 4, 16])
+        prompt = shared[: rng.randrange(0, 101)] + tokens(i, rng.randrange(0, 90))
+        ns = HashNamespace(model=rng.choice(["m", "n"]), cache_salt=rng.choice(["", "s"]))
+        assert hasher(prompt, bs, ns) == block_hashes(prompt, bs, ns)
+    assert hasher.hits > 0 and hasher.misses > 0 and len(hasher._memo) <= 6
+
+
+def test_router_hashes_like_the_engine():
+    kv = KvState()
+    prompt = tokens(1, 37)
+    for salt in ("", "tenant-1"):
+        assert kv.prompt_hashes(RequestView("r", "m", prompt, salt, BS)) == \
+            block_hashes(prompt, BS, HashNamespace(model="m", cache_salt=salt))
+    assert kv.prompt_hashes(view(prompt)) != kv.prompt_hashes(view(prompt, salt="x"))
+
+
+def test_prefers_the_worker_holding_the_prefix_and_reports_the_terms():
+    c = Cluster()
+    prompt = tokens(2, 40)                     # 10 blocks; at most 9 reusable
+    c.cache("b", prompt[:32])                  # 8 blocks
+    c.cache("c", prompt)                       # all 10, counted as 9
+    d = c.explain(prompt)
+    scores = {s.worker_id: s for s in d.scores}
+    assert d.chosen.worker_id == "c"
+    assert (scores["c"].cached_blocks, scores["c"].overlap_blocks, scores["c"].cost) == (10, 9, 1.0)
+    assert (scores["b"].overlap_blocks, scores["b"].cost) == (8, 2.0)
+    assert (scores["a"].overlap_blocks, scores["a"].cost) == (0, 10.0)
+    assert [s.worker_id for s in d.scores][:2] == ["c", "b"] and d.formula.startswith("cost = 1 * prefill")
+    assert c.place(prompt) == "c"
+
+
+def test_a_salted_prompt_does_not_match_another_namespace():
+    c = Cluster()
+    prompt = tokens(3, 40)
+    c.cache("b", prompt, salt="tenant-a")
+    assert {s.worker_id: s.overlap_blocks for s in c.explain(prompt).scores}["b"] == 0
+
+
+def test_load_beats_cache_affinity_under_skew():
+    """The hot-spotting guard: a worker holding the whole prompt loses once its decode
+    load exceeds an idle worker's by prefill_weight/decode_weight prompts."""
+    prompt = tokens(4, 40)
+    c = Cluster("ab")
+    c.cache("b", prompt)
+    c.by_id["b"].load = WorkerLoad(kv_blocks_used=20)        # 2 prompts' worth (reported)
+    assert c.explain(prompt).chosen.worker_id == "b"         # 1 + 0.25 * 20 = 6 < 10
+    c.by_id["b"].load = WorkerLoad(kv_blocks_used=60)
+    d = c.explain(prompt)
+    assert d.chosen.worker_id == "a"                          # 1 + 0.25 * 60 = 16 > 10
+    assert {s.worker_id: s.decode_blocks for s in d.scores} == {"a": 0, "b": 60}
+
+
+def test_one_hot_prefix_spreads_instead_of_piling_on_its_worker():
+    c = Cluster()
+    shared = tokens(5, 128)                                  # 32 blocks, cached on a only
+    c.cache("a", shared)
+    placed = [c.place(shared + tokens(100 + i, 16)) for i in range(24)]    # none finishes
+    counts = {w: placed.count(w) for w in "abcd"}
+    assert placed[0] == "a"
+    assert all(counts[w] >= 4 for w in "abcd"), counts      # the load term spread them
+    assert max(counts.values()) <= 9, counts
+
+
+def test_a_burst_sharing_a_new_prefix_lands_together_before_any_kv_event():
+    prefix = tokens(6, 64)                                   # 16 new blocks, cached nowhere
+    burst = [prefix + tokens(200 + i, 4) for i in range(3)]
+    c = Cluster()
+    assert len({c.place(p) for p in burst}) == 1             # predicted from its own placements
+    blind = Cluster(predict_ttl_s=0)
+    assert len({blind.place(p) for p in burst}) == 3         # without prediction they scatter
+
+
+def test_predictions_expire_and_events_take_over():
+    prefix = tokens(7, 64)
+    c = Cluster()
+    first = c.place(prefix + [1, 2, 3, 4])
+    c.clock.now += 6                                         # past predict_ttl_s (5 s)
+    c.finish_all()                                           # ... and the request finished
+    d = c.explain(prefix + [5, 6, 7, 8])
+    assert all(s.predicted_blocks == 0 for s in d.scores)
+    c.cache(first, prefix)                                   # the worker's stored event arrives
+    assert c.explain(prefix + [5, 6, 7, 8]).chosen.worker_id == first
+
+
+def test_finished_requests_stop_counting_as_load():
+    c = Cluster("ab")
+    prompt = tokens(8, 40)
+    assert c.place(prompt) == "a"
+    d = {s.worker_id: s for s in c.explain(tokens(9, 40)).scores}
+    assert (d["a"].prefill_blocks, d["a"].decode_blocks) == (20, 10)      # queued 10 + own 10
+    c.finish_all()
+    d = {s.worker_id: s for s in c.explain(tokens(9, 40)).scores}
+    assert (d["a"].prefill_blocks, d["a"].decode_blocks) == (10, 0)
+
+
+def test_temperature_samples_a_softmax_over_normalized_costs():
+    c = Cluster("ab", temperature=0.5, predict_ttl_s=0)
+    prompt = tokens(10, 40)
+    c.cache("b", prompt[:20])                                # costs: a 10, b 5 -> normalized 1, 0
+    d = c.explain(prompt)
+    p = {s.worker_id: s.probability for s in d.scores}
+    expected_b = 1 / (1 + math.exp(-1 / 0.5))
+    assert p["b"] == pytest.approx(expected_b) and p["a"] == pytest.approx(1 - expected_b)
+    picks = []
+    for i in range(600):
+        picks.append(c.policy.choose(view(prompt, f"t{i}"), c.workers).worker_id)   # never running: no load
+    assert abs(picks.count("b") / 600 - expected_b) < 0.06
+
+
+def test_explain_records_nothing_and_agrees_with_the_next_choice():
+    c = Cluster()
+    prompt = tokens(11, 40)
+    first = c.explain(prompt)
+    assert c.explain(prompt).chosen is first.chosen
+    assert c.kv.ledger.num_leases() == 0 and c.kv.recent.num_entries() == 0
+    assert c.place(prompt) == first.chosen.worker_id
+    for policy in (RoundRobin(c.kv), RandomChoice(c.kv, random.Random(3))):
+        expected = policy.explain(view(prompt), c.workers).chosen
+        assert policy.choose(view(prompt), c.workers) is expected
+
+
+def test_a_single_candidate_skips_hashing(monkeypatch):
+    c = Cluster("a")
+    monkeypatch.setattr(c.kv, "prompt_hashes", lambda request: pytest.fail("hashed with one candidate"))
+    assert c.place(tokens(12, 40)) == "a"
+    assert c.kv.ledger.own_load(c.by_id["a"], c.clock()).decode_blocks == 10
+
+
+def test_unknown_settings_fail_with_the_field_name():
+    with pytest.raises(ValueError, match="decode_weight"):
+        KvSettings(decode_weight=-1)
+    with pytest.raises(ValueError, match="fastest"):
+        make_policy("fastest")
+
+
+# --- the load ledger ----------------------------------------------------------------------------------------
+
+def test_ledger_prefill_ends_on_the_stored_event_of_the_last_prompt_block_or_a_timeout():
+    running = {"r1", "r2"}
+    ledger = LoadLedger(prefill_timeout_s=10, is_running=running.__contains__)
+    w = handle("w")
+    w.in_flight = 2
+    ledger.add("w", "r1", blocks=10, prefill_blocks=6, done_hash=111, now=0)
+    ledger.add("w", "r2", blocks=4, prefill_blocks=4, done_hash=None, now=5)
+    assert ledger.own_load(w, 1) == (10, 14)
+    ledger.on_stored("w", [999, 111])
+    assert ledger.own_load(w, 1) == (4, 14)
+    assert ledger.own_load(w, 15.5) == (0, 14)              # r2 timed out of prefill
+    running.discard("r1")
+    w.in_flight = 1
+    assert ledger.own_load(w, 16) == (0, 4)
+
+
+def test_ledger_a_retry_moves_the_lease():
+    ledger = LoadLedger(is_running=lambda rid: True)
+    a, b = handle("a"), handle("b")
+    ledger.add("a", "r", blocks=5, prefill_blocks=5, done_hash=7, now=0)
+    ledger.add("b", "r", blocks=5, prefill_blocks=2, done_hash=7, now=1)
+    a.in_flight, b.in_flight = 0, 1
+    assert ledger.own_load(a, 1) == (0, 0) and ledger.own_load(b, 1) == (2, 5)
+    ledger.drop_worker("b")
+    assert ledger.num_leases() == 0
+
+
+# --- the indexes against brute force ----------------------------------------------------------------------
+
+def brute_overlaps(sets: dict[str, set[int]], hashes: list[int]) -> dict[str, int]:
+    out = {}
+    for w, held in sets.items():
+        n = 0
+        while n < len(hashes) and hashes[n] in held:
+            n += 1
+        if n:
+            out[w] = n
+    return out
+
+
+def test_prefix_index_beyond_64_workers_with_slot_reuse():
+    rng = random.Random(0)
+    chains = [block_hashes(tokens(i, 64), 4) for i in range(6)]
+    index, sets = PrefixIndex(), {}
+    for i in range(70):
+        index.add_worker(f"w{i}", 1000)
+        sets[f"w{i}"] = set()
+    for step in range(400):
+        w = f"w{rng.randrange(70)}"
+        if step % 37 == 0:                                  # leave and rejoin: the slot is reused
+            index.remove_worker(w)
+            index.add_worker(w, 1000)
+            sets[w] = set()
+            continue
+        chain = rng.choice(chains)
+        cut = rng.randrange(1, len(chain) + 1)
+        index.apply_stored(w, index.last_event_id(w) + 1, chain[:cut])
+        sets[w].update(chain[:cut])
+        for probe in chains:
+            assert index.overlaps(probe) == brute_overlaps(sets, probe)
+    assert index.blocks_of("w3") == frozenset(sets["w3"])
+
+
+def test_one_walk_over_events_and_predictions_matches_brute_force():
+    """overlaps_with: (cached, cached-or-predicted) depths, predictions recorded only past
+    the blocks a worker already holds, as the kv policy records them."""
+    rng = random.Random(7)
+    chains = [block_hashes(tokens(300 + i, 48), 4) for i in range(6)]
+    slots = WorkerSlots()
+    index, recent = PrefixIndex(slots), RecentPrefixes(ttl_s=3.0, slots=slots)
+    held: dict[str, set[int]] = {w: set() for w in "abcd"}
+    routes: list[tuple[float, str, list[int]]] = []
+    for w in "abcd":
+        index.add_worker(w, 10_000)
+    now = 0.0
+    for _ in range(300):
+        now += rng.random() * 0.5
+        w, chain = rng.choice("abcd"), rng.choice(chains)
+        cut = chain[: rng.randrange(1, len(chain) + 1)]
+        if rng.random() < 0.5:
+            index.apply_stored(w, index.last_event_id(w) + 1, cut)
+            held[w].update(cut)
+        else:                                 # as the kv policy records: past what w holds or will hold
+            _, both = index.overlaps_with(recent, cut, now)
+            recent.record(w, cut[both.get(w, 0):], now)
+            routes.append((now + 3.0, w, cut[both.get(w, 0):]))
+        probe = rng.choice(chains)
+        either = {x: set(held[x]) for x in "abcd"}
+        for expires, x, hs in routes:
+            if expires > now:
+                either[x].update(hs)
+        cached, both = index.overlaps_with(recent, probe, now)
+        assert cached == brute_overlaps(held, probe)
+        assert both == brute_overlaps(either, probe)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_recent_prefixes_match_a_set_model_with_expiry(seed):
+    """The bitmask walk against plain sets: a placement adds its blocks to its worker's
+    set, its expiry (or the worker leaving) removes them."""
+    rng = random.Random(seed)
+    chains = [block_hashes(tokens(seed * 100 + i, 48), 4) for i in range(8)]
+    recent = RecentPrefixes(ttl_s=5.0, max_entries=10**6)
+    routes: list[tuple[float, str, list[int]]] = []
+    sets: dict[str, set[int]] = {w: set() for w in "abc"}
+    now = 0.0
+    for _ in range(300):
+        now += rng.random()
+        while routes and routes[0][0] <= now:
+            _, w, cut = routes.pop(0)
+            sets[w].difference_update(cut)
+        if rng.random() < 0.6:
+            w, chain = rng.choice("abc"), rng.choice(chains)
+            cut = chain[: rng.randrange(1, len(chain) + 1)]
+            if rng.random() < 0.8:                            # usually past what is already predicted
+                cut = cut[recent.overlaps(cut, now).get(w, 0):]
+            recent.record(w, cut, now)
+            routes.append((now + 5.0, w, cut))
+            sets[w].update(cut)
+        elif rng.random() < 0.05:
+            w = rng.choice("abc")
+            recent.remove_worker(w)
+            routes = [r for r in routes if r[1] != w]
+            sets[w].clear()
+        probe = rng.choice(chains)
+        assert recent.overlaps(probe, now) == brute_overlaps(sets, probe)
+    assert recent.num_entries() == sum(len(c) for _, _, c in routes)
+
+
+def test_recent_prefixes_memory_is_capped():
+    recent = RecentPrefixes(ttl_s=60, max_entries=100)
+    for i in range(50):
+        recent.record("a", [i * 1000 + j for j in range(10)], now=float(i))
+    assert recent.num_entries() <= 100
+    assert recent.overlaps([49_000], now=50.0) == {"a": 1}     # the newest survive
+    assert recent.overlaps([0], now=50.0) == {}
