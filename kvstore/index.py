@@ -423,6 +423,11 @@ class RecentPrefixes:
 
     def _forget(self, route: _Route) -> None:
         holders, masks, bit = self._holders, self._masks, route.bit
+        get = holders.get
         for h in route.block_hashes:
-            _drop_bit(holders, masks, h, bit)
+            mask = get(h)
+            if mask == bit:                   # the common case, inlined: only this worker predicted it
+                del holders[h]
+            elif mask is not None:
+                _drop_bit(holders, masks, h, bit)
         self._entries -= len(route.block_hashes)

@@ -137,7 +137,7 @@ class KvIndexer:
         self._retry_max_s = retry_max_s
         self._followers: dict[str, _Follower] = {}
         self.synced: set[str] = set()
-        """Workers whose index entries are in step with their events (for tests and dry runs)."""
+        """Workers whose index entries are in step with their events (tests, diagnostics)."""
 
     # --- membership (registry listener) -----------------------------------------------
 
@@ -228,31 +228,38 @@ class KvIndexer:
 
     async def _apply_feed(self, wid: str, feed: EventFeed, epoch: str) -> str:
         """Apply events until the feed ends (returns "") or a gap appears (returns "gap")."""
-        index = self.index
-        applied = self._metrics.kv_events
-        async for batch in feed.events(index.last_event_id(wid), epoch):
-            last = index.last_event_id(wid)
-            for ev in batch:
-                if ev.event_id <= last:
-                    continue
-                kind = ev.WhichOneof("kind")
-                if kind == "stored":
-                    verdict = index.apply_stored(wid, ev.event_id, ev.stored.block_hashes)
-                    if not isinstance(verdict, NeedsResync):
-                        self._on_stored(wid, ev.stored.block_hashes)
-                elif kind == "removed":
-                    verdict = index.apply_removed(wid, ev.event_id, ev.removed.block_hashes)
-                elif kind == "cleared":
-                    verdict = index.apply_cleared(wid, ev.event_id)
-                else:
-                    logger.warning("worker %s: KV event %d of unknown kind; resyncing", wid, ev.event_id)
-                    self.synced.discard(wid)
-                    return "unknown_event"
-                if isinstance(verdict, NeedsResync):
-                    logger.info("worker %s: KV event %d where %d was expected; resyncing",
-                                wid, verdict.got_event_id, verdict.expected_event_id)
-                    self.synced.discard(wid)
-                    return "gap"
-                applied.inc()
-                last = ev.event_id
+        async for batch in feed.events(self.index.last_event_id(wid), epoch):
+            applied, verdict = self._apply_batch(wid, batch)
+            self._metrics.kv_events.inc(applied)
+            if verdict:
+                self.synced.discard(wid)
+                return verdict
         return ""
+
+    def _apply_batch(self, wid: str, batch: list[worker_pb2.KvEvent]) -> tuple[int, str]:
+        """(events applied, "" or why a resync is needed)."""
+        index = self.index
+        last = index.last_event_id(wid)
+        applied = 0
+        for ev in batch:
+            if ev.event_id <= last:          # already in the snapshot (a Redis batch may straddle it)
+                continue
+            kind = ev.WhichOneof("kind")
+            if kind == "stored":
+                verdict = index.apply_stored(wid, ev.event_id, ev.stored.block_hashes)
+                if not isinstance(verdict, NeedsResync):
+                    self._on_stored(wid, ev.stored.block_hashes)
+            elif kind == "removed":
+                verdict = index.apply_removed(wid, ev.event_id, ev.removed.block_hashes)
+            elif kind == "cleared":
+                verdict = index.apply_cleared(wid, ev.event_id)
+            else:
+                logger.warning("worker %s: KV event %d of unknown kind; resyncing", wid, ev.event_id)
+                return applied, "unknown_event"
+            if isinstance(verdict, NeedsResync):
+                logger.info("worker %s: KV event %d where %d was expected; resyncing",
+                            wid, verdict.got_event_id, verdict.expected_event_id)
+                return applied, "gap"
+            applied += 1
+            last = ev.event_id
+        return applied, ""

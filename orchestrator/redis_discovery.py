@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 _REFUSED_RETRY_POLLS = 10
 """A worker the registry refused is tried again after this many polls."""
 _XREAD_BLOCK_MS = 1000
+_REDIS_TIMEOUT_S = 5.0
 _XREAD_COUNT = 256
 
 
@@ -67,7 +68,10 @@ class RedisDiscovery:
         self._url = url
         self.prefix = prefix
         self._poll_interval_s = poll_interval_s
-        self.redis = aioredis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=None)
+        # Every command answers within the timeout, the blocking XREADs included
+        # (they block for _XREAD_BLOCK_MS): a Redis that hangs is an error, not a stall.
+        self.redis = aioredis.Redis.from_url(url, socket_connect_timeout=_REDIS_TIMEOUT_S,
+                                             socket_timeout=_REDIS_TIMEOUT_S)
         self._known: dict[str, _Known] = {}
         self._refused: dict[tuple[str, str], float] = {}      # (worker id, epoch) -> retry at
         self._task: asyncio.Task | None = None

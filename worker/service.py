@@ -10,6 +10,7 @@ EventsUnavailableError     OUT_OF_RANGE           StreamKvEvents resume id not r
 WorkerUnavailable          UNAVAILABLE            draining (retry on another worker)
 EngineLoopClosed           UNAVAILABLE            the engine is stopped
 EngineFailed               INTERNAL               a step raised; the stream's last message says ERROR
+NotImplementedError        UNIMPLEMENTED          GetKvSnapshot on an engine with no prefix cache
 anything else              INTERNAL               a bug; logged with its traceback
 =========================  =====================  =================================
 """
@@ -62,6 +63,7 @@ _STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (WorkerUnavailable, grpc.StatusCode.UNAVAILABLE),
     (EngineLoopClosed, grpc.StatusCode.UNAVAILABLE),
     (EngineFailed, grpc.StatusCode.INTERNAL),
+    (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),
 )
 
 
