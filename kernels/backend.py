@@ -30,6 +30,25 @@ def require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def check_paged_inputs(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor
+) -> tuple[int, int, int, int, int]:
+    """The layout checks every paged-attention launcher needs; returns ``(Hq, D, block_size, Hk, B)``."""
+    require(query.dim() == 3 and query.stride(2) == 1,
+            f"query must be [N, Hq, D] with unit inner stride, got {tuple(query.shape)} {query.stride()}")
+    _, hq, dim = query.shape
+    require(k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.shape[3] == dim,
+            f"caches must be equal [blocks, block_size, Hk, {dim}], got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    block_size, hk = k_cache.shape[1], k_cache.shape[2]
+    require(hq % hk == 0, f"query heads ({hq}) must be a multiple of KV heads ({hk})")
+    require(k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "caches need unit stride along head_dim")
+    require(query.dtype == k_cache.dtype == v_cache.dtype, f"dtypes differ: query {query.dtype}, cache {k_cache.dtype}")
+    require(dim >= 16, f"head_dim must be >= 16, got {dim}")
+    require(block_tables.dim() == 2 and block_tables.dtype in (torch.int32, torch.int64) and block_tables.stride(1) == 1,
+            f"block_tables must be [B, W] int32/int64 with unit inner stride, got {tuple(block_tables.shape)} {block_tables.dtype}")
+    return hq, dim, block_size, hk, block_tables.shape[0]
+
+
 def require_device(*tensors: torch.Tensor) -> None:
     device = tensors[0].device
     for t in tensors:

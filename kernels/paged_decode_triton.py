@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import next_pow2, num_sms, require, require_device
+from kernels.backend import check_paged_inputs, next_pow2, num_sms, require, require_device
 
 MAX_SPLITS = 32
 _LOG2E = 1.4426950408889634
@@ -158,18 +158,7 @@ def paged_decode_attention(
     ``rows`` ``[B]`` int32/int64; caches ``[blocks, block_size, Hk, D]``.
     ``num_splits`` defaults to ``choose_num_splits(B, Hk, W * block_size)``.
     """
-    require(query.dim() == 3 and query.stride(2) == 1, f"query must be [N, Hq, D] with unit inner stride, got {tuple(query.shape)} {query.stride()}")
-    _, hq, dim = query.shape
-    require(k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.shape[3] == dim,
-            f"caches must be equal [blocks, block_size, Hk, {dim}], got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
-    block_size, hk = k_cache.shape[1], k_cache.shape[2]
-    require(hq % hk == 0, f"query heads ({hq}) must be a multiple of KV heads ({hk})")
-    require(k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "caches need unit stride along head_dim")
-    require(query.dtype == k_cache.dtype == v_cache.dtype, f"dtypes differ: query {query.dtype}, cache {k_cache.dtype}")
-    require(dim >= 16, f"head_dim must be >= 16, got {dim}")
-    require(block_tables.dim() == 2 and block_tables.dtype in (torch.int32, torch.int64) and block_tables.stride(1) == 1,
-            f"block_tables must be [B, W] int32/int64 with unit inner stride, got {tuple(block_tables.shape)} {block_tables.dtype}")
-    batch = block_tables.shape[0]
+    hq, dim, block_size, hk, batch = check_paged_inputs(query, k_cache, v_cache, block_tables)
     require(context_lens.shape == (batch,) and context_lens.dtype == torch.int32,
             f"context_lens must be [{batch}] int32, got {tuple(context_lens.shape)} {context_lens.dtype}")
     require(rows.shape == (batch,) and rows.dtype in (torch.int32, torch.int64),

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import next_pow2, require, require_device
+from kernels.backend import check_paged_inputs, next_pow2, require, require_device
 
 _LOG2E = 1.4426950408889634
 
@@ -111,18 +111,7 @@ def paged_prefill_attention(
     ``1 <= query_lens[i] <= context_lens[i]``; ``max_query_len`` bounds
     ``query_lens`` (it sizes the grid). Writes the sequences' rows of ``out``.
     """
-    require(query.dim() == 3 and query.stride(2) == 1, f"query must be [N, Hq, D] with unit inner stride, got {tuple(query.shape)} {query.stride()}")
-    _, hq, dim = query.shape
-    require(k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.shape[3] == dim,
-            f"caches must be equal [blocks, block_size, Hk, {dim}], got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
-    block_size, hk = k_cache.shape[1], k_cache.shape[2]
-    require(hq % hk == 0, f"query heads ({hq}) must be a multiple of KV heads ({hk})")
-    require(k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "caches need unit stride along head_dim")
-    require(query.dtype == k_cache.dtype == v_cache.dtype, f"dtypes differ: query {query.dtype}, cache {k_cache.dtype}")
-    require(dim >= 16, f"head_dim must be >= 16, got {dim}")
-    require(block_tables.dim() == 2 and block_tables.dtype in (torch.int32, torch.int64) and block_tables.stride(1) == 1,
-            f"block_tables must be [B, W] int32/int64 with unit inner stride, got {tuple(block_tables.shape)} {block_tables.dtype}")
-    batch = block_tables.shape[0]
+    hq, dim, block_size, hk, batch = check_paged_inputs(query, k_cache, v_cache, block_tables)
     for name, t in (("query_start", query_start), ("query_lens", query_lens), ("context_lens", context_lens)):
         require(t.shape == (batch,) and t.dtype == torch.int32, f"{name} must be [{batch}] int32, got {tuple(t.shape)} {t.dtype}")
     require(out.shape == query.shape and out.dtype == query.dtype and out.stride(2) == 1,
