@@ -12,7 +12,14 @@ robin does not pin a prefix to one worker by accident), each worker's KV pool
 (``--kv-blocks``) holding about a quarter of them, and a fresh question per
 request.
 
-Usage: python benchmarks/routing_e2e.py [--workers 8] [--policies kv,round_robin] [--out-dir DIR]
+``--workload random`` instead sends prompts with no reuse at all (``--input-len``
+random tokens each, no prefix): the control, where ``kv`` can only balance load
+and must not lose to ``least_loaded``. ``--repeats N`` runs the policies N times,
+interleaved (kv, least_loaded, kv, least_loaded, ...), each run with a fresh
+router and fleet, to show the run-to-run spread.
+
+Usage: python benchmarks/routing_e2e.py [--workers 8] [--policies kv,round_robin]
+           [--workload shared-prefix|random] [--repeats 1] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -63,10 +70,18 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def run_policy(policy: str, args: argparse.Namespace, out_dir: Path) -> dict:
+def run_name(policy: str, args: argparse.Namespace, repeat: int) -> str:
+    name = f"{policy}-{args.workers}mock"
+    if args.workload != "shared-prefix":
+        name += f"-{args.workload}"
+    return name if args.repeats == 1 else f"{name}-r{repeat}"
+
+
+def run_policy(policy: str, args: argparse.Namespace, out_dir: Path, repeat: int = 0) -> dict:
     grpc_port, http_port = free_port(), free_port()
     address = f"127.0.0.1:{grpc_port}"
-    logs = out_dir / f"{policy}.log"
+    name = run_name(policy, args, repeat)
+    logs = out_dir / f"{name}.log"
     with open(logs, "w") as log:
         router = subprocess.Popen(["kvmesh", "router", "--grpc-port", str(grpc_port), "--http-port", str(http_port),
                                    "--policy", policy], stdout=log, stderr=subprocess.STDOUT)
@@ -76,13 +91,16 @@ def run_policy(policy: str, args: argparse.Namespace, out_dir: Path) -> dict:
                                   "--speedup", str(args.speedup)], stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_for_workers(address, args.workers)
-            name = f"{policy}-{args.workers}mock"
-            subprocess.run(["kvmesh", "bench", "--target", address, "--tokenizer", args.model,
-                            "--workload", "shared-prefix", "--num-prefixes", str(args.num_prefixes),
-                            "--prefix-len", str(args.prefix_len), "--input-len", str(args.input_len),
+            workload = ["--workload", args.workload]
+            if args.workload == "shared-prefix":
+                workload += ["--num-prefixes", str(args.num_prefixes), "--prefix-len", str(args.prefix_len)]
+            subprocess.run(["kvmesh", "bench", "--target", address, "--tokenizer", args.model, *workload,
+                            "--input-len", str(args.input_len),
                             "--output-len", str(args.output_len), "--num-requests", str(args.num_requests),
                             "--rate", str(args.rate), "--seed", str(args.seed), "--name", name,
-                            "--output-dir", str(out_dir), "--no-progress", "--no-plots"], check=True)
+                            "--max-duration", str(args.max_duration),
+                            "--output-dir", str(out_dir), "--no-progress", "--no-plots"], check=True,
+                           timeout=args.max_duration + 300)
         finally:
             stop(fleet)
             stop(router)
@@ -94,10 +112,14 @@ def main() -> int:
     p.add_argument("--policies", default="kv,round_robin")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--model", default="smollm2", help="its config.json and tokenizer only (mock engine)")
+    p.add_argument("--workload", choices=("shared-prefix", "random"), default="shared-prefix",
+                   help="random: --input-len random tokens per prompt, no reuse (the control)")
+    p.add_argument("--repeats", type=int, default=1, help="run the policies this many times, interleaved")
+    p.add_argument("--max-duration", type=float, default=300.0, help="no request is issued later than this (s)")
     p.add_argument("--kv-blocks", type=int, default=2048, help="KV pool per worker, blocks of 16 tokens")
     p.add_argument("--num-prefixes", type=int, default=31)
     p.add_argument("--prefix-len", type=int, default=4096)
-    p.add_argument("--input-len", type=int, default=256, help="question tokens after the prefix")
+    p.add_argument("--input-len", type=int, default=256, help="question tokens after the prefix (random: prompt tokens)")
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--num-requests", type=int, default=248)
     p.add_argument("--rate", type=float, default=12.0)
@@ -107,12 +129,14 @@ def main() -> int:
     args = p.parse_args()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = []
-    for policy in args.policies.split(","):
-        run_policy(policy, args, out_dir)
-        names.append(out_dir / f"{policy}-{args.workers}mock.json")
-    if len(names) == 2:
-        subprocess.run(["kvmesh", "bench", "compare", str(names[1]), str(names[0])], check=False)
+    policies = args.policies.split(",")
+    for repeat in range(args.repeats):
+        names = []
+        for policy in policies:
+            run_policy(policy, args, out_dir, repeat)
+            names.append(out_dir / f"{run_name(policy, args, repeat)}.json")
+        if len(names) == 2:
+            subprocess.run(["kvmesh", "bench", "compare", str(names[1]), str(names[0])], check=False)
     return 0
 
 
