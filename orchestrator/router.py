@@ -250,9 +250,6 @@ class Router:
     def model_cards(self) -> list[ModelCard]:
         return self._registry.model_cards()
 
-    def tokenizer(self, model: str) -> TokenizerBundle:
-        return self._registry.resolve(model).tokenizer
-
     def is_running(self, request_id: str) -> bool:
         """Whether ``request_id`` is streaming now (the kv policy's load ledger asks)."""
         return request_id in self._active
@@ -260,19 +257,11 @@ class Router:
     async def dry_run(self, request: GenerateRequest) -> tuple[str, PlacementDecision]:
         """(model, decision): where ``request`` would be placed now and why, without
         routing it. Raises the errors ``prepare`` raises, except for admission."""
-        entry = self._registry.resolve(request.model)
+        entry, prompt_ids = await self._validated(request)
         spec = entry.spec
-        validation.validate_prompt(request.prompt, vocab_size=spec.vocab_size)
-        prompt_ids = await entry.tokenizer.encode_prompt(request.prompt)
-        if not prompt_ids:
-            raise InvalidArgument("prompt", "tokenizes to no tokens")
-        validation.check_context_window(len(prompt_ids), request.sampling.max_tokens, spec.max_model_len)
-        candidates = entry.candidates()
-        if not candidates:
-            raise NoHealthyWorker(f"no healthy worker serves model {spec.name!r}")
         view = RequestView(request.request_id or "dry-run", spec.name, prompt_ids, request.cache_salt,
                            spec.block_size)
-        return spec.name, self._policy.explain(view, candidates)
+        return spec.name, self._policy.explain(view, entry.candidates())
 
     # --- the request path -------------------------------------------------------
 
@@ -292,16 +281,7 @@ class Router:
                              f"(max_in_flight={self._limits.max_in_flight}); retry later")
         if request.request_id in self._active:
             raise DuplicateRequestId(f"request id {request.request_id!r} is already running")
-        entry = self._registry.resolve(request.model)
-        spec = entry.spec
-        validation.validate_prompt(request.prompt, vocab_size=spec.vocab_size)
-        validation.validate_sampling(request.sampling, vocab_size=spec.vocab_size)
-        prompt_ids = await entry.tokenizer.encode_prompt(request.prompt)
-        if not prompt_ids:
-            raise InvalidArgument("prompt", "tokenizes to no tokens")
-        validation.check_context_window(len(prompt_ids), request.sampling.max_tokens, spec.max_model_len)
-        if not entry.candidates():
-            raise NoHealthyWorker(f"no healthy worker serves model {spec.name!r}")
+        entry, prompt_ids = await self._validated(request)
         return PreparedRequest(request.request_id or uuid.uuid4().hex, entry, prompt_ids,
                                request.sampling, request.cache_salt, arrival)
 
@@ -348,6 +328,21 @@ class Router:
         return True
 
     # --- internals ----------------------------------------------------------------
+
+    async def _validated(self, request: GenerateRequest) -> tuple[ModelEntry, list[int]]:
+        """The model entry and prompt ids of ``request`` after every client check
+        (shared by ``prepare`` and ``dry_run``)."""
+        entry = self._registry.resolve(request.model)
+        spec = entry.spec
+        validation.validate_prompt(request.prompt, vocab_size=spec.vocab_size)
+        validation.validate_sampling(request.sampling, vocab_size=spec.vocab_size)
+        prompt_ids = await entry.tokenizer.encode_prompt(request.prompt)
+        if not prompt_ids:
+            raise InvalidArgument("prompt", "tokenizes to no tokens")
+        validation.check_context_window(len(prompt_ids), request.sampling.max_tokens, spec.max_model_len)
+        if not entry.candidates():
+            raise NoHealthyWorker(f"no healthy worker serves model {spec.name!r}")
+        return entry, prompt_ids
 
     def _move_or_raise(self, p: PreparedRequest, e: WorkerFailed, output: _Output, failed: list[str]) -> None:
         """Returns when ``p`` may move on from its ``len(failed)``-th failed worker; else raises ``e``."""
