@@ -5,6 +5,19 @@ from __future__ import annotations
 from worker.engine.engine import LLMEngine
 from worker.engine.types import EngineRequest, RequestOutput, SamplingOptions
 
+# Prompts of different lengths for the SmolLM2 parity tests (CPU and GPU).
+QUESTIONS = [
+    "What is the capital of France?",
+    "hi",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Explain gravity to a five year old in detail, please, with two examples.",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 12?",
+    "Describe the water cycle. " * 12,
+    "Name a famous painter from the Netherlands and one of their paintings.",
+]
+
 
 def greedy(max_tokens: int, **kw) -> SamplingOptions:
     return SamplingOptions(temperature=0.0, max_tokens=max_tokens, **kw)

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_helpers import greedy, run_to_completion, submit_all, tokens
+from engine_helpers import QUESTIONS, greedy, run_to_completion, submit_all, tokens
 from worker.engine.config import EngineConfig
 from worker.engine.engine import LLMEngine
 
@@ -46,17 +46,6 @@ HF_BF16_RTOL = 8e-2
 GRAPH_LOGIT_RTOL = 2e-2
 LM_HEAD_SCALE = 8.0
 
-TEXTS = [
-    "What is the capital of France?",
-    "hi",
-    "Write a haiku about the sea.",
-    "List three prime numbers.",
-    "Explain gravity to a five year old in detail, please, with two examples.",
-    "Translate 'good morning' into Spanish.",
-    "What is 12 times 12?",
-    "Describe the water cycle. " * 12,
-    "Name a famous painter from the Netherlands and one of their paintings.",
-]
 RANDOM_LENGTHS = [1, 3, 16, 17, 31, 64, 100, 129, 300]
 
 
@@ -97,7 +86,7 @@ def prompts(model_dir) -> list[list[int]]:
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(tok_file))
-        return [tok.encode(t).ids for t in TEXTS]
+        return [tok.encode(t).ids for t in QUESTIONS]
     rng = random.Random(0)
     return [[rng.randrange(3, 49152) for _ in range(n)] for n in RANDOM_LENGTHS]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_helpers import greedy, run_to_completion, submit_all, tokens
+from engine_helpers import QUESTIONS, greedy, run_to_completion, submit_all, tokens
 from worker.engine.config import EngineConfig
 from worker.engine.engine import LLMEngine
 
@@ -22,18 +22,6 @@ pytestmark = pytest.mark.slow
 
 MAX_NEW = 20
 LOGIT_ATOL = 2e-3
-
-QUESTIONS = [
-    "What is the capital of France?",
-    "hi",
-    "Write a haiku about the sea.",
-    "List three prime numbers.",
-    "Explain gravity to a five year old in detail, please, with two examples.",
-    "Translate 'good morning' into Spanish.",
-    "What is 12 times 12?",
-    "Describe the water cycle. " * 12,
-    "Name a famous painter from the Netherlands and one of their paintings.",
-]
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,10 @@ Deregister over gRPC, static workers, and load-aware placement."""
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import grpc
 import pytest
-from router_fixtures import Behaviour, Heartbeats, start_fake_worker, start_router, wait_until
+from router_fixtures import Behaviour, Heartbeats, free_port, start_fake_worker, start_router, wait_until
 
 from kvmesh.v1 import registry_pb2, registry_pb2_grpc, worker_pb2
 from orchestrator.client import AsyncKvmeshClient
@@ -131,12 +130,6 @@ async def test_register_refuses_a_wrong_model_name_and_an_incompatible_worker(ro
     finally:
         await a.stop()
         await b.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_static_worker_down_at_start_joins_later_and_recovers():

@@ -398,13 +398,15 @@ class EngineLoop:
 
     def _serve(self, engine: Engine) -> None:
         while True:
-            for cmd in self._next_commands(block=not engine.has_unfinished()):
+            cmds = self._next_commands(block=not engine.has_unfinished())
+            for cmd in cmds:
                 if isinstance(cmd, _Stop):
                     self._abort_all(engine)
                     self._publish_state(engine)
                     return
                 self._apply(engine, cmd)
-            self._publish_state(engine)
+            if cmds:  # else nothing changed since the last step's publish
+                self._publish_state(engine)
             if engine.has_unfinished():
                 self._step(engine)
                 self._publish_state(engine)

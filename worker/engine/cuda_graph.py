@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 
 from worker.models.attention import AttentionMetadata, DecodeBatch

@@ -21,7 +21,7 @@ from worker.engine.config import EngineConfig
 from worker.engine.model_runner import ModelRunner
 from worker.engine.sampler import SamplerResult
 from worker.engine.scheduler import Scheduler, SchedulerOutput
-from worker.engine.sequence import Sequence, SequenceStatus
+from worker.engine.sequence import Sequence
 from worker.engine.types import (
     EngineRequest,
     FinishReason,
@@ -64,6 +64,7 @@ class LLMEngine:
         self._namespace_model = name
         self._arrivals = itertools.count()
         self._seed_rng = random.Random(config.seed)
+        self._eos = frozenset(self.model_config.eos_token_ids)
         self._tokenizer_files(model_dir)
 
     def _tokenizer_files(self, model_dir: Path) -> None:
@@ -138,7 +139,6 @@ class LLMEngine:
     def _update(self, plan: SchedulerOutput, sampled: SamplerResult | None) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         k = 0
-        eos = set(self.model_config.eos_token_ids)
         for item in plan.scheduled:
             seq = item.seq
             samples = item.samples
@@ -152,7 +152,7 @@ class LLMEngine:
             k += 1
             first = seq.num_output_tokens == 0
             seq.token_ids.append(token)
-            reason = self._finish_reason(seq, token, eos)
+            reason = self._finish_reason(seq, token, self._eos)
             if reason is not None:
                 seq.finish_reason = reason
                 self.scheduler.finish(seq)
@@ -169,7 +169,7 @@ class LLMEngine:
         return outputs
 
     @staticmethod
-    def _finish_reason(seq: Sequence, token: int, eos: set[int]) -> FinishReason | None:
+    def _finish_reason(seq: Sequence, token: int, eos: frozenset[int]) -> FinishReason | None:
         opts = seq.sampling
         if token in opts.stop_token_ids or (not opts.ignore_eos and token in eos):
             return FinishReason.STOP

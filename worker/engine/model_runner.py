@@ -59,7 +59,7 @@ class ModelRunner:
             self.dtype = _DTYPES[config.dtype]
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
         if model is None:
-            self.model = load_model(Path(config.model), self.max_model_len, self.device, self.dtype)
+            self.model = load_model(Path(config.model), self.max_model_len, self.device, self.dtype, model_config)
         else:
             self.model = model.to(device=self.device, dtype=self.dtype)
             self.model.init_rope(self.max_model_len, self.device)

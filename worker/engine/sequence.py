@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvstore.hashing import HashNamespace, block_hashes
-from worker.engine.types import EngineRequest, FinishReason, SamplingOptions, TokenLogprob
+from worker.engine.types import EngineRequest, FinishReason, SamplingOptions
 
 
 class SequenceStatus(enum.Enum):
@@ -89,9 +89,3 @@ class Sequence:
         self.block_table = []
         self.num_registered_blocks = 0
         self.status = SequenceStatus.WAITING
-
-
-@dataclass(frozen=True)
-class SampledToken:
-    token_id: int
-    logprob: TokenLogprob | None = None

@@ -32,8 +32,10 @@ _FUSED = {
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
-def load_model(model_dir: Path, max_positions: int, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
-    cfg = ModelConfig.from_dir(model_dir)
+def load_model(model_dir: Path, max_positions: int, device: torch.device, dtype: torch.dtype,
+               cfg: ModelConfig | None = None) -> LlamaForCausalLM:
+    """``cfg``: the directory's already parsed config.json (read here when not given)."""
+    cfg = cfg or ModelConfig.from_dir(model_dir)
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
