@@ -20,6 +20,7 @@ router and fleet, to show the run-to-run spread.
 
 Usage: python benchmarks/routing_e2e.py [--workers 8] [--policies kv,round_robin]
            [--workload shared-prefix|random] [--repeats 1] [--out-dir DIR]
+           [--router-arg=--log-placement ...]
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def run_policy(policy: str, args: argparse.Namespace, out_dir: Path, repeat: int
     logs = out_dir / f"{name}.log"
     with open(logs, "w") as log:
         router = subprocess.Popen(["kvmesh", "router", "--grpc-port", str(grpc_port), "--http-port", str(http_port),
-                                   "--policy", policy], stdout=log, stderr=subprocess.STDOUT)
+                                   "--policy", policy, *args.router_arg], stdout=log, stderr=subprocess.STDOUT)
         fleet = subprocess.Popen(["kvmesh", "worker", "--engine", "mock", "--num-workers", str(args.workers),
                                   "--router", address, "--worker-id", f"{policy}-w", "--model", args.model,
                                   "--num-kv-blocks", str(args.kv_blocks), "--block-size", "16",
@@ -126,6 +127,8 @@ def main() -> int:
     p.add_argument("--speedup", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out-dir", default="bench-results/routing-e2e")
+    p.add_argument("--router-arg", action="append", default=[],
+                   help="extra argument for every router, repeatable (e.g. --router-arg=--log-placement)")
     args = p.parse_args()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -28,11 +28,18 @@ worker ``w``::
 "own" blocks come from this router's load ledger (load_ledger.py): exact and
 immediate for its own requests. "others'" blocks are what the worker's latest
 report (``ceil(waiting_prefill_tokens / B)``, ``kv_blocks_used``) held beyond
-this router's own load when that report first came in: other routers'
-requests. The report is up to a heartbeat old, so it is never trusted for
-this router's own requests: a worker whose requests just finished would
-otherwise look busy for a whole heartbeat and load would pile on the others
-(measured: +22 % TTFT p50 against ``least_loaded`` without prefix reuse). The decode term counts each running
+the most this router's own load there can have been since that report was
+taken, i.e. its own load right after the decision before the report was
+first read (own load grows only at a decision): other routers' requests
+(and the output blocks the ledger cannot foresee). The report is up to a
+heartbeat old, so it is never trusted for this router's own requests: read
+against the own load of the moment it is first read instead, every request
+of ours that finished, or finished its prefill, between the report and that
+moment looked like another router's for a whole heartbeat, and idle workers
+were passed over (measured without prefix reuse: +22 % TTFT p50 against
+``least_loaded`` when the report was trusted outright, +8 % with that
+baseline, level with this one). Without any overlap the cost is thus a pure
+load ranking: queued prefill blocks first, then decode blocks. The decode term counts each running
 request's blocks separately (attention reads a shared prefix once per
 sequence), so it grows with every request a worker takes even when they
 share one prefix: with the default weights a worker holding a whole prompt
@@ -275,8 +282,11 @@ class KvAware:
         self._settings = self._kv.settings
         self._rng = rng or random.Random()
         self._turns = _Turns()
-        # worker id -> (the load report, own prefill, own decode when it was first seen)
+        # worker id -> (a load report, this router's own prefill and decode it is read against)
         self._baselines: dict[str, tuple[WorkerLoad, int, int]] = {}
+        # worker id -> this router's own (prefill, decode) right after the last decision: the
+        # most it can have held since, as own load only grows at a decision
+        self._own_after: dict[str, tuple[int, int]] = {}
 
     def choose(self, request: RequestView, candidates: Sequence[WorkerHandle]) -> WorkerHandle:
         kv = self._kv
@@ -284,16 +294,19 @@ class KvAware:
         blocks = -(-len(request.prompt_token_ids) // request.block_size)
         if len(candidates) == 1:             # nothing to weigh: skip hashing, keep the ledger exact
             chosen = candidates[0]
-            kv.ledger.own_load(chosen, now)  # sweeps ended leases
+            own = kv.ledger.own_load(chosen, now)  # sweeps ended leases
             kv.ledger.add(chosen.worker_id, request.request_id, blocks=blocks, prefill_blocks=blocks,
                           done_hash=None, now=now)
+            self._own_after[chosen.worker_id] = (own.prefill_blocks + blocks, own.decode_blocks + blocks)
             return chosen
         hashes = kv.prompt_hashes(request)
-        rows = self._terms(request, candidates, hashes, now)
+        rows = self._terms(request, candidates, hashes, now, own_after=self._own_after)
         index, probabilities = self._select([r[5] for r in rows], self._turns.take())
         chosen, row = candidates[index], _Row(*rows[index])
         kv.ledger.add(chosen.worker_id, request.request_id, blocks=blocks, prefill_blocks=blocks - row.overlap,
                       done_hash=hashes[-1] if len(hashes) > row.overlap else None, now=now)
+        own_prefill, own_decode = self._own_after[chosen.worker_id]
+        self._own_after[chosen.worker_id] = (own_prefill + blocks - row.overlap, own_decode + blocks)
         kv.recent.record(chosen.worker_id, hashes[row.predicted:], now)   # it holds (or will) the rest
         if self._settings.log_decisions or logger.isEnabledFor(logging.DEBUG):
             self._log(request, self._decision(request, candidates, rows, index, probabilities))
@@ -308,9 +321,11 @@ class KvAware:
         return self._decision(request, candidates, rows, index, probabilities)
 
     def _terms(self, request: RequestView, candidates: Sequence[WorkerHandle], hashes: list[int],
-               now: float) -> list[tuple[int, int, int, float, float, float]]:
+               now: float, own_after: dict[str, tuple[int, int]] | None = None
+               ) -> list[tuple[int, int, int, float, float, float]]:
         """Every candidate's terms as ``_Row`` fields, in candidate order (the hot path: plain
-        tuples, no calls per worker)."""
+        tuples, no calls per worker). ``own_after`` (``choose`` only) receives each candidate's
+        own load as read now; ``choose`` then adds the new lease to the chosen one."""
         s, kv = self._settings, self._kv
         bs = request.block_size
         num_tokens = len(request.prompt_token_ids)
@@ -320,19 +335,31 @@ class KvAware:
         cached_get, predicted_get = cached_of.get, predicted_of.get
         pw, dw, credit = s.prefill_weight, s.decode_weight, s.overlap_credit
         rows = []
-        baselines = self._baselines
+        baselines, last_own = self._baselines, self._own_after
         if len(baselines) > 2 * len(candidates) + 16:    # forget workers that left
             live = {w.worker_id for w in candidates}
             self._baselines = baselines = {k: v for k, v in baselines.items() if k in live}
-        for w, (own_prefill, own_decode) in zip(candidates, kv.ledger.own_loads(candidates, now)):
+            self._own_after = last_own = {k: v for k, v in last_own.items() if k in live}
+            if own_after is not None:
+                own_after = last_own
+        for w, own in zip(candidates, kv.ledger.own_loads(candidates, now)):
             wid = w.worker_id
+            own_prefill, own_decode = own
             cached = cached_get(wid, 0)
             predicted = predicted_get(wid, 0)
             overlap = predicted if predicted < cap else cap
             load = w.load
             base = baselines.get(wid)
             if base is None or base[0] is not load:
-                base = baselines[wid] = (load, own_prefill, own_decode)
+                # A report new since the last decision was taken at some moment since then;
+                # this router's own load was at most what it was right after that decision
+                # (it only grows at a decision), so read the report against that: a request
+                # of ours that finished (or finished prefill) after the report was taken is
+                # not mistaken for another router's for a whole heartbeat.
+                peak = last_own.get(wid, own)
+                base = baselines[wid] = (load, max(peak[0], own_prefill), max(peak[1], own_decode))
+            if own_after is not None:
+                own_after[wid] = own
             others_prefill = -(-load.waiting_prefill_tokens // bs) - base[1]
             others_decode = load.kv_blocks_used - base[2]
             queued = own_prefill + (others_prefill if others_prefill > 0 else 0)

@@ -180,6 +180,32 @@ def test_finished_requests_stop_counting_as_load():
     assert (d["a"].prefill_blocks, d["a"].decode_blocks) == (10, 0)
 
 
+def test_a_report_taken_before_our_own_request_moved_on_is_not_another_routers_load():
+    """A heartbeat taken while our request was still prefilling (or running) and first read
+    after it finished must not count as other routers' load for a whole heartbeat."""
+    c = Cluster("ab")
+    prompt = tokens(13, 40)                                  # 10 blocks
+    assert c.place(prompt) == "a"
+    a = c.by_id["a"]
+    a.load = WorkerLoad(num_running=1, waiting_prefill_tokens=40, kv_blocks_used=10)   # taken mid-prefill
+    c.kv.ledger.on_stored("a", c.kv.prompt_hashes(view(prompt))[-1:])                   # then prefill done
+    d = {s.worker_id: s for s in c.explain(tokens(14, 40)).scores}
+    assert (d["a"].prefill_blocks, d["a"].decode_blocks) == (10, 10)        # ours only: no phantom queue
+    c.finish_all()                                           # ... and it finished before the next decision
+    a.load = WorkerLoad(num_running=1, kv_blocks_used=10)    # a newer report, taken before that
+    d = {s.worker_id: s for s in c.explain(tokens(14, 40)).scores}
+    assert (d["a"].prefill_blocks, d["a"].decode_blocks) == (10, 0)
+    assert d["a"].cost == d["b"].cost                       # idle again, like b
+
+
+def test_a_report_beyond_our_own_load_counts_as_other_routers_requests():
+    c = Cluster("ab")
+    assert c.place(tokens(17, 40)) == "a"                    # ours: 10 queued, 10 decoding
+    c.by_id["a"].load = WorkerLoad(num_running=3, waiting_prefill_tokens=120, kv_blocks_used=30)
+    d = {s.worker_id: s for s in c.explain(tokens(18, 40)).scores}
+    assert (d["a"].prefill_blocks, d["a"].decode_blocks) == (30 + 10, 30)  # queued 10 ours + 20 others'
+
+
 def test_temperature_samples_a_softmax_over_normalized_costs():
     c = Cluster("ab", temperature=0.5, predict_ttl_s=0)
     prompt = tokens(10, 40)
