@@ -263,3 +263,76 @@ def test_launchers_reject_bad_inputs():
         paged_decode_attention(torch.randn(1, 3, 64, device=DEVICE), k_cache, v_cache, table,
                                torch.tensor([5], dtype=torch.int32, device=DEVICE), torch.zeros(1, device=DEVICE, dtype=torch.int32),
                                0.1, torch.empty(1, 3, 64, device=DEVICE))
+
+
+# ---- skinny matmul (decode-batch linear layers) -------------------------------
+# 16-bit only; the interpreter has no bfloat16, so it checks float16. Against a
+# float32 product of the same inputs: the output is rounded once to 16 bits
+# (relative error ~2**-9 per element), the sum order differs (float32).
+SKINNY_DTYPES = [torch.float16] if INTERPRET else [torch.bfloat16, torch.float16]
+SKINNY_TOL = 1e-2
+
+
+@pytest.mark.parametrize("dtype", SKINNY_DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("n,k,split", [(64, 256, 1), (50, 200, 1), (96, 512, 3), (40, 300, 2), (576, 576, None),
+                                       (960, 576, None), (1000, 1000, 8)])
+def test_skinny_matmul(dtype, m, n, k, split):
+    from kernels.linear_triton import SkinnyTuning, default_tuning, skinny_matmul_triton
+
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    w = torch.randn(n, k, device=DEVICE, dtype=dtype)
+    tuning = None
+    if split is not None:
+        base = default_tuning(n, k)
+        tuning = SkinnyTuning(32, 64, 4, 2, split) if INTERPRET else SkinnyTuning(base.block_n, 64, 4, 3, split)
+    ref = x.float() @ w.float().t()
+    outs = [skinny_matmul_triton(x, w, tuning) for _ in range(3)]
+    assert outs[0].shape == (m, n) and outs[0].dtype == dtype
+    assert _rel(outs[0], ref) < SKINNY_TOL
+    # split-K's arrival counters reset after every launch, and partials are added in a fixed order
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_skinny_matmul_graph_replay_equals_eager():
+    from kernels.linear_triton import SkinnyTuning, skinny_matmul_triton
+
+    x = torch.randn(2, 2048, device=DEVICE, dtype=torch.bfloat16)
+    ws = [torch.randn(n, 2048, device=DEVICE, dtype=torch.bfloat16) for n in (576, 4096, 960)]
+    tunings = [SkinnyTuning(32, 128, 4, 3, s) for s in (4, 1, 2)]
+    eager = [skinny_matmul_triton(x, w, t) for w, t in zip(ws, tunings)]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [skinny_matmul_triton(x, w, t) for w, t in zip(ws, tunings)]
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(outs, eager))
+
+
+@pytest.mark.parametrize("dtype", SKINNY_DTYPES)
+def test_linear_dispatch(dtype):
+    import torch.nn.functional as F
+
+    from kernels.linear import linear
+    from kernels.linear_triton import MAX_ROWS
+
+    w = torch.randn(96, 128, device=DEVICE, dtype=dtype)
+    for m in (1, MAX_ROWS, MAX_ROWS + 1):
+        x = torch.randn(m, 128, device=DEVICE, dtype=dtype)
+        assert _rel(linear(x, w), F.linear(x.float(), w.float())) < SKINNY_TOL
+
+
+def test_skinny_matmul_rejects_bad_inputs():
+    from kernels.linear_triton import MAX_ROWS, skinny_matmul_triton
+
+    w = torch.randn(32, 64, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="at most 16"):
+        skinny_matmul_triton(torch.randn(MAX_ROWS + 1, 64, device=DEVICE, dtype=torch.float16), w)
+    with pytest.raises(ValueError, match="needs 64"):
+        skinny_matmul_triton(torch.randn(2, 65, device=DEVICE, dtype=torch.float16), w)
+    with pytest.raises(ValueError, match="16-bit float"):
+        skinny_matmul_triton(torch.randn(2, 64, device=DEVICE), w.float())
+    with pytest.raises(ValueError, match="unit inner stride"):
+        skinny_matmul_triton(torch.randn(64, 2, device=DEVICE, dtype=torch.float16).t(), w)

@@ -3,7 +3,9 @@
 Tokens of all sequences in a step are processed as one flat ``[T]`` batch
 (no padding); only attention needs to know where sequences begin, and it
 reads that from ``AttentionMetadata``. Q/K/V and gate/up projections are
-fused into single matmuls at load time (``loader.py``).
+fused into single matmuls at load time (``loader.py``). ``nn.Linear`` modules
+hold the weights (their names are the checkpoint's); ``kernels.linear`` runs
+the products, choosing the kernel by batch shape.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from kernels.activation import silu_and_mul
+from kernels.linear import linear
 from kernels.rmsnorm import add_rms_norm, rms_norm
 from kernels.rotary import apply_rotary, build_cos_sin_cache
 from worker.models.attention import AttentionMetadata, PagedAttention
@@ -43,14 +46,14 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
     def forward(self, x, positions, cos_sin, k_cache, v_cache, meta: AttentionMetadata):
-        qkv = self.qkv_proj(x)
+        qkv = linear(x, self.qkv_proj.weight)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, k, positions, cos_sin)
         o = self.attn(q, k, v, k_cache, v_cache, meta)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        return linear(o.reshape(-1, self.q_size), self.o_proj.weight)
 
 
 class LlamaMLP(nn.Module):
@@ -60,7 +63,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return linear(silu_and_mul(linear(x, self.gate_up_proj.weight)), self.down_proj.weight)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -117,4 +120,4 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return linear(hidden, self.lm_head.weight).float()

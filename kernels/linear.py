@@ -1,0 +1,38 @@
+"""Linear layers, ``x @ weight.T``: the one place that picks the matmul for the model.
+
+Decode steps of a few sequences are weight streams (every byte of the weight
+read once per step, almost no arithmetic), and there the Triton skinny kernel
+(``linear_triton.py``) beats cuBLAS: over a Llama-3-8B decode step's matmuls
+on an H100, 5.42 against 5.63 ms at 1 row (benchmarks/gpu_linear.py). Larger
+batches are compute-shaped and go to cuBLAS through ``F.linear``; so does
+every CPU tensor (the reference).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.backend import HAS_TRITON, use_triton
+
+if HAS_TRITON:
+    from kernels.linear_triton import MAX_ROWS, skinny_matmul_triton
+else:
+    MAX_ROWS = 0
+
+_SKINNY_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[T, K]``, ``weight`` ``[N, K]`` -> ``[T, N]``."""
+    if (
+        use_triton(x)
+        and x.dim() == 2
+        and 0 < x.shape[0] <= MAX_ROWS
+        and x.dtype in _SKINNY_DTYPES
+        and weight.dtype == x.dtype
+        and x.stride(1) == 1
+        and weight.is_contiguous()
+    ):
+        return skinny_matmul_triton(x, weight)
+    return F.linear(x, weight)

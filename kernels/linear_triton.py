@@ -1,0 +1,168 @@
+"""Triton matmul for few rows (decode batches): ``out = x @ weight.T``, streaming the weight once.
+
+At decode batch sizes a linear layer is a pass over its weight: the bytes of
+``weight`` over memory bandwidth is the whole cost. cuBLAS picks split-K
+kernels for these shapes, which add a reduction launch and reach ~92 % of the
+H100's copy bandwidth (docs/PERFORMANCE.md). This kernel gives each program
+``BLOCK_N`` output columns and walks the whole of ``K`` with software
+pipelined loads, so every weight byte is read exactly once, by one program,
+with no reduction pass. Rows are padded to the matrix instructions' 16 in
+registers only (nothing padded is loaded or stored).
+
+Fusing the MLP's SiLU-and-multiply into the down projection's operand load
+was tried and measured 2.6x slower over a decode step's matmuls (the
+elementwise work in the K loop breaks the load pipelining), so the
+activation stays its own small kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.backend import num_sms, require, require_device
+
+MAX_ROWS = 16
+"""Rows (tokens) one launch serves; larger batches go to cuBLAS, which is compute-efficient there."""
+
+
+@dataclass(frozen=True)
+class SkinnyTuning:
+    block_n: int = 32
+    block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 4
+    split_k: int = 1
+    """Programs along K per output tile. >1 for weights with few output columns,
+    whose tiles alone would leave SMs idle; partial sums meet in a workspace and
+    the last program of a tile adds them in a fixed order (bit-reproducible)."""
+
+
+@triton.jit
+def _skinny_matmul_kernel(
+    x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr,
+    M, N, K, K_PER_SPLIT, x_stride, w_stride, out_stride,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    k = tl.arange(0, BLOCK_K)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    w_ptrs = w_ptr + n[:, None].to(tl.int64) * w_stride + k_start + k[None, :]
+    x_ptrs = x_ptr + m[:, None] * x_stride + k_start + k[None, :]
+    m_mask = m[:, None] < M
+    n_mask = n[:, None] < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            x_mask = m_mask
+            w_mask = n_mask
+        else:
+            k_in = (k0 + k)[None, :] < k_end
+            x_mask = m_mask & k_in
+            w_mask = n_mask & k_in
+        if EVEN_N and EVEN_K:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    out = out_ptr + m[:, None] * out_stride + n[None, :]
+    out_mask = m_mask & (n[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tile = m[:, None] * N + n[None, :]
+        tl.store(ws_ptr + pid_k * BLOCK_M * N + tile, acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # the last program of this tile: add the partials in split order
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(ws_ptr + s * BLOCK_M * N + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next launch
+
+
+_WORKSPACE_ELEMS = 8 << 20  # float32 partials: 32 MiB per device
+_LOCKS = 1 << 14
+_workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K partials and per-tile arrival counters, one pair per device, allocated on
+    first use (before any CUDA-graph capture: graphs warm up eagerly first). Launches on
+    one stream never overlap, and each leaves its counters at zero."""
+    if device not in _workspaces:
+        _workspaces[device] = (torch.empty(_WORKSPACE_ELEMS, dtype=torch.float32, device=device),
+                               torch.zeros(_LOCKS, dtype=torch.int32, device=device))
+    return _workspaces[device]
+
+
+@functools.lru_cache(maxsize=None)
+def default_tuning(n: int, k: int, sms: int = 132) -> SkinnyTuning:
+    """Launch parameters by weight shape ``[n, k]``, from the in-graph sweep of
+    benchmarks/gpu_linear.py on an H100 at Llama-3-8B shapes (the winners there
+    were 2-10 % ahead of the runner-up; split-K never won at those shapes).
+
+    Weights with fewer output tiles than half the ``sms`` split K so that every
+    SM streams some of the weight (small models: SmolLM2's 576-wide layers
+    have 18 tiles)."""
+    if k >= 8192 or n >= 65536:  # long rows (MLP down) or a vocabulary
+        t = SkinnyTuning(32, 256, 4, 6)
+    elif n >= 16384:  # fused gate/up
+        t = SkinnyTuning(32, 128, 4, 3)
+    elif n <= 4096:  # o_proj
+        t = SkinnyTuning(32, 128, 4, 6)
+    else:  # fused qkv
+        t = SkinnyTuning(64, 128, 4, 6)
+    tiles = -(-n // t.block_n)
+    if tiles < sms // 2:
+        split = min(8, sms // tiles, max(1, k // (4 * t.block_k)))
+        t = SkinnyTuning(t.block_n, t.block_k, t.num_warps, t.num_stages, max(1, split))
+    return t
+
+
+def skinny_matmul_triton(
+    x: torch.Tensor, weight: torch.Tensor, tuning: SkinnyTuning | None = None
+) -> torch.Tensor:
+    """``x`` ``[M, K]``, ``M <= MAX_ROWS``, unit inner stride;
+    ``weight`` ``[N, K]`` contiguous rows. Returns ``[M, N]`` in ``x``'s dtype."""
+    require(x.dim() == 2 and weight.dim() == 2, f"x and weight must be 2-D, got {tuple(x.shape)}, {tuple(weight.shape)}")
+    m = x.shape[0]
+    n, k = weight.shape
+    require(x.shape[1] == k, f"x has {x.shape[1]} columns, weight {tuple(weight.shape)} needs {k}")
+    require(m <= MAX_ROWS, f"x has {m} rows; this kernel serves at most {MAX_ROWS}")
+    require(x.stride(1) == 1 and weight.stride(1) == 1, f"x and weight need unit inner stride, got {x.stride()}, {weight.stride()}")
+    require(x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16),
+            f"x and weight must share a 16-bit float dtype, got {x.dtype} and {weight.dtype}")
+    require_device(x, weight)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    t = tuning or default_tuning(n, k, num_sms(x.device))
+    tiles = triton.cdiv(n, t.block_n)
+    split = max(1, min(t.split_k, triton.cdiv(k, t.block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(k, split), t.block_k) * t.block_k
+    split = triton.cdiv(k, k_per_split)
+    ws = locks = out  # unused unless split
+    if split > 1:
+        ws, locks = _workspace(x.device)
+        require(split * MAX_ROWS * n <= ws.numel() and tiles <= locks.numel(),
+                f"split_k={split} for a weight of {n} rows exceeds the split-K workspace")
+    _skinny_matmul_kernel[(tiles, split)](
+        x, weight, out, ws, locks, m, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
+        EVEN_N=n % t.block_n == 0, EVEN_K=k % k_per_split == 0 and k_per_split % t.block_k == 0, SPLIT_K=split,
+        BLOCK_M=MAX_ROWS, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return out
