@@ -5,9 +5,13 @@ one KV head (grouped-query attention reads each K/V tile once for the whole
 group, the group padded to 16 rows for the tensor cores) over one slice of
 the context. The context is cut into ``num_splits`` equal slices at run time
 (``ceil(ctx / splits)`` rounded up to a tile), so a short batch of long
-sequences still fills the card; with more than one split a second kernel
-merges the slices' partial softmax states. ``num_splits`` depends only on the
-batch shape, never on the data, so the launch can be captured in a CUDA graph.
+sequences still fills the card. With more than one split, each program writes
+its slice's partial softmax state and counts itself in; the last of a
+(sequence, KV head) to arrive merges the partials in split order (results do
+not depend on arrival order) and resets the counter. No second kernel: at
+batch 1 a merge launch per layer cost ~2.4 us plus a launch gap.
+``num_splits`` depends only on the batch shape, never on the data, so the
+launch can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -41,9 +45,9 @@ DEFAULT_TUNING = DecodeTuning()
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, rows_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, rows_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, lock_ptr,
     q_st, q_sh, kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, bt_sb, o_st, o_sh,
-    n_q_heads, scale_log2,
+    n_q_heads, n_kv_heads, scale_log2,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -54,14 +58,18 @@ def _paged_decode_kernel(
     part = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * part
     end = tl.minimum(start + part, ctx)
-    if NUM_SPLITS > 1:
-        if start >= end:
-            return  # an empty slice: the merge kernel never reads it
     row = tl.load(rows_ptr + b).to(tl.int64)
     g = tl.arange(0, BLOCK_G)
     qh = kh * GROUP + g
     d = tl.arange(0, BLOCK_D)
     qd_mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
+    if NUM_SPLITS > 1:
+        if start >= end:  # an empty slice: it neither writes partials nor counts in
+            if ctx == 0 and split == 0:  # a padding row: nobody else writes its zeros
+                zeros = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+                tl.store(out_ptr + row * o_st + qh[:, None] * o_sh + d[None, :], zeros.to(out_ptr.dtype.element_ty),
+                         mask=qd_mask)
+            return
     q = tl.load(q_ptr + row * q_st + qh[:, None] * q_sh + d[None, :], mask=qd_mask, other=0.0)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -96,32 +104,51 @@ def _paged_decode_kernel(
         tl.store(m_ptr + idx, m_i, mask=g < GROUP)
         tl.store(l_ptr + idx, l_i, mask=g < GROUP)
         tl.store(acc_ptr + idx[:, None] * HEAD_DIM + d[None, :], acc, mask=qd_mask)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        lock = lock_ptr + b * n_kv_heads + kh
+        n_valid = tl.cdiv(ctx, part)  # the non-empty slices: the programs that arrive here
+        if tl.atomic_add(lock, 1, sem="acq_rel") == n_valid - 1:
+            _merge_splits(m_ptr, l_ptr, acc_ptr, out_ptr, b, qh, row, n_q_heads, n_valid, o_st, o_sh, qd_mask,
+                          GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, NUM_SPLITS)
+            tl.atomic_xchg(lock, 0)  # ready for the next launch
 
 
 @triton.jit
-def _paged_decode_merge_kernel(
-    m_ptr, l_ptr, acc_ptr, ctx_ptr, rows_ptr, out_ptr, o_st, o_sh, n_q_heads,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    ctx = tl.load(ctx_ptr + b)
-    part = tl.maximum(tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N, BLOCK_N)
-    n_valid = tl.cdiv(ctx, part)
-    s = tl.arange(0, NUM_SPLITS)
-    s_mask = s < n_valid
-    base = (b * n_q_heads + h) * NUM_SPLITS
-    m = tl.load(m_ptr + base + s, mask=s_mask, other=float("-inf"))
-    l = tl.load(l_ptr + base + s, mask=s_mask, other=0.0)
-    w = tl.where(s_mask, tl.exp2(m - tl.max(m, 0)), 0.0)
-    denom = tl.sum(w * l, 0)
-    denom = tl.where(denom > 0, denom, 1.0)
+def _merge_splits(m_ptr, l_ptr, acc_ptr, out_ptr, b, qh, row, n_q_heads, n_valid, o_st, o_sh, qd_mask,
+                  GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr):
+    """Combines the ``n_valid`` slices' softmax states of heads ``qh`` (read from L2:
+    other programs wrote them) and writes the output rows."""
+    g_mask = tl.arange(0, BLOCK_G) < GROUP
     d = tl.arange(0, BLOCK_D)
-    acc = tl.load(acc_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :],
-                  mask=s_mask[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
-    out = tl.sum(acc * w[:, None], 0) / denom
-    row = tl.load(rows_ptr + b).to(tl.int64)
-    tl.store(out_ptr + row * o_st + h * o_sh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+    base = (b * n_q_heads + qh) * NUM_SPLITS
+    m_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for s in range(n_valid):
+        m_max = tl.maximum(m_max, tl.load(m_ptr + base + s, mask=g_mask, other=float("-inf"), cache_modifier=".cg"))
+    denom = tl.zeros([BLOCK_G], tl.float32)
+    out = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for s in range(n_valid):
+        w = tl.exp2(tl.load(m_ptr + base + s, mask=g_mask, other=float("-inf"), cache_modifier=".cg") - m_max)
+        w = tl.where(g_mask, w, 0.0)
+        denom += w * tl.load(l_ptr + base + s, mask=g_mask, other=0.0, cache_modifier=".cg")
+        part = tl.load(acc_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=qd_mask, other=0.0,
+                       cache_modifier=".cg")
+        out += part * w[:, None]
+    denom = tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + row * o_st + qh[:, None] * o_sh + d[None, :], (out / denom[:, None]).to(out_ptr.dtype.element_ty),
+             mask=qd_mask)
+
+
+_LOCKS = 1 << 16
+_locks: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_locks(device: torch.device) -> torch.Tensor:
+    """Arrival counters, one per (sequence, KV head), zero between launches; one buffer per
+    device, allocated on first use (eagerly, before any CUDA-graph capture)."""
+    if device not in _locks:
+        _locks[device] = torch.zeros(_LOCKS, dtype=torch.int32, device=device)
+    return _locks[device]
 
 
 def choose_num_splits(
@@ -176,22 +203,19 @@ def paged_decode_attention(
         m = torch.empty((batch, hq, splits), dtype=torch.float32, device=query.device)
         l = torch.empty_like(m)
         acc = torch.empty((batch, hq, splits, dim), dtype=torch.float32, device=query.device)
+        locks = _split_locks(query.device)
+        require(batch * hk <= locks.numel(), f"{batch} sequences x {hk} KV heads exceed the decode kernel's counters")
     else:
-        m = l = acc = out  # unused
+        m = l = acc = locks = out  # unused
     _paged_decode_kernel[(batch, hk, splits)](
-        query, k_cache, v_cache, block_tables, context_lens, rows, out, m, l, acc,
+        query, k_cache, v_cache, block_tables, context_lens, rows, out, m, l, acc, locks,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        hq, scale * _LOG2E,
+        hq, hk, scale * _LOG2E,
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), HEAD_DIM=dim, BLOCK_D=next_pow2(dim),
         BLOCK_SIZE=block_size, BLOCK_N=tuning.block_n, NUM_SPLITS=splits, PRECISION=precision,
         num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
-    if splits > 1:
-        _paged_decode_merge_kernel[(batch, hq)](
-            m, l, acc, context_lens, rows, out, out.stride(0), out.stride(1), hq,
-            HEAD_DIM=dim, BLOCK_D=next_pow2(dim), BLOCK_N=tuning.block_n, NUM_SPLITS=splits, num_warps=4,
-        )
     return out

@@ -198,6 +198,11 @@ def test_paged_decode(dtype, splits, case):
     assert out[untouched].isnan().all(), "rows outside `rows` were written"
     ref = _reference(q_all[rows], k_cache, v_cache, table, ctx_lens, [1] * batch, scale)
     assert _rel(got, ref) < ATTN_TOL[dtype]
+    # the split merge's arrival counters are back at zero, and the merge order is fixed
+    again = torch.full_like(q_all, float("nan"))
+    paged_decode_attention(q_all, k_cache, v_cache, table.to(torch.int32), torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE),
+                           rows.to(DEVICE), scale, again, splits)
+    assert torch.equal(again[rows], got)
 
 
 def test_paged_decode_empty_context_gives_zeros():
