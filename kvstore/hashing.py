@@ -87,20 +87,25 @@ def block_hashes(
     ints in one ``struct.unpack``. On the router this is the dominant cost of
     a KV-aware placement (docs/PERFORMANCE.md, "KV routing"), so keep it lean.
     """
-    if block_size <= 0:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    num_blocks = len(token_ids) // block_size
+    num_blocks, data = _full_blocks(token_ids, block_size)
     if num_blocks == 0:
         return []
     parent = namespace.root_hash() if parent_hash is None else parent_hash
-    data = _pack(token_ids, num_blocks * block_size)
     digests = _chain(parent.to_bytes(8, "little"), data, 4 * block_size)
     return list(struct.unpack(f"<{num_blocks}Q", digests))
 
 
-def _pack(token_ids: Sequence[int], num_tokens: int) -> bytes:
-    """The first ``num_tokens`` ids as int32 little-endian (twice as fast as ``array("i")``)."""
-    return struct.pack(f"<{num_tokens}i", *token_ids[:num_tokens])
+def _full_blocks(token_ids: Sequence[int], block_size: int) -> tuple[int, bytes]:
+    """(number of full blocks, their tokens packed as int32 little-endian): the preamble of
+    every chain hash. Packs all ids and cuts the bytes: slicing the id list first would
+    double the cost; ``struct`` is twice as fast as ``array("i")`` here."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    num_blocks = len(token_ids) // block_size
+    if num_blocks == 0:
+        return 0, b""
+    data = struct.pack(f"<{len(token_ids)}i", *token_ids)
+    return num_blocks, data[: 4 * num_blocks * block_size] if len(token_ids) % block_size else data
 
 
 def _chain(parent_digest: bytes, data: bytes, step: int) -> bytes:
@@ -145,12 +150,9 @@ class CachedBlockHasher:
 
     def __call__(self, token_ids: Sequence[int], block_size: int,
                  namespace: HashNamespace = HashNamespace()) -> list[int]:
-        if block_size <= 0:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        num_blocks = len(token_ids) // block_size
+        num_blocks, data = _full_blocks(token_ids, block_size)
         if num_blocks == 0:
             return []
-        data = _pack(token_ids, num_blocks * block_size)
         step = 4 * block_size
         seg = self.segment_blocks * step
         memo = self._memo
