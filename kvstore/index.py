@@ -5,7 +5,10 @@ all cleared) and answers, for a prompt's chained block hashes, how many
 leading blocks each worker has cached. ``RecentPrefixes`` holds the router's
 own placements for a few seconds, as a prediction of what the chosen worker
 is about to cache (a burst sharing a new prefix then lands together before
-the first "stored" event arrives).
+the first "stored" event arrives). It keeps only every ``stride``-th hash of
+a placed prompt (and its last one): a chained hash stands for its whole
+prefix, so that is enough to say how far two prompts agree, to within
+``stride - 1`` blocks, at a ``stride``-th of the cost.
 
 Because a block hash covers its whole prefix (see ``hashing.py``), a flat map
 ``hash -> holders`` is as expressive as a radix tree over token blocks:
@@ -19,7 +22,8 @@ integer AND per block, whatever the number of workers.
 
 Complexity: ``apply_*`` is O(blocks in the event); ``overlaps`` is
 O(prompt blocks + workers in the answer), stopping at the first block no
-worker holds; ``remove_worker`` is O(that worker's entries).
+worker holds (the per-block work, one dict lookup and one AND, runs in C:
+``map`` / ``accumulate``); ``remove_worker`` is O(that worker's entries).
 
 Memory is bounded: each worker's entry count is capped at its KV pool size
 (``capacity``; events from a faithful worker never exceed it). If removals
@@ -37,9 +41,12 @@ one): the caller then fetches the worker's full snapshot and calls
 from __future__ import annotations
 
 import collections
+from bisect import bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from itertools import accumulate, repeat, takewhile
+from operator import and_
+from typing import Callable, Iterable, Sequence
 
 _BYTES_PER_ENTRY = 170
 """Memory per (worker, block) pair (its node in the worker's OrderedDict and its
@@ -111,22 +118,51 @@ class WorkerSlots:
             mask ^= low
 
 
+def _fewer_holders(mask: int) -> int:
+    return -mask.bit_count()
+
+
 def _walk(holders: dict[int, int], block_hashes: Sequence[int], slots: WorkerSlots) -> dict[str, int]:
-    """Longest leading run of ``block_hashes`` per worker, from a ``hash -> slot mask`` map."""
+    """Longest leading run of ``block_hashes`` per worker, from a ``hash -> slot mask`` map.
+
+    The running AND of the blocks' masks (computed in C, up to the first block
+    nobody holds) only ever loses bits, so its popcount never rises and each
+    worker's depth is where the popcount first drops below the masks it was in:
+    found by bisection, one per distinct mask, instead of a Python step per block.
+    """
+    result: dict[str, int] = {}
+    alive = list(takewhile(bool, accumulate(map(holders.get, block_hashes, repeat(0)), and_)))
+    n = len(alive)
+    pos = 0
+    while pos < n:
+        mask = alive[pos]
+        end = bisect_right(alive, -mask.bit_count(), pos, n, key=_fewer_holders)
+        slots.depths(mask & ~alive[end] if end < n else mask, end, result)
+        pos = end
+    return result
+
+
+def _anchor_depths(holders: dict[int, int], block_hashes: Sequence[int], stride: int,
+                   slots: WorkerSlots) -> dict[str, int]:
+    """Per worker, ``k + 1`` for the deepest anchor ``k`` of ``block_hashes`` (the first
+    position, every ``stride``-th, and the last) whose hash it holds in ``holders``."""
     result: dict[str, int] = {}
     n = len(block_hashes)
-    if n == 0:
+    if n == 0 or not holders:
         return result
     get = holders.get
-    alive = get(block_hashes[0], 0)
-    depth = 1
-    while alive and depth < n:
-        nxt = alive & get(block_hashes[depth], 0)
-        if nxt != alive:
-            slots.depths(alive & ~nxt, depth, result)
-            alive = nxt
-        depth += 1
-    slots.depths(alive, depth, result)
+    seen = get(block_hashes[-1], 0)
+    if seen:
+        slots.depths(seen, n, result)
+    masks = list(map(get, block_hashes[stride - 1::stride], repeat(0)))
+    for i in range(len(masks) - 1, -1, -1):
+        fresh = masks[i] & ~seen
+        if fresh:
+            slots.depths(fresh, (i + 1) * stride, result)
+            seen |= fresh
+    fresh = get(block_hashes[0], 0) & ~seen
+    if fresh:
+        slots.depths(fresh, 1, result)
     return result
 
 
@@ -265,47 +301,33 @@ class PrefixIndex:
         state.blocks.clear()
 
     # ---- queries -----------------------------------------------------------------
+    def holds(self, block_hash: int) -> bool:
+        """Whether any worker holds this block (O(1))."""
+        return block_hash in self._holders
+
     def overlaps(self, block_hashes: Sequence[int]) -> dict[str, int]:
         """For each worker holding at least the first block: how many leading blocks it holds."""
         return _walk(self._holders, block_hashes, self._slots)
 
     def overlaps_with(self, recent: RecentPrefixes, block_hashes: Sequence[int],
                       now: float) -> tuple[dict[str, int], dict[str, int]]:
-        """(cached, cached or predicted) leading blocks per worker, in one walk.
+        """(cached, cached or predicted) leading blocks per worker.
 
-        "cached or predicted" counts a block as held by a worker when its
-        events say so or ``recent`` has it placed there, so a placement need
-        only record the blocks its worker did not already hold. ``recent``
-        must share this index's ``WorkerSlots``.
+        "cached" is ``overlaps``; "cached or predicted" is the larger of that and
+        ``recent.overlaps`` (how far this prompt agrees with one placed on the worker
+        within ``recent.ttl_s``, to an anchor), so a placement need only record the
+        blocks past it. ``recent`` must share this index's ``WorkerSlots``.
         """
         if recent._slots is not self._slots:
             raise ValueError("overlaps_with needs a RecentPrefixes built on this index's WorkerSlots")
-        recent.expire(now)
-        cached: dict[str, int] = {}
-        either: dict[str, int] = {}
-        n = len(block_hashes)
-        if n == 0:
-            return cached, either
-        iget, rget, slots = self._holders.get, recent._holders.get, self._slots
-        held = iget(block_hashes[0], 0)
-        alive_c, alive_e = held, held | rget(block_hashes[0], 0)
-        depth = 1
-        while alive_e and depth < n:
-            h = block_hashes[depth]
-            held = iget(h, 0)
-            if alive_e & ~held:              # only then can predictions matter (saves most lookups)
-                nxt = alive_e & (held | rget(h, 0))
-                if nxt != alive_e:
-                    slots.depths(alive_e & ~nxt, depth, either)
-                    alive_e = nxt
-            if alive_c:
-                nxt = alive_c & held
-                if nxt != alive_c:
-                    slots.depths(alive_c & ~nxt, depth, cached)
-                    alive_c = nxt
-            depth += 1
-        slots.depths(alive_e, depth, either)
-        slots.depths(alive_c, depth, cached)
+        cached = _walk(self._holders, block_hashes, self._slots)
+        predicted = recent.overlaps(block_hashes, now)
+        if not predicted:
+            return cached, cached
+        either = dict(cached)
+        for worker_id, depth in predicted.items():
+            if depth > either.get(worker_id, 0):
+                either[worker_id] = depth
         return cached, either
 
     def last_event_id(self, worker_id: str) -> int:
@@ -334,68 +356,145 @@ class PrefixIndex:
         return _BYTES_PER_ENTRY * self.num_entries() + _BYTES_PER_BLOCK * self.num_blocks()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Route:
     expires_at: float
     bit: int
-    block_hashes: Sequence[int]
+    block_hashes: list[int]        # the anchors recorded
+    complete: Callable[[], Sequence[int]] | None = None   # deferred: the prompt's chain, on demand
 
 
 class RecentPrefixes:
     """The router's own recent placements, as predicted cache content.
 
-    ``record(worker, hashes, now)`` says "``worker`` was just given a prompt
-    with these block hashes, so it is about to cache them"; for ``ttl_s``
-    seconds lookups count them as held by that worker. Placements expire in
-    order (one deque), each clearing its blocks' bits. The kv policy records
-    only the blocks past what the worker already holds or is predicted to
-    hold (``PrefixIndex.overlaps_with``), and chained hashes diverge for good
-    once two prompts differ, so a live block is recorded once per worker; if
-    a caller records one twice, it is forgotten with the earlier placement.
-    The total number of recorded block hashes is capped at ``max_entries``
-    (the oldest placements go first), so memory stays bounded at any rate.
+    ``record(worker, hashes, now, start)`` says "``worker`` was just given a
+    prompt with these chained block hashes, so it is about to cache them";
+    for ``ttl_s`` seconds lookups count them as held by that worker.
 
-    Complexity: ``record`` O(blocks recorded); ``overlaps`` O(prompt blocks +
-    workers in the answer) after dropping expired placements (amortized O(1)
-    per recorded block).
+    Only *anchors* are kept: the first block, positions ``k`` with
+    ``(k + 1) % stride == 0``, and the last block. Since a block hash covers its whole prefix,
+    a prompt whose anchor ``k`` is held on ``w`` agrees with a prompt placed
+    on ``w`` for its first ``k + 1`` blocks, so ``overlaps`` answers the
+    deepest such anchor: exact to within ``stride - 1`` blocks (an
+    underestimate), for ``1 / stride`` of the dict writes, the memory and the
+    expiry work of keeping every block. ``stride = 1`` keeps every block.
+
+    ``start`` skips the anchors below the depth the worker already holds or is
+    predicted to hold (``PrefixIndex.overlaps_with``): those are already
+    there, so a live anchor is recorded once per worker; if a caller records
+    one twice, it is forgotten with the earlier placement. Placements expire
+    in order (one deque), each clearing its anchors' bits. The number of
+    recorded anchors is capped at ``max_entries`` (the oldest placements go
+    first), so memory stays bounded at any rate.
+
+    ``record_deferred`` keeps a placement whose prompt nobody shared even its
+    first block with, when it was placed: it records that block now and
+    hashes the rest of the chain (``complete``) only when a lookup's prompt
+    starts with the same block, so traffic without reuse never hashes past
+    a prompt's first block on the placement path.
+
+    Complexity: ``record`` O(blocks / stride); ``overlaps`` O(blocks / stride
+    + workers in the answer) after dropping expired placements (amortized O(1)
+    per recorded anchor).
     """
 
-    def __init__(self, ttl_s: float, max_entries: int = 1_000_000, slots: WorkerSlots | None = None) -> None:
+    def __init__(self, ttl_s: float, max_entries: int = 1_000_000, slots: WorkerSlots | None = None,
+                 stride: int = 8) -> None:
         if ttl_s < 0:
             raise ValueError(f"ttl_s must be >= 0, got {ttl_s}")
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
         self.ttl_s = ttl_s
         self.max_entries = max_entries
+        self.stride = stride
         self._holders: dict[int, int] = {}
         self._masks = _Masks()
         self._routes: collections.deque[_Route] = collections.deque()
+        self._deferred: dict[int, list[_Route]] = {}     # first block hash -> deferred placements
         self._slots = slots or WorkerSlots()
         self._owns_slots = slots is None
         self._entries = 0
 
-    def record(self, worker_id: str, block_hashes: Sequence[int], now: float) -> None:
-        """Remember a placement; ``block_hashes`` must not be mutated afterwards (it is kept)."""
-        if self.ttl_s == 0 or not block_hashes:
+    def anchors(self, block_hashes: Sequence[int], start: int = 0) -> list[int]:
+        """The hashes ``record`` keeps of ``block_hashes[start:]``."""
+        n, stride = len(block_hashes), self.stride
+        if start >= n:
+            return []
+        first = start + (-(start + 1)) % stride          # the first position k >= start with (k+1) % stride == 0
+        kept = list(block_hashes[first::stride])
+        if start == 0 and first != 0:
+            kept.insert(0, block_hashes[0])
+        if n % stride and n > 1:
+            kept.append(block_hashes[-1])
+        return kept
+
+    def agrees(self, first_block_hash: int, now: float) -> bool:
+        """Whether a live placement's prompt starts with this block (on any worker)."""
+        self.expire(now)
+        return first_block_hash in self._holders
+
+    def record_deferred(self, worker_id: str, first_block_hash: int,
+                        complete: Callable[[], Sequence[int]], now: float) -> None:
+        """``record(worker_id, complete(), now)``, with ``complete`` called only when a
+        lookup's prompt starts with ``first_block_hash`` (never, if none does in ``ttl_s``).
+        For a prompt nobody agreed with (``agrees`` was false): until then only its first
+        block can match, and that is recorded now."""
+        if self.ttl_s == 0:
             return
-        self.expire(now)                  # before: an expiring placement must not clear these blocks
+        self.expire(now)
+        bit = self._slots.bit(worker_id)
+        mask = self._holders.get(first_block_hash, 0) | bit
+        self._holders[first_block_hash] = self._masks.canon(mask)
+        route = _Route(now + self.ttl_s, bit, [first_block_hash], complete)
+        self._routes.append(route)
+        self._deferred.setdefault(first_block_hash, []).append(route)
+        self._entries += 1
+        self._cap()
+
+    def record(self, worker_id: str, block_hashes: Sequence[int], now: float, start: int = 0) -> None:
+        """Remember that ``worker_id`` was given a prompt with these chained hashes, and
+        already held (or was predicted to hold) its first ``start`` blocks."""
+        if self.ttl_s == 0:
+            return
+        kept = self.anchors(block_hashes, start)
+        if not kept:
+            return
+        self.expire(now)                  # before: an expiring placement must not clear these anchors
         bit = self._slots.bit(worker_id)
         holders, masks = self._holders, self._masks
         get, canon_get = holders.get, masks.get
-        for h in block_hashes:
+        for h in kept:
             mask = get(h, 0) | bit
             holders[h] = canon_get(mask) or masks.canon(mask)
-        self._routes.append(_Route(now + self.ttl_s, bit, block_hashes))
-        self._entries += len(block_hashes)
-        while self._entries > self.max_entries:
-            self._forget(self._routes.popleft())
+        self._routes.append(_Route(now + self.ttl_s, bit, kept))
+        self._entries += len(kept)
+        self._cap()
 
     def overlaps(self, block_hashes: Sequence[int], now: float) -> dict[str, int]:
-        """Per worker: leading blocks of ``block_hashes`` placed there within ``ttl_s``."""
+        """Per worker: how many leading blocks of ``block_hashes`` agree with a prompt placed
+        there within ``ttl_s``, to its deepest recorded anchor (``k + 1`` for anchor ``k``)."""
         self.expire(now)
-        if not self._holders:
-            return {}
-        return _walk(self._holders, block_hashes, self._slots)
+        if block_hashes and self._deferred and block_hashes[0] in self._deferred:
+            self._complete(block_hashes[0])
+        return _anchor_depths(self._holders, block_hashes, self.stride, self._slots)
+
+    def _complete(self, first_block_hash: int) -> None:
+        """Record the rest of the anchors of the deferred placements starting with this block."""
+        holders, masks = self._holders, self._masks
+        for route in self._deferred.pop(first_block_hash):
+            complete, route.complete = route.complete, None
+            kept = self.anchors(complete(), 1)          # the first block is recorded already
+            for h in kept:
+                holders[h] = masks.canon(holders.get(h, 0) | route.bit)
+            route.block_hashes.extend(kept)
+            self._entries += len(kept)
+        self._cap()
+
+    def _cap(self) -> None:
+        while self._entries > self.max_entries:
+            self._forget(self._routes.popleft())
 
     def expire(self, now: float) -> None:
         routes = self._routes
@@ -417,11 +516,21 @@ class RecentPrefixes:
         if self._owns_slots:
             self._slots.release(worker_id)
 
+    def num_placements(self) -> int:
+        """Live placements recorded (deferred or not)."""
+        return len(self._routes)
+
     def num_entries(self) -> int:
-        """Recorded block hashes of live placements (the unit of ``max_entries``)."""
+        """Recorded anchors of live placements (the unit of ``max_entries``; completing a
+        deferred placement adds its anchors)."""
         return self._entries
 
     def _forget(self, route: _Route) -> None:
+        if route.complete is not None:            # deferred and never completed
+            waiting = self._deferred[route.block_hashes[0]]
+            waiting.remove(route)
+            if not waiting:
+                del self._deferred[route.block_hashes[0]]
         holders, masks, bit = self._holders, self._masks, route.bit
         get = holders.get
         for h in route.block_hashes:

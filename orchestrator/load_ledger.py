@@ -12,7 +12,10 @@ each placement opens a *lease* on the chosen worker with
 
 A lease stops counting as prefill when the worker's KV events report its
 last full prompt block stored (the prefill reached the end of the prompt),
-when ``prefill_timeout_s`` passed, or when the request ended. It ends when
+when ``prefill_timeout_s`` passed, or when the request ended. That block's
+hash may be given as ``done_hash_of``, a callable asked for it only when the
+worker's next "stored" event arrives (the kv policy then hashes a prompt
+nobody shares after placing it, off the placement path). It ends when
 the request is no longer running on this router (``is_running``) or is
 placed again (a retry). Ending is noticed lazily: a worker's leases are swept
 only when their count differs from the worker's ``in_flight`` (this router's
@@ -39,6 +42,7 @@ class _Lease:
     prefill_blocks: int
     done_hash: int | None
     placed_at: float
+    done_hash_of: Callable[[], int | None] | None = None
 
 
 @dataclass
@@ -46,6 +50,7 @@ class _WorkerLeases:
     leases: dict[str, _Lease] = field(default_factory=dict)
     prefilling: OrderedDict[str, _Lease] = field(default_factory=OrderedDict)   # placement order
     by_done_hash: dict[int, set[str]] = field(default_factory=dict)
+    unhashed: dict[str, _Lease] = field(default_factory=dict)       # prefilling, done hash not asked yet
     prefill_blocks: int = 0
     decode_blocks: int = 0
 
@@ -53,6 +58,7 @@ class _WorkerLeases:
         if self.prefilling.pop(lease.request_id, None) is None:
             return
         self.prefill_blocks -= lease.prefill_blocks
+        self.unhashed.pop(lease.request_id, None)
         if lease.done_hash is not None:
             waiting = self.by_done_hash.get(lease.done_hash)
             if waiting is not None:
@@ -94,12 +100,14 @@ class LoadLedger:
         self._is_running = is_running
 
     def add(self, worker_id: str, request_id: str, *, blocks: int, prefill_blocks: int,
-            done_hash: int | None, now: float) -> None:
-        """Open a lease for ``request_id`` on ``worker_id``, ending any earlier one (a retry)."""
+            done_hash: int | None, now: float, done_hash_of: Callable[[], int | None] | None = None) -> None:
+        """Open a lease for ``request_id`` on ``worker_id``, ending any earlier one (a retry).
+        ``done_hash_of`` (instead of ``done_hash``) gives the hash when the worker's next
+        "stored" event arrives."""
         old = self._where.get(request_id)
         if old is not None:
             self._end(old)
-        lease = _Lease(request_id, worker_id, blocks, prefill_blocks, done_hash, now)
+        lease = _Lease(request_id, worker_id, blocks, prefill_blocks, done_hash, now, done_hash_of)
         w = self._workers.setdefault(worker_id, _WorkerLeases())
         w.leases[request_id] = lease
         w.decode_blocks += blocks
@@ -107,6 +115,8 @@ class LoadLedger:
         w.prefill_blocks += prefill_blocks
         if done_hash is not None:
             w.by_done_hash.setdefault(done_hash, set()).add(request_id)
+        elif done_hash_of is not None:
+            w.unhashed[request_id] = lease
         self._where[request_id] = lease
         self._placed.append(lease)
 
@@ -142,7 +152,16 @@ class LoadLedger:
     def on_stored(self, worker_id: str, block_hashes: Iterable[int]) -> None:
         """A worker stored these blocks: leases waiting for one of them are done prefilling."""
         w = self._workers.get(worker_id)
-        if w is None or not w.by_done_hash:
+        if w is None:
+            return
+        if w.unhashed:
+            for rid, lease in w.unhashed.items():
+                done_hash_of, lease.done_hash_of = lease.done_hash_of, None
+                lease.done_hash = done_hash_of()
+                if lease.done_hash is not None:
+                    w.by_done_hash.setdefault(lease.done_hash, set()).add(rid)
+            w.unhashed.clear()
+        if not w.by_done_hash:
             return
         for h in block_hashes:
             waiting = w.by_done_hash.get(h)

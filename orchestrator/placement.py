@@ -15,8 +15,9 @@ worker ``w``::
 
     P        = ceil(T / B)                          prompt blocks
     cached   = leading prompt blocks w has cached   (KV events, kvstore.PrefixIndex)
-    predicted= leading prompt blocks w has cached or was given by this router in
-               the last predict_ttl_s seconds       (+ kvstore.RecentPrefixes)
+    predicted= max(cached, leading prompt blocks shared with a prompt this router gave w in
+               the last predict_ttl_s seconds)      (kvstore.RecentPrefixes: read at the first,
+               every 8th and the last block, so up to 7 blocks short until the events arrive)
     overlap  = min(predicted, (T - 1) // B)         the last token is always recomputed
     queued   = own prefill blocks + others' prefill blocks
     shared   = min(queued, overlap - min(cached, overlap))
@@ -62,7 +63,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple, Protocol, Sequence
 
 from kvmesh.v1 import admin_pb2
-from kvstore.hashing import max_cacheable_prompt_blocks
+from kvstore.hashing import HashNamespace, hash_block, max_cacheable_prompt_blocks
 from orchestrator.kv_state import KvSettings, KvState
 from orchestrator.workers import WorkerHandle, WorkerLoad
 
@@ -261,6 +262,37 @@ class RandomChoice:
 
 # --- KV-aware ---------------------------------------------------------------------------------
 
+def _first_block_hash(request: RequestView) -> int | None:
+    """The hash of the prompt's first full block (None if it has none), as the engine computes it."""
+    bs = request.block_size
+    if len(request.prompt_token_ids) < bs:
+        return None
+    namespace = HashNamespace(model=request.model, cache_salt=request.cache_salt)
+    return hash_block(namespace.root_hash(), request.prompt_token_ids[:bs])
+
+
+class _Chain:
+    """A prompt's block hashes, computed on the first call and kept (a deferred placement's)."""
+
+    __slots__ = ("_kv", "_request", "_hashes")
+
+    def __init__(self, kv: KvState, request: RequestView) -> None:
+        self._kv: KvState | None = kv
+        self._request: RequestView | None = request
+        self._hashes: list[int] = []
+
+    def __call__(self) -> list[int]:
+        if self._kv is not None:
+            self._hashes = self._kv.prompt_hashes(self._request)
+            self._kv = self._request = None
+        return self._hashes
+
+    def last(self) -> int | None:
+        """The last full block's hash: the one whose "stored" event ends the prefill."""
+        hashes = self()
+        return hashes[-1] if hashes else None
+
+
 class _Row(NamedTuple):
     """The kv formula's terms for one candidate."""
 
@@ -299,39 +331,55 @@ class KvAware:
                           done_hash=None, now=now)
             self._own_after[chosen.worker_id] = (own.prefill_blocks + blocks, own.decode_blocks + blocks)
             return chosen
-        hashes = kv.prompt_hashes(request)
-        rows = self._terms(request, candidates, hashes, now, own_after=self._own_after)
-        index, probabilities = self._select([r[5] for r in rows], self._turns.take())
-        chosen, row = candidates[index], _Row(*rows[index])
-        kv.ledger.add(chosen.worker_id, request.request_id, blocks=blocks, prefill_blocks=blocks - row.overlap,
-                      done_hash=hashes[-1] if len(hashes) > row.overlap else None, now=now)
+        first = _first_block_hash(request)
+        if first is not None and not kv.index.holds(first) and not kv.recent.agrees(first, now):
+            # No worker holds, or was given, this prompt's first block, so none shares any of it
+            # (hashes are chained): decide on load alone; the rest of the chain is hashed only if
+            # a later prompt starts with the same block, or when the prefill-done check needs it.
+            chain = _Chain(kv, request)
+            rows = self._terms(request, candidates, {}, {}, now, own_after=self._own_after)
+            index, probabilities = self._select([r[5] for r in rows], self._turns.take())
+            chosen, row = candidates[index], _Row(*rows[index])
+            kv.ledger.add(chosen.worker_id, request.request_id, blocks=blocks, prefill_blocks=blocks,
+                          done_hash=None, now=now, done_hash_of=chain.last)
+            kv.recent.record_deferred(chosen.worker_id, first, chain, now)
+        else:
+            hashes = kv.prompt_hashes(request)
+            cached_of, predicted_of = kv.overlaps(hashes, now)
+            rows = self._terms(request, candidates, cached_of, predicted_of, now, own_after=self._own_after)
+            index, probabilities = self._select([r[5] for r in rows], self._turns.take())
+            chosen, row = candidates[index], _Row(*rows[index])
+            kv.ledger.add(chosen.worker_id, request.request_id, blocks=blocks,
+                          prefill_blocks=blocks - row.overlap,
+                          done_hash=hashes[-1] if len(hashes) > row.overlap else None, now=now)
+            kv.recent.record(chosen.worker_id, hashes, now, start=row.predicted)   # it holds (or will) the rest
         own_prefill, own_decode = self._own_after[chosen.worker_id]
         self._own_after[chosen.worker_id] = (own_prefill + blocks - row.overlap, own_decode + blocks)
-        kv.recent.record(chosen.worker_id, hashes[row.predicted:], now)   # it holds (or will) the rest
         if self._settings.log_decisions or logger.isEnabledFor(logging.DEBUG):
             self._log(request, self._decision(request, candidates, rows, index, probabilities))
         return chosen
 
     def explain(self, request: RequestView, candidates: Sequence[WorkerHandle]) -> PlacementDecision:
         kv = self._kv
-        rows = self._terms(request, candidates, kv.prompt_hashes(request), kv.clock())
+        now = kv.clock()
+        rows = self._terms(request, candidates, *kv.overlaps(kv.prompt_hashes(request), now), now)
         rng_state = self._rng.getstate()
         index, probabilities = self._select([r[5] for r in rows], self._turns.peek())
         self._rng.setstate(rng_state)
         return self._decision(request, candidates, rows, index, probabilities)
 
-    def _terms(self, request: RequestView, candidates: Sequence[WorkerHandle], hashes: list[int],
-               now: float, own_after: dict[str, tuple[int, int]] | None = None
+    def _terms(self, request: RequestView, candidates: Sequence[WorkerHandle], cached_of: dict[str, int],
+               predicted_of: dict[str, int], now: float, own_after: dict[str, tuple[int, int]] | None = None
                ) -> list[tuple[int, int, int, float, float, float]]:
         """Every candidate's terms as ``_Row`` fields, in candidate order (the hot path: plain
-        tuples, no calls per worker). ``own_after`` (``choose`` only) receives each candidate's
-        own load as read now; ``choose`` then adds the new lease to the chosen one."""
+        tuples, no calls per worker), from the (cached, predicted) overlaps of ``kv.overlaps``.
+        ``own_after`` (``choose`` only) receives each candidate's own load as read now;
+        ``choose`` then adds the new lease to the chosen one."""
         s, kv = self._settings, self._kv
         bs = request.block_size
         num_tokens = len(request.prompt_token_ids)
         prompt_blocks = -(-num_tokens // bs)
         cap = max_cacheable_prompt_blocks(num_tokens, bs)
-        cached_of, predicted_of = kv.overlaps(hashes, now)
         cached_get, predicted_get = cached_of.get, predicted_of.get
         pw, dw, credit = s.prefill_weight, s.decode_weight, s.overlap_credit
         rows = []

@@ -49,7 +49,7 @@ async def test_grpc_dry_run_reports_overlaps_and_costs_without_routing(cluster):
         served = await run(client, prefix + [7, 8, 9])
     await settle(router, workers)
     events_before = [w.events.last_event_id for w in workers]
-    state_before = (router.kv.ledger.num_leases(), router.kv.recent.num_entries())
+    state_before = (router.kv.ledger.num_leases(), router.kv.recent.num_placements())
     async with grpc.aio.insecure_channel(router.grpc_address) as channel:
         admin = admin_pb2_grpc.AdminStub(channel)
         reply = await admin.DryRunRoute(dry_run_request(prefix + [1, 2, 3, 4, 5]))
@@ -69,7 +69,7 @@ async def test_grpc_dry_run_reports_overlaps_and_costs_without_routing(cluster):
             assert (s.overlap_blocks, s.prefill_blocks, s.probability) == (0, 14, 0.0)
     assert reply.formula == "cost = 1 * prefill_blocks + 0.25 * decode_blocks"
     assert [w.events.last_event_id for w in workers] == events_before          # no worker saw it
-    assert router.kv.recent.num_entries() == state_before[1]             # no prediction recorded
+    assert router.kv.recent.num_placements() == state_before[1]          # no prediction recorded
     assert router.kv.ledger.num_leases() <= state_before[0]               # no lease (finished ones swept)
     assert sum(w.placements for w in router.registry.workers()) == 1
     async with AsyncKvmeshClient(router.grpc_address) as client:      # the real request agrees

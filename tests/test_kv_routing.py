@@ -157,6 +157,38 @@ def test_a_burst_sharing_a_new_prefix_lands_together_before_any_kv_event():
     assert len({blind.place(p) for p in burst}) == 3         # without prediction they scatter
 
 
+def test_a_burst_sharing_a_long_new_prefix_lands_together_with_coarse_predictions():
+    """Predictions keep every 8th hash (and the first and last): a burst sharing a 44-block
+    prefix still lands on one worker, credited with the 40 blocks up to the last shared anchor."""
+    prefix = tokens(20, 176)                                 # 44 blocks of 4, cached nowhere
+    burst = [prefix + tokens(210 + i, 12) for i in range(3)]
+    c = Cluster()
+    assert len({c.place(p) for p in burst}) == 1
+    d = {s.worker_id: s for s in c.explain(prefix + tokens(220, 12)).scores}
+    assert max(s.predicted_blocks for s in d.values()) == 40
+    blind = Cluster(predict_ttl_s=0)
+    assert len({blind.place(p) for p in burst}) == 3
+
+
+def test_a_prompt_nobody_shares_is_hashed_past_its_first_block_only_when_needed():
+    c = Cluster("ab")
+    calls = []
+    real = c.kv.prompt_hashes
+    c.kv.prompt_hashes = lambda request: calls.append(request.request_id) or real(request)
+    first, other = tokens(21, 40), tokens(22, 40)
+    w1 = c.place(first)
+    w2 = c.place(other)
+    assert calls == [] and c.kv.recent.num_entries() == 2     # one block each, recorded at once
+    c.kv.ledger.on_stored(w1, [123])                           # w1's next "stored" event: done hash needed
+    assert calls == ["r0"]
+    assert c.kv.ledger.own_load(c.by_id[w1], c.clock()).prefill_blocks == 10     # not that block
+    c.kv.ledger.on_stored(w1, block_hashes(first, BS, HashNamespace(model="m"))[-1:])
+    assert c.kv.ledger.own_load(c.by_id[w1], c.clock()).prefill_blocks == 0      # prefill done
+    assert c.place(first[:20] + tokens(23, 20)) == w1          # shares 5 blocks: completes r0's prediction
+    assert calls == ["r0", "r2"] and w2 != w1                  # r1 (nobody shares it) never hashed
+    assert c.kv.ledger.own_load(c.by_id[w2], c.clock()).prefill_blocks == 10
+
+
 def test_predictions_expire_and_events_take_over():
     prefix = tokens(7, 64)
     c = Cluster()
@@ -311,15 +343,32 @@ def test_prefix_index_beyond_64_workers_with_slot_reuse():
     assert index.blocks_of("w3") == frozenset(sets["w3"])
 
 
-def test_one_walk_over_events_and_predictions_matches_brute_force():
+def brute_predicted(placed: list[tuple[str, list[int], int]], probe: list[int], stride: int) -> dict[str, int]:
+    """RecentPrefixes.overlaps from its definition: per worker, the deepest position ``k`` that
+    is an anchor of the probe (its first block, ``(k + 1) % stride == 0``, its last block) and, at or past the
+    placement's ``start``, of a prompt placed there, where the two prompts agree up to ``k``."""
+    out: dict[str, int] = {}
+    for w, chain, start in placed:
+        for k in range(min(len(chain), len(probe))):
+            anchor_of = lambda hs: k == 0 or (k + 1) % stride == 0 or k == len(hs) - 1   # noqa: E731
+            if k >= start and anchor_of(probe) and anchor_of(chain) and chain[: k + 1] == probe[: k + 1]:
+                out[w] = max(out.get(w, 0), k + 1)
+    return out
+
+
+@pytest.mark.parametrize("stride", [1, 3, 4])
+def test_one_walk_over_events_and_predictions_matches_brute_force(stride):
     """overlaps_with: (cached, cached-or-predicted) depths, predictions recorded only past
-    the blocks a worker already holds, as the kv policy records them."""
+    the blocks a worker already holds, as the kv policy records them; the prediction is
+    never deeper than the agreement with a placed prompt, and misses it by < stride blocks."""
     rng = random.Random(7)
-    chains = [block_hashes(tokens(300 + i, 48), 4) for i in range(6)]
+    chains = [block_hashes(tokens(300 + i, 48), 4) for i in range(3)]
+    chains += [c[: rng.randrange(2, 12)] + block_hashes(tokens(400 + i, 24), 4, parent_hash=c[-1])[:5]
+               for i, c in enumerate(chains)]            # branches sharing a prefix
     slots = WorkerSlots()
-    index, recent = PrefixIndex(slots), RecentPrefixes(ttl_s=3.0, slots=slots)
+    index, recent = PrefixIndex(slots), RecentPrefixes(ttl_s=3.0, slots=slots, stride=stride)
     held: dict[str, set[int]] = {w: set() for w in "abcd"}
-    routes: list[tuple[float, str, list[int]]] = []
+    routes: list[tuple[float, str, list[int], int]] = []
     for w in "abcd":
         index.add_worker(w, 10_000)
     now = 0.0
@@ -332,53 +381,98 @@ def test_one_walk_over_events_and_predictions_matches_brute_force():
             held[w].update(cut)
         else:                                 # as the kv policy records: past what w holds or will hold
             _, both = index.overlaps_with(recent, cut, now)
-            recent.record(w, cut[both.get(w, 0):], now)
-            routes.append((now + 3.0, w, cut[both.get(w, 0):]))
+            recent.record(w, cut, now, start=both.get(w, 0))
+            routes.append((now + 3.0, w, cut, both.get(w, 0)))
         probe = rng.choice(chains)
-        either = {x: set(held[x]) for x in "abcd"}
-        for expires, x, hs in routes:
-            if expires > now:
-                either[x].update(hs)
+        live = [(x, hs, start) for expires, x, hs, start in routes if expires > now]
         cached, both = index.overlaps_with(recent, probe, now)
         assert cached == brute_overlaps(held, probe)
-        assert both == brute_overlaps(either, probe)
+        predicted = brute_predicted(live, probe, stride)
+        assert both == {x: max(cached.get(x, 0), predicted.get(x, 0)) for x in {*cached, *predicted}}
+        every_block = {x: held[x].union(*(hs[start:] for y, hs, start in live if y == x)) for x in "abcd"}
+        exact = brute_overlaps(every_block, probe)          # had each placement kept all its blocks
+        for x in "abcd":
+            agree = max([cached.get(x, 0)] + [next((k for k in range(min(len(hs), len(probe)))
+                                                    if hs[k] != probe[k]), min(len(hs), len(probe)))
+                                               for y, hs, _ in live if y == x])
+            assert exact.get(x, 0) - stride < both.get(x, 0) <= agree
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_recent_prefixes_match_a_set_model_with_expiry(seed):
-    """The bitmask walk against plain sets: a placement adds its blocks to its worker's
-    set, its expiry (or the worker leaving) removes them."""
+def anchor_hashes(chain: list[int], start: int, stride: int) -> list[int]:
+    return [h for k, h in enumerate(chain)
+            if k >= start and (k == 0 or (k + 1) % stride == 0 or k == len(chain) - 1)]
+
+
+@pytest.mark.parametrize("seed,stride", [(0, 1), (1, 4), (2, 5)])
+def test_recent_prefixes_match_a_set_model_with_expiry(seed, stride):
+    """The bitmask lookup against plain sets: a placement adds its anchors to its worker's
+    set, its expiry (or the worker leaving) removes them; a probe's depth on a worker is
+    ``k + 1`` for its deepest anchor ``k`` in that set."""
     rng = random.Random(seed)
     chains = [block_hashes(tokens(seed * 100 + i, 48), 4) for i in range(8)]
-    recent = RecentPrefixes(ttl_s=5.0, max_entries=10**6)
-    routes: list[tuple[float, str, list[int]]] = []
+    recent = RecentPrefixes(ttl_s=5.0, max_entries=10**6, stride=stride)
+    routes: list[tuple[float, str, list[int], list[bool]]] = []     # [deferred, not completed yet]
     sets: dict[str, set[int]] = {w: set() for w in "abc"}
     now = 0.0
+
+    def lookup(probe: list[int]) -> dict[str, int]:
+        for _, _, kept, pending in routes:                    # a lookup completes deferred placements
+            if pending[0] and kept[0] == probe[0]:
+                pending[0] = False
+        return recent.overlaps(probe, now)
+
     for _ in range(300):
         now += rng.random()
         while routes and routes[0][0] <= now:
-            _, w, cut = routes.pop(0)
-            sets[w].difference_update(cut)
+            _, w, kept, _ = routes.pop(0)
+            sets[w].difference_update(kept)
         if rng.random() < 0.6:
             w, chain = rng.choice("abc"), rng.choice(chains)
             cut = chain[: rng.randrange(1, len(chain) + 1)]
+            start = 0
             if rng.random() < 0.8:                            # usually past what is already predicted
-                cut = cut[recent.overlaps(cut, now).get(w, 0):]
-            recent.record(w, cut, now)
-            routes.append((now + 5.0, w, cut))
-            sets[w].update(cut)
+                start = lookup(cut).get(w, 0)
+            deferred = start == 0 and not recent.agrees(cut[0], now) and rng.random() < 0.5
+            if deferred:                                      # nobody shares its first block
+                recent.record_deferred(w, cut[0], lambda cut=cut: cut, now)
+            else:
+                recent.record(w, cut, now, start=start)
+            kept = anchor_hashes(cut, start, stride)
+            if kept:
+                routes.append((now + 5.0, w, kept, [deferred]))
+                sets[w].update(kept)
         elif rng.random() < 0.05:
             w = rng.choice("abc")
             recent.remove_worker(w)
             routes = [r for r in routes if r[1] != w]
             sets[w].clear()
         probe = rng.choice(chains)
-        assert recent.overlaps(probe, now) == brute_overlaps(sets, probe)
-    assert recent.num_entries() == sum(len(c) for _, _, c in routes)
+        expected = {}
+        for w, held in sets.items():
+            probed = [k for k in range(len(probe)) if k == 0 or (k + 1) % stride == 0 or k == len(probe) - 1]
+            deepest = [k + 1 for k in probed if probe[k] in held]
+            if deepest:
+                expected[w] = max(deepest)
+        assert lookup(probe) == expected
+    assert recent.num_entries() == sum(1 if pending[0] else len(kept) for _, _, kept, pending in routes)
+    assert recent.num_placements() == len(routes)
+    assert sorted(recent._deferred) == sorted({kept[0] for _, _, kept, pending in routes if pending[0]})
+
+
+def test_recent_prefixes_keep_the_first_every_stride_th_and_the_last_hash():
+    recent = RecentPrefixes(ttl_s=5.0, stride=4)
+    hashes = list(range(100, 110))                            # positions 0..9
+    assert recent.anchors(hashes) == [100, 103, 107, 109]
+    assert recent.anchors(hashes, start=4) == [107, 109]
+    assert recent.anchors(hashes, start=9) == [109] and recent.anchors(hashes, start=10) == []
+    assert recent.anchors(hashes[:8]) == [100, 103, 107] and recent.anchors(hashes[:1]) == [100]
+    assert RecentPrefixes(ttl_s=5.0, stride=1).anchors(hashes[:3]) == [100, 101, 102]
+    recent.record("a", hashes, now=0.0)
+    assert recent.num_entries() == 4
 
 
 def test_recent_prefixes_memory_is_capped():
-    recent = RecentPrefixes(ttl_s=60, max_entries=100)
+    recent = RecentPrefixes(ttl_s=60, max_entries=100, stride=1)
     for i in range(50):
         recent.record("a", [i * 1000 + j for j in range(10)], now=float(i))
     assert recent.num_entries() <= 100
