@@ -30,6 +30,7 @@ READY_TIMEOUT_S = 600.0
 
 # engine flags forwarded to every local worker unchanged: (flag, dest, kind)
 _ENGINE_FLAGS = (
+    ("--load-format", "load_format", str),
     ("--device", "device", str),
     ("--dtype", "dtype", str),
     ("--block-size", "block_size", int),

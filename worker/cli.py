@@ -17,7 +17,7 @@ import asyncio
 import logging
 
 from worker.config import WorkerConfig, default_worker_id
-from worker.engine.config import EngineConfig
+from worker.engine.config import LOAD_FORMATS, EngineConfig
 from worker.engine.mock_timing import TimingModel
 from worker.mock_fleet import fleet_configs, serve_fleet
 from worker.models.hub import resolve_model
@@ -56,6 +56,9 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
                         "pass replaced by the timing model below (no weights loaded)")
     e.add_argument("--num-workers", type=int, default=1,
                    help="mock workers in this process, each with its own port and id <worker-id>-<i> (default 1)")
+    e.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
+                   help="auto: the checkpoint's *.safetensors; dummy: random weights from --seed, built from "
+                        "config.json alone on the device (benchmarks) (default %(default)s)")
     e.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     e.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     e.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
@@ -68,7 +71,7 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--max-num-batched-tokens", type=int, default=2048, help="per-step token budget")
     e.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     e.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
-    e.add_argument("--seed", type=int, default=0, help="seed for requests without one")
+    e.add_argument("--seed", type=int, default=0, help="seed for requests without one (and of dummy weights)")
     d = TimingModel()
     m = parser.add_argument_group("mock engine timing (--engine mock; defaults: Llama-3-8B on one H100)")
     m.add_argument("--mock-prefill-us-per-token", type=float, default=d.prefill_s_per_token * 1e6,
@@ -98,6 +101,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     engine = EngineConfig(
         model=str(resolve_model(args.model)),
         served_name=args.served_name,
+        load_format=args.load_format,
         device=args.device,
         dtype=args.dtype,
         block_size=args.block_size,

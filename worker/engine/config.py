@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+LOAD_FORMATS = ("auto", "dummy")
+"""How weights are loaded: "auto" reads the checkpoint's *.safetensors; "dummy"
+builds the model from config.json alone with seeded random weights."""
+
 
 @dataclass(frozen=True)
 class EngineConfig:
     model: str
     """Path of a Hugging Face layout directory (config.json, *.safetensors, tokenizer)."""
+
+    load_format: str = "auto"
+    """One of LOAD_FORMATS: "auto" loads ``model``'s *.safetensors; "dummy" needs only
+    its config.json and draws random weights from ``seed`` on the engine's device
+    in its dtype (benchmarks of the serving path; vLLM's ``--load-format dummy``)."""
 
     served_name: str | None = None
     """Name the model is served under; default: the directory's name."""
@@ -49,7 +58,8 @@ class EngineConfig:
     """Reuse KV blocks of identical prompt prefixes (chained block hashes)."""
 
     seed: int = 0
-    """Seed of the generator used by requests that give no seed of their own."""
+    """Seed of the generator used by requests that give no seed of their own, and
+    of the random weights of load_format "dummy"."""
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -62,5 +72,7 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 2, got {self.num_kv_blocks}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")

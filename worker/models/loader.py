@@ -5,6 +5,9 @@ one tensor at a time, converted to the engine's dtype and device, and fused
 where the model runs fused matmuls (q/k/v, gate/up). Names not used by the
 model (rotary caches some checkpoints store) are ignored; any parameter the
 checkpoint does not provide is an error naming it.
+
+``load_dummy_model`` builds the model from config.json alone with seeded
+random weights (vLLM's ``--load-format dummy``), for benchmarks.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from worker.models.config import ModelConfig
-from worker.models.llama import LlamaForCausalLM
+from worker.models.llama import LlamaForCausalLM, RMSNorm
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,38 @@ def load_model_from_state_dict(
     """The model from tensors named as in a checkpoint (e.g. a transformers model's
     ``state_dict()``), fused and converted exactly as ``load_model`` does."""
     return _build(cfg, iter(state_dict.items()), max_positions, device, dtype, "state dict")
+
+
+DUMMY_STD = 0.02
+"""Standard deviation of dummy matrices and embeddings (transformers' Llama ``initializer_range``)."""
+
+
+def load_dummy_model(cfg: ModelConfig, max_positions: int, device: torch.device, dtype: torch.dtype,
+                     seed: int = 0) -> LlamaForCausalLM:
+    """The model of ``cfg`` with random weights: every matrix and the embeddings
+    drawn from N(0, ``DUMMY_STD``^2), every norm weight 1, as transformers
+    initializes a Llama. Tensors are created directly on ``device`` in
+    ``dtype`` (no host copy, no weight files). The same ``seed``, shapes,
+    device and dtype give identical weights."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model.to(dtype)                       # meta tensors: no memory yet
+    model.to_empty(device=device)         # allocated once, in the target dtype
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():   # a fixed order: the draws are reproducible
+            if isinstance(model.get_submodule(name.rpartition(".")[0]), RMSNorm):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, DUMMY_STD, generator=generator)
+    model.init_rope(max_positions, device)
+    model.eval()
+    logger.info("dummy weights (seed %d) for %d parameters on %s in %s", seed,
+                sum(p.numel() for p in model.parameters()), device, dtype)
+    return model
 
 
 def _build(
