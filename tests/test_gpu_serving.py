@@ -1,0 +1,77 @@
+"""benchmarks/gpu_serving.py on CPU with its tiny shape: a real router process and a
+real worker process (``--load-format dummy``) on loopback gRPC, nothing mocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from tokenizers import Tokenizer
+
+from benchmarks import gpu_bench, gpu_serving
+from orchestrator.bench.tokens import TokenSource
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "gpu_serving.py"
+
+
+def run_script(*argv: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, list[int]]:
+    """The script's result and the pids of the processes it started."""
+    done = subprocess.run([sys.executable, str(SCRIPT), *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    pids = [int(p) for p in re.findall(r"started \w+ \(pid (\d+)\)", done.stdout)]
+    return done, pids
+
+
+def assert_gone(pids: list[int]) -> None:
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_synthetic_tokenizer_covers_the_vocabulary(tmp_path) -> None:
+    gpu_serving.write_tokenizer(tmp_path / "tokenizer.json", 1000)
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert tok.get_vocab_size() == 1000
+    ids = list(range(1000))
+    assert tok.encode(tok.decode(ids)).ids == ids                  # every id decodes, and back
+    assert len(TokenSource(tok).words) == 1000                     # kvmesh bench can draw prompts from it
+
+
+def test_workload_is_gpu_bench_offline_workload() -> None:
+    args = SimpleNamespace(warmup=3, num_requests=256)
+    warm, prompts = gpu_serving.workloads(args)
+    assert prompts == gpu_bench.offline_workload(SimpleNamespace(offline_requests=256))
+    assert len(warm) == 3 and not set(map(tuple, warm)) & set(map(tuple, prompts))
+
+
+def test_tiny_served_and_in_process_end_to_end(tmp_path) -> None:
+    out = tmp_path / "serving.json"
+    done, pids = run_script("--tiny", "--num-requests", "4", "--output-len", "8", "--warmup", "1", "--in-process",
+                            "--json", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for key in ("served", "in_process"):
+        r = results[key]
+        assert r["ok"] and r["failures"] == 0 and r["short_outputs"] == 0, r
+        assert r["output_tokens"] == r["expected_output_tokens"] == 4 * 8
+        assert r["output_tok_s"] > 0 and r["ttft_p50_ms"] > 0
+    assert results["served"]["model"] == "llama3-tiny" and len(results["served"]["workers"]) == 1
+    assert results["served_over_in_process"] > 0
+    assert len(pids) == 2
+    assert_gone(pids)
+
+
+def test_processes_are_stopped_when_the_worker_is_not_ready_in_time(tmp_path) -> None:
+    done, pids = run_script("--tiny", "--num-requests", "1", "--output-len", "1", "--ready-timeout", "0.5",
+                            "--json", str(tmp_path / "r.json"))
+    assert done.returncode != 0
+    assert "TimeoutError" in done.stderr and "no worker registered" in done.stderr
+    assert len(pids) == 2
+    assert_gone(pids)
