@@ -21,10 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_serving.py"
 
 
-def run_script(*argv: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, list[int]]:
-    """The script's result and the pids of the processes it started."""
+def run_script(tmp: Path, *argv: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, list[int]]:
+    """The script's result and the pids of the processes it started; its work folder
+    (kept when a run fails) goes under ``tmp``."""
     done = subprocess.run([sys.executable, str(SCRIPT), *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, "TMPDIR": str(tmp)})
     pids = [int(p) for p in re.findall(r"started \w+ \(pid (\d+)\)", done.stdout)]
     return done, pids
 
@@ -53,7 +54,7 @@ def test_workload_is_gpu_bench_offline_workload() -> None:
 
 def test_tiny_served_and_in_process_end_to_end(tmp_path) -> None:
     out = tmp_path / "serving.json"
-    done, pids = run_script("--tiny", "--num-requests", "4", "--output-len", "8", "--warmup", "1", "--in-process",
+    done, pids = run_script(tmp_path, "--tiny", "--num-requests", "4", "--output-len", "8", "--warmup", "1", "--in-process",
                             "--json", str(out))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads(out.read_text())
@@ -69,7 +70,7 @@ def test_tiny_served_and_in_process_end_to_end(tmp_path) -> None:
 
 
 def test_processes_are_stopped_when_the_worker_is_not_ready_in_time(tmp_path) -> None:
-    done, pids = run_script("--tiny", "--num-requests", "1", "--output-len", "1", "--ready-timeout", "0.5",
+    done, pids = run_script(tmp_path, "--tiny", "--num-requests", "1", "--output-len", "1", "--ready-timeout", "0.5",
                             "--json", str(tmp_path / "r.json"))
     assert done.returncode != 0
     assert "TimeoutError" in done.stderr and "no worker registered" in done.stderr
