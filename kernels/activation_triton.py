@@ -10,14 +10,16 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import require, require_device
+from kernels.backend import pdl_launch, require, require_device
+from kernels.pdl_triton import pdl_prologue
 from kernels.rounding_triton import round_like
 
 _BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, d, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, d, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -36,5 +38,5 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     d = x.shape[1] // 2
     out = torch.empty((x.shape[0], d), dtype=x.dtype, device=x.device)
     grid = (x.shape[0], triton.cdiv(d, _BLOCK))
-    _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), d, BLOCK=_BLOCK, num_warps=4)
+    _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), d, BLOCK=_BLOCK, num_warps=4, **pdl_launch(x.device))
     return out

@@ -64,5 +64,22 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def pdl_enabled(device: torch.device) -> bool:
+    """Launch the decode path's kernels with programmatic dependent launch
+    (``pdl_triton.py``): on Hopper or later, not in the interpreter, unless
+    ``KVMESH_PDL=0``."""
+    if _INTERPRET or device.type != "cuda" or os.environ.get("KVMESH_PDL", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Keyword arguments of a kernel launch: ``USE_PDL`` for the kernel's prologue, and
+    Triton's ``launch_pdl`` where it is on."""
+    on = pdl_enabled(device)
+    return {"USE_PDL": on, "launch_pdl": True} if on else {"USE_PDL": False}
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())

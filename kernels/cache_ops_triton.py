@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import next_pow2, require, require_device
+from kernels.backend import next_pow2, pdl_launch, require, require_device
+from kernels.pdl_triton import pdl_prologue
 
 
 @triton.jit
@@ -18,8 +19,9 @@ def _store_kv_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
     k_st, v_st, kc_sb, kc_st, vc_sb, vc_st,
     n_elems,
-    BLOCK_SIZE: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -57,5 +59,5 @@ def store_kv_triton(
     _store_kv_kernel[(t,)](
         key, value, k_cache, v_cache, slot_mapping,
         key.stride(0), value.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        n, BLOCK_SIZE=k_cache.shape[1], BLOCK=next_pow2(n), num_warps=4,
+        n, BLOCK_SIZE=k_cache.shape[1], BLOCK=next_pow2(n), num_warps=4, **pdl_launch(key.device),
     )

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import num_sms, require, require_device
+from kernels.backend import num_sms, pdl_launch, require, require_device
+from kernels.pdl_triton import pdl_prologue
 
 MAX_ROWS = 16
 """Rows (tokens) one launch serves; larger batches go to cuBLAS, which is compute-efficient there."""
@@ -47,8 +48,9 @@ def _skinny_matmul_kernel(
     x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr,
     M, N, K, K_PER_SPLIT, x_stride, w_stride, out_stride,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -164,5 +166,6 @@ def skinny_matmul_triton(
         x, weight, out, ws, locks, m, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         EVEN_N=n % t.block_n == 0, EVEN_K=k % k_per_split == 0 and k_per_split % t.block_k == 0, SPLIT_K=split,
         BLOCK_M=MAX_ROWS, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages,
+        **pdl_launch(x.device),
     )
     return out

@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import check_paged_inputs, next_pow2, num_sms, require, require_device
+from kernels.backend import check_paged_inputs, next_pow2, num_sms, pdl_launch, require, require_device
+from kernels.pdl_triton import pdl_prologue
 
 MAX_SPLITS = 32
 _LOG2E = 1.4426950408889634
@@ -50,7 +51,9 @@ def _paged_decode_kernel(
     n_q_heads, n_kv_heads, scale_log2,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     kh = tl.program_id(1)
     split = tl.program_id(2)
@@ -216,6 +219,6 @@ def paged_decode_attention(
         hq, hk, scale * _LOG2E,
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), HEAD_DIM=dim, BLOCK_D=next_pow2(dim),
         BLOCK_SIZE=block_size, BLOCK_N=tuning.block_n, NUM_SPLITS=splits, PRECISION=precision,
-        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_launch(query.device),
     )
     return out

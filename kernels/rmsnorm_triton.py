@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import next_pow2, require, require_device
+from kernels.backend import next_pow2, pdl_launch, require, require_device
+from kernels.pdl_triton import pdl_prologue
 from kernels.rounding_triton import round_like
 
 
@@ -20,8 +21,9 @@ def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr,
     x_stride, r_stride, out_stride, sum_stride,
     n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -56,7 +58,7 @@ def rms_norm_triton(
     if residual is None:
         _rms_norm_kernel[(x.shape[0],)](
             x, x, weight, out, out, x.stride(0), 0, out.stride(0), 0, n, eps,
-            HAS_RESIDUAL=False, BLOCK=block, num_warps=warps,
+            HAS_RESIDUAL=False, BLOCK=block, num_warps=warps, **pdl_launch(x.device),
         )
         return out
     require(residual.shape == x.shape and residual.dtype == x.dtype,
@@ -66,6 +68,6 @@ def rms_norm_triton(
     summed = torch.empty_like(out)
     _rms_norm_kernel[(x.shape[0],)](
         x, residual, weight, out, summed, x.stride(0), residual.stride(0), out.stride(0), summed.stride(0), n, eps,
-        HAS_RESIDUAL=True, BLOCK=block, num_warps=warps,
+        HAS_RESIDUAL=True, BLOCK=block, num_warps=warps, **pdl_launch(x.device),
     )
     return out, summed

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import next_pow2, require, require_device
+from kernels.backend import next_pow2, pdl_launch, require, require_device
+from kernels.pdl_triton import pdl_prologue
 from kernels.rounding_triton import round_like
 
 
@@ -42,7 +43,9 @@ def _rotary_kernel(
     q_st, q_sh, k_st, k_sh, qo_st, qo_sh, ko_st, ko_sh, cs_stride,
     n_q_heads, n_k_heads,
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)[None, :]
@@ -81,6 +84,6 @@ def apply_rotary_triton(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
         cos_sin_cache.stride(0), q.shape[1], k.shape[1],
         HALF=half, BLOCK_HQ=next_pow2(q.shape[1]), BLOCK_HK=next_pow2(k.shape[1]), BLOCK_HALF=next_pow2(half),
-        num_warps=4,
+        num_warps=4, **pdl_launch(q.device),
     )
     return qo, ko
