@@ -35,14 +35,10 @@ from kvmesh.v1 import worker_pb2
 from kvstore.index import NeedsResync
 from orchestrator.metrics import RouterMetrics
 from orchestrator.kv_state import KvState
+from orchestrator.router import task_cancelled
 from orchestrator.workers import WorkerHandle
 
 logger = logging.getLogger(__name__)
-
-
-def _cancelled() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 class ResyncRequired(Exception):
@@ -183,7 +179,7 @@ class KvIndexer:
         last_resync = -float("inf")
         epoch = ""
         while True:
-            if _cancelled():         # a client library swallowed the cancellation: stop anyway
+            if task_cancelled():         # a client library swallowed the cancellation: stop anyway
                 raise asyncio.CancelledError()
             try:
                 if reason:
@@ -207,7 +203,7 @@ class KvIndexer:
             except asyncio.CancelledError:
                 raise
             except Exception as e:   # transport trouble (gRPC, Redis, OS): retry, resuming if in step
-                if _cancelled():     # redis-py may report an interrupted command as ConnectionError
+                if task_cancelled():     # redis-py may report an interrupted command as ConnectionError
                     raise asyncio.CancelledError() from e
                 delay = random.uniform(backoff / 2, backoff)
                 backoff = min(backoff * 2, self._retry_max_s)

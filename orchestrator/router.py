@@ -391,7 +391,7 @@ class Router:
                 try:
                     resp = await call.read()
                 except asyncio.CancelledError:
-                    if attempt.failure is None or _task_cancelled():
+                    if attempt.failure is None or task_cancelled():
                         raise
                     raise attempt.failure from None
                 except grpc.aio.AioRpcError as e:
@@ -444,7 +444,8 @@ def _annotated(e: WorkerFailed, note: str) -> WorkerFailed:
     return e
 
 
-def _task_cancelled() -> bool:
-    """Whether the current task itself is being cancelled (not just a call it awaits)."""
+def task_cancelled() -> bool:
+    """Whether the current task itself is being cancelled (not just a call it awaits): for
+    loops that must stop even when a client library swallowed the ``CancelledError``."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
