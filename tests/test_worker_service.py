@@ -385,3 +385,30 @@ async def test_engine_load_failure_is_raised_by_start():
     server = WorkerServer(WorkerConfig(engine=EngineConfig(model="missing")), engine_factory=broken_engine)
     with pytest.raises(OSError, match="no such file"):
         await asyncio.wait_for(server.start(), RPC_TIMEOUT)
+
+
+def test_outputs_waiting_behind_one_are_sent_as_one_delta():
+    """A stream that fell behind sends what is queued as one message, and never
+    merges past the output that finishes the request."""
+    import asyncio
+
+    from worker.engine.types import FinishReason, RequestOutput, TokenLogprob
+    from worker.engine_loop import _coalesce
+
+    async def run():
+        waiting: asyncio.Queue = asyncio.Queue()
+        first = RequestOutput("r", (5,), (TokenLogprob(5, -0.1, ()),), num_prompt_tokens=7, num_cached_tokens=4)
+        for out in (RequestOutput("r", (6,), (TokenLogprob(6, -0.2, ()),)),
+                    RequestOutput("r", (7,), (TokenLogprob(7, -0.3, ()),), finish_reason=FinishReason.LENGTH),
+                    RequestOutput("r", (8,))):  # behind the finish: not merged
+            waiting.put_nowait(out)
+        merged = _coalesce(first, waiting)
+        assert merged.new_token_ids == (5, 6, 7)
+        assert [lp.logprob for lp in merged.logprobs] == [-0.1, -0.2, -0.3]
+        assert merged.finish_reason is FinishReason.LENGTH
+        assert (merged.num_prompt_tokens, merged.num_cached_tokens) == (7, 4)
+        assert waiting.qsize() == 1
+        alone = RequestOutput("s", (1,))
+        assert _coalesce(alone, asyncio.Queue()) == alone
+
+    asyncio.run(run())
