@@ -113,9 +113,6 @@ def run_hf(model, args, rng, results: dict) -> None:
     batch = [random_prompt(rng, 512) for _ in range(64)]
     results["hf_static_batch64"] = hf_generate(model, batch, 256)
     print(f"transformers batch 64 x 512/256: {results['hf_static_batch64']:.1f} tok/s", flush=True)
-    if args.hf_generate_batch:
-        results["hf_generate_batch"] = hf_generate_batch(model, offline_workload(args))
-        print(f"transformers generate_batch offline: {results['hf_generate_batch']:.1f} tok/s", flush=True)
 
 
 def run_hf_compiled(model, rng, results: dict) -> None:
@@ -133,26 +130,29 @@ def run_hf_compiled(model, rng, results: dict) -> None:
         results["hf_static_compiled_b1_error"] = f"{type(exc).__name__}: {exc}"[:200]
 
 
-def hf_compiled_in_subprocess(args, results: dict) -> None:
-    """Run ``run_hf_compiled`` in a fresh process (its own GPU memory, a time limit)."""
+def hf_in_subprocess(args, results: dict, only: str, timeout: float, error_key: str) -> None:
+    """Run one transformers measurement (``--hf-only compiled|generate_batch``) in a fresh
+    process: its own GPU memory (``generate_batch`` sizes a paged cache to what is free,
+    and keeps it after a failure), and a time limit."""
     import sys
 
-    out = Path(tempfile.mkdtemp()) / "hf_compiled.json"
-    cmd = [sys.executable, __file__, "--hf-compiled-only", "--layers", str(args.layers), "--json", str(out)]
+    out = Path(tempfile.mkdtemp()) / f"hf_{only}.json"
+    cmd = [sys.executable, __file__, "--hf-only", only, "--layers", str(args.layers),
+           "--offline-requests", str(args.offline_requests), "--json", str(out)]
     try:
-        subprocess.run(cmd, timeout=args.hf_compile_timeout, check=True)
+        subprocess.run(cmd, timeout=timeout, check=True)
         sub = json.loads(out.read_text())
         results.update({k: v for k, v in sub.items() if k.startswith("hf_")})
     except (subprocess.SubprocessError, OSError, ValueError) as exc:
-        results["hf_static_compiled_b1_error"] = f"{type(exc).__name__}: {exc}"[:200]
-        print(f"transformers compiled run failed: {exc}", flush=True)
+        results[error_key] = f"{type(exc).__name__}: {exc}"[:200]
+        print(f"transformers {only} run failed: {exc}", flush=True)
 
 
 def hf_generate_batch(model, workload: list[list[int]]) -> float:
     from transformers import GenerationConfig
 
     cfg = GenerationConfig(max_new_tokens=256, min_new_tokens=256, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: its batching thread updates tensors made here in place
         elapsed, out = timed(lambda: model.generate_batch(inputs=workload, generation_config=cfg))
     produced = sum(len(r.generated_tokens) for r in out.values())
     return produced / elapsed
@@ -323,7 +323,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--profile", action="store_true", help="profile decode steps at batch 1, 64 and 256 first")
     parser.add_argument("--hf-compile-timeout", type=int, default=300, help="seconds for the compiled transformers run")
-    parser.add_argument("--hf-compiled-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--hf-generate-batch-timeout", type=int, default=300, help="seconds for generate_batch")
+    parser.add_argument("--hf-only", choices=("compiled", "generate_batch"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="write all results here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -333,10 +334,14 @@ def main() -> None:
     from worker.models.config import ModelConfig
     from worker.models.loader import load_model_from_state_dict
 
-    if args.hf_compiled_only:
+    if args.hf_only:
         results = {}
         hf, _ = build_hf(args.layers)
-        run_hf_compiled(hf, random.Random(2), results)
+        if args.hf_only == "compiled":
+            run_hf_compiled(hf, random.Random(2), results)
+        else:
+            results["hf_generate_batch"] = hf_generate_batch(hf, offline_workload(args))
+            print(f"transformers generate_batch offline: {results['hf_generate_batch']:.1f} tok/s", flush=True)
         Path(args.json).write_text(json.dumps(results))
         return
     info = versions()
@@ -387,7 +392,14 @@ def main() -> None:
         del engine, ours
         gc.collect()
         torch.cuda.empty_cache()
-        hf_compiled_in_subprocess(args, results)
+        hf_in_subprocess(args, results, "compiled", args.hf_compile_timeout, "hf_static_compiled_b1_error")
+        save()
+    if args.hf_generate_batch:
+        if args.hf != "all":
+            del engine, ours
+            gc.collect()
+            torch.cuda.empty_cache()
+        hf_in_subprocess(args, results, "generate_batch", args.hf_generate_batch_timeout, "hf_generate_batch_error")
         save()
     print_table(results, limit)
 
