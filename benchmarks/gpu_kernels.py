@@ -23,15 +23,14 @@ from triton.testing import do_bench
 
 from kernels.activation import silu_and_mul_ref
 from kernels.activation_triton import silu_and_mul_triton
-from kernels.cache_ops import store_kv_ref
-from kernels.cache_ops_triton import store_kv_triton
 from kernels.paged_attention import paged_attention_ref
 from kernels.paged_decode_triton import DecodeTuning, paged_decode_attention
 from kernels.paged_prefill_triton import paged_prefill_attention
 from kernels.rmsnorm import add_rms_norm_ref
 from kernels.rmsnorm_triton import rms_norm_triton
-from kernels.rotary import apply_rotary_ref, build_cos_sin_cache
-from kernels.rotary_triton import apply_rotary_triton
+from kernels.rotary import build_cos_sin_cache
+from kernels.rotary_store import rotary_and_store_ref
+from kernels.rotary_store_triton import rotary_and_store_triton
 
 HQ, HK, D, HIDDEN, FFN, VOCAB, BS = 32, 8, 128, 4096, 14336, 128256, 16
 DEV = "cuda"
@@ -133,16 +132,14 @@ def bench_elementwise() -> None:
     qkv = torch.randn(t_, (HQ + 2 * HK) * D, device=DEV, dtype=BF16)
     q = qkv[:, : HQ * D].view(t_, HQ, D)
     kk = qkv[:, HQ * D : (HQ + HK) * D].view(t_, HK, D)
+    vv = qkv[:, (HQ + HK) * D :].view(t_, HK, D)
     cache = build_cos_sin_cache(D, 8192, 500000.0, None, torch.float32, torch.device(DEV))
     pos = torch.randint(0, 8192, (t_,), device=DEV)
-    row("rotary q+k (Triton)", f"{t_} tokens", ms(lambda: apply_rotary_triton(q, kk, pos, cache)),
-        nbytes=2 * (HQ + HK) * D * t_ * 2, ref=ms(lambda: apply_rotary_ref(q, kk, pos, cache)))
-    vv = qkv[:, (HQ + HK) * D :].view(t_, HK, D)
     kc = torch.zeros(8192, BS, HK, D, device=DEV, dtype=BF16)
     vc = torch.zeros_like(kc)
     slots = torch.randperm(8192 * BS, device=DEV)[:t_]
-    row("store_kv (Triton)", f"{t_} tokens", ms(lambda: store_kv_triton(kk, vv, kc, vc, slots)),
-        nbytes=4 * HK * D * t_ * 2, ref=ms(lambda: store_kv_ref(kk, vv, kc, vc, slots)))
+    row("rotary q+k, store k+v", f"{t_} tokens", ms(lambda: rotary_and_store_triton(q, kk, vv, pos, cache, kc, vc, slots)),
+        nbytes=2 * (HQ + 2 * HK) * D * t_ * 2, ref=ms(lambda: rotary_and_store_ref(q, kk, vv, pos, cache, kc, vc, slots)))
 
 
 def main() -> None:

@@ -50,7 +50,6 @@ def _skinny_matmul_kernel(
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    pdl_prologue(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -62,8 +61,26 @@ def _skinny_matmul_kernel(
     x_ptrs = x_ptr + m[:, None] * x_stride + k_start + k[None, :]
     m_mask = m[:, None] < M
     n_mask = n[:, None] < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    # The first weight tile is loaded before waiting for the previous kernel (weights
+    # are never written during a step), so with PDL the weight stream starts during
+    # that kernel's tail; everything else comes after the wait.
+    if EVEN_K:
+        x_mask = m_mask
+        w_mask = n_mask
+    else:
+        k_in = (k_start + k)[None, :] < k_end
+        x_mask = m_mask & k_in
+        w_mask = n_mask & k_in
+    if EVEN_N and EVEN_K:
+        w = tl.load(w_ptrs)
+    else:
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+    pdl_prologue(USE_PDL)
+    x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+    acc = tl.dot(x, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
+    w_ptrs += BLOCK_K
+    x_ptrs += BLOCK_K
+    for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
         if EVEN_K:
             x_mask = m_mask
             w_mask = n_mask

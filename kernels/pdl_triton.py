@@ -6,8 +6,11 @@ batch-1 step on an H100). Launched with PDL (Hopper and later), a kernel may
 start while its predecessor is still running; each of ours first waits for
 the predecessor to finish and its writes to be visible (``griddepcontrol.wait``),
 then lets its own successor start launching. Every kernel that is launched
-with PDL calls this prologue first thing, unconditionally, so completion stays
-transitive: when kernel N+1 is done, so is kernel N. Kernels launched without
+with PDL calls this prologue unconditionally before touching anything an
+earlier kernel writes, so completion stays transitive: when kernel N+1 is
+done, so is kernel N. (The skinny matmul loads its first weight tile before
+the prologue: weights are constant, and that load is the point of starting
+early.) Kernels launched without
 PDL (cuBLAS, torch) keep the ordinary full dependency in both directions.
 
 Not a kernel of its own: a helper the kernels call, like ``rounding_triton.py``.

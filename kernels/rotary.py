@@ -3,7 +3,9 @@
 ``cos_sin_cache`` holds ``cos`` and ``sin`` for every position up to the
 context window, built once from the model's RoPE settings (base, scaling); the
 kernel gathers rows by position, so any mix of positions in one flat batch is
-fine (chunked prefill and decode together).
+fine (chunked prefill and decode together). The model rotates through
+``rotary_store.py``, which also writes the rotated keys into the paged cache;
+this file holds the table and the torch reference of the rotation.
 """
 
 from __future__ import annotations
@@ -11,11 +13,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-from kernels.backend import HAS_TRITON, use_triton
-
-if HAS_TRITON:
-    from kernels.rotary_triton import apply_rotary_triton
 
 
 def rope_inv_freq(head_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
@@ -75,10 +72,3 @@ def apply_rotary_ref(
 
     return rot(q), rot(k)
 
-
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(q):
-        return apply_rotary_triton(q, k, positions, cos_sin_cache)
-    return apply_rotary_ref(q, k, positions, cos_sin_cache)

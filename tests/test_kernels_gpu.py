@@ -28,10 +28,10 @@ import torch
 
 from kernels.activation import silu_and_mul_ref
 from kernels.backend import HAS_TRITON
-from kernels.cache_ops import store_kv_ref
 from kernels.paged_attention import paged_attention_ref
 from kernels.rmsnorm import add_rms_norm_ref, rms_norm_ref
-from kernels.rotary import apply_rotary_ref, build_cos_sin_cache
+from kernels.rotary import build_cos_sin_cache
+from kernels.rotary_store import rotary_and_store_ref
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = [
@@ -88,52 +88,41 @@ def test_silu_and_mul(dtype, tokens, d):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize("tokens", [1, 9, 100])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (9, 3, 64), (32, 8, 128)])
-def test_rotary(dtype, tokens, heads, kv_heads, head_dim):
-    from kernels.rotary_triton import apply_rotary_triton
+def test_rotary_and_store(dtype, block_size, tokens, heads, kv_heads, head_dim):
+    """Rotated queries returned, rotated keys and the values in their cache slots, against
+    the composition of the torch references; negative slots leave the cache alone."""
+    from kernels.rotary_store_triton import rotary_and_store_triton
 
     cache = build_cos_sin_cache(head_dim, 4096, 500000.0, None, torch.float32, torch.device(DEVICE))
-    # q and k as views of one fused projection, as the model passes them
+    # q, k and v as views of one fused projection, as the model passes them
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=DEVICE).to(dtype)
     q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
     k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
     pos = torch.randint(0, 4096, (tokens,), device=DEVICE)
-    q_out, k_out = apply_rotary_triton(q, k, pos, cache)
-    q_ref, k_ref = apply_rotary_ref(q, k, pos, cache)
-    for out, ref, x in ((q_out, q_ref, q), (k_out, k_ref, k)):
+    num_blocks = tokens // block_size + 3
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:tokens]
+    skipped = torch.rand(tokens, device=DEVICE) < 0.2  # padding rows of a graph batch
+    caches = [torch.randn(num_blocks, block_size, kv_heads, head_dim, device=DEVICE).to(dtype) for _ in range(4)]
+    caches[2].copy_(caches[0])
+    caches[3].copy_(caches[1])
+    q_out = rotary_and_store_triton(q, k, v, pos, cache, caches[0], caches[1], torch.where(skipped, -1, slots).to(torch.int32))
+    q_ref = rotary_and_store_ref(q, k, v, pos, cache, caches[2], caches[3], slots)
+    if skipped.any():  # the reference has no padding: undo its writes of the skipped tokens
+        flat = [c.view(-1, kv_heads, head_dim) for c in caches]
+        flat[2][slots[skipped]] = flat[0][slots[skipped]]
+        flat[3][slots[skipped]] = flat[1][slots[skipped]]
+    assert torch.equal(caches[1], caches[3]), "values are a copy"
+    for out, ref, x in ((q_out, q_ref, q), (caches[0], caches[2], k)):
         if dtype == torch.float32:
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
             continue
         diff = (out.float() - ref.float()).abs()
         assert diff.max() <= 2**-7 * x.float().abs().max()
         assert (diff > 0).float().mean() < 1e-3
-
-
-# ---- K/V store -----------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_size", [1, 16, 32])
-@pytest.mark.parametrize("tokens,kv_heads,head_dim", [(1, 2, 64), (37, 8, 128), (300, 3, 64)])
-def test_store_kv(dtype, block_size, tokens, kv_heads, head_dim):
-    from kernels.cache_ops_triton import store_kv_triton
-
-    num_blocks = (tokens + block_size - 1) // block_size + 3
-    kv = torch.randn(tokens, 2 * kv_heads * head_dim, device=DEVICE).to(dtype)
-    key = kv[:, : kv_heads * head_dim].view(tokens, kv_heads, head_dim)
-    value = kv[:, kv_heads * head_dim :].view(tokens, kv_heads, head_dim)
-    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:tokens]
-    caches = [torch.randn(num_blocks, block_size, kv_heads, head_dim, device=DEVICE).to(dtype) for _ in range(4)]
-    caches[2].copy_(caches[0])
-    caches[3].copy_(caches[1])
-    store_kv_triton(key, value, caches[0], caches[1], slots.to(torch.int32))
-    store_kv_ref(key, value, caches[2], caches[3], slots)
-    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
-    # negative slots are skipped
-    before = caches[0].clone()
-    store_kv_triton(key, value, caches[0], caches[1], torch.full((tokens,), -1, device=DEVICE, dtype=torch.int64))
-    assert torch.equal(caches[0], before)
 
 
 # ---- attention -------------------------------------------------------------------

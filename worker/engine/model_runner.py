@@ -99,7 +99,7 @@ class ModelRunner:
                                  context_lens=torch.zeros(4, **i32), num_splits=splits)
             meta = AttentionMetadata(torch.full((4,), -1, **i32), decode.block_tables, [], [], decode=decode)
             attn = self.model.layers[0].self_attn.attn
-            attn(q, q[:, : mc.num_kv_heads], q[:, : mc.num_kv_heads], self.kv_cache[0, 0], self.kv_cache[0, 1], meta)
+            attn(q, self.kv_cache[0, 0], self.kv_cache[0, 1], meta)
             splits *= 2
         torch.cuda.synchronize(dev)
 

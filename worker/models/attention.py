@@ -1,9 +1,9 @@
 """The attention layer's view of one step's batch, and the layer itself.
 
 The model runner builds one ``AttentionMetadata`` per step; every layer reads
-it. The layer writes the step's new K/V into the paged cache first and then
-attends over the cache, so cached prefix blocks and the new tokens are read
-the same way.
+it. The model writes the step's new (rotated) K/V into the paged cache first
+(``kernels.rotary_store``) and the layer then attends over the cache, so
+cached prefix blocks and the new tokens are read the same way.
 
 On CUDA the runner also describes the batch as device tensors, split into
 the sequences with one new token (``DecodeBatch``, the decode kernel) and
@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from kernels.backend import HAS_TRITON
-from kernels.cache_ops import store_kv
 from kernels.paged_attention import paged_attention
 
 if HAS_TRITON:
@@ -75,13 +74,11 @@ class PagedAttention(torch.nn.Module):
     def forward(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        """Attention of ``q`` ``[T, Hq, D]`` over the cache, whose slots already hold this step's K/V."""
         if not meta.on_gpu_kernels:
             return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_lens, self.scale)
         out = torch.empty_like(q)

@@ -16,7 +16,8 @@ from torch import nn
 from kernels.activation import silu_and_mul
 from kernels.linear import linear
 from kernels.rmsnorm import add_rms_norm, rms_norm
-from kernels.rotary import apply_rotary, build_cos_sin_cache
+from kernels.rotary import build_cos_sin_cache
+from kernels.rotary_store import rotary_and_store
 from worker.models.attention import AttentionMetadata, PagedAttention
 from worker.models.config import ModelConfig
 
@@ -51,8 +52,8 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, positions, cos_sin)
-        o = self.attn(q, k, v, k_cache, v_cache, meta)
+        q = rotary_and_store(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
+        o = self.attn(q, k_cache, v_cache, meta)
         return linear(o.reshape(-1, self.q_size), self.o_proj.weight)
 
 

@@ -1,0 +1,109 @@
+"""Triton rotary of q and k fused with the paged K/V store, one launch (see ``rotary_store.py``).
+
+Grid ``(tokens, 2)``: program ``(t, 0)`` rotates token ``t``'s query heads into
+the output tensor; program ``(t, 1)`` rotates its key heads straight into the
+token's cache slot and copies its value heads beside them (skipped for a
+negative slot). Products and sums are rounded to the activation dtype step by
+step, exactly as the torch reference computes them in that dtype
+(``rounding_triton.py``), so results agree with it bit for bit (but for rare
+one-rounding differences where ``x1*cos - x2*sin`` cancels).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.backend import next_pow2, pdl_launch, require, require_device
+from kernels.pdl_triton import pdl_prologue
+from kernels.rounding_triton import round_like
+
+
+@triton.jit
+def _rotate(src, dst, src_st, src_sh, dst_st, dst_sh, t, cos, sin, n_heads,
+            HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (h < n_heads) & (d < HALF)
+    s = src + t * src_st + h * src_sh + d
+    o = dst + t * dst_st + h * dst_sh + d
+    dtype = dst.dtype.element_ty
+    x1 = tl.load(s, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(s + HALF, mask=mask, other=0.0).to(tl.float32)
+    a = round_like(x1 * cos, dst)
+    b = round_like(x2 * sin, dst)
+    tl.store(o, (a - b).to(dtype), mask=mask)
+    a = round_like(x2 * cos, dst)
+    b = round_like(x1 * sin, dst)
+    tl.store(o + HALF, (a + b).to(dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_store_kernel(
+    q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr, slot_ptr, cs_ptr,
+    q_st, q_sh, k_st, k_sh, v_st, qo_st, qo_sh, kc_sb, kc_st, kc_sh, vc_sb, vc_st, cs_stride,
+    n_q_heads, n_k_heads, n_v_elems,
+    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_V: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    pdl_prologue(USE_PDL)
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)[None, :]
+    cos = round_like(tl.load(cs_ptr + pos * cs_stride + d, mask=d < HALF, other=0.0), qo_ptr)
+    sin = round_like(tl.load(cs_ptr + pos * cs_stride + HALF + d, mask=d < HALF, other=0.0), qo_ptr)
+    if tl.program_id(1) == 0:
+        _rotate(q_ptr, qo_ptr, q_st, q_sh, qo_st, qo_sh, t, cos, sin, n_q_heads, HALF, BLOCK_HQ, BLOCK_HALF)
+    else:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:
+            kc = kc_ptr + (slot // BLOCK_SIZE) * kc_sb + (slot % BLOCK_SIZE) * kc_st
+            _rotate(k_ptr + t * k_st, kc, 0, k_sh, 0, kc_sh, 0, cos, sin, n_k_heads, HALF, BLOCK_HK, BLOCK_HALF)
+            i = tl.arange(0, BLOCK_V)
+            value = tl.load(v_ptr + t * v_st + i, mask=i < n_v_elems)
+            vc = vc_ptr + (slot // BLOCK_SIZE) * vc_sb + (slot % BLOCK_SIZE) * vc_st
+            tl.store(vc + i, value.to(vc_ptr.dtype.element_ty), mask=i < n_v_elems)
+
+
+def rotary_and_store_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """``q`` ``[T, Hq, D]``, ``k``/``v`` ``[T, Hk, D]`` (unit stride along D, each token's
+    value heads contiguous: views of a fused projection are fine); caches
+    ``[blocks, block_size, Hk, D]`` with each slot's heads contiguous; ``positions`` and
+    ``slot_mapping`` ``[T]`` int32/int64. Returns the rotated queries (contiguous)."""
+    require(q.dim() == 3 and k.dim() == 3 and k.shape == v.shape,
+            f"q must be [T, Hq, D] and k, v equal [T, Hk, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    t, _, dim = q.shape
+    hk = k.shape[1]
+    require(k.shape[0] == t and k.shape[2] == dim, f"k {tuple(k.shape)} does not match q {tuple(q.shape)}")
+    require(dim % 2 == 0, f"head_dim must be even, got {dim}")
+    require(q.stride(2) == 1 and k.stride(2) == 1, f"q and k need unit stride along head_dim, got {q.stride()}, {k.stride()}")
+    require(v.stride(2) == 1 and v.stride(1) == dim, f"v must have contiguous heads per token, got strides {v.stride()}")
+    require(q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    require(k_cache.dim() == 4 and k_cache.shape == v_cache.shape and tuple(k_cache.shape[2:]) == (hk, dim),
+            f"caches must be [blocks, block_size, {hk}, {dim}], got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        require(c.stride(3) == 1 and c.stride(2) == dim, f"{name} must have contiguous heads per slot, got strides {c.stride()}")
+    require(k_cache.dtype == v_cache.dtype == q.dtype, f"cache dtype {k_cache.dtype} differs from q's {q.dtype}")
+    for name, x in (("positions", positions), ("slot_mapping", slot_mapping)):
+        require(x.shape == (t,) and x.dtype in (torch.int32, torch.int64),
+                f"{name} must be [{t}] int32/int64, got {tuple(x.shape)} {x.dtype}")
+    require(cos_sin_cache.dim() == 2 and cos_sin_cache.shape[1] == dim and cos_sin_cache.stride(1) == 1,
+            f"cos_sin_cache must be [positions, {dim}] with unit inner stride, got {tuple(cos_sin_cache.shape)}")
+    require_device(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if t == 0:
+        return qo
+    half = dim // 2
+    _rotary_store_kernel[(t, 2)](
+        q, k, v, qo, k_cache, v_cache, positions, slot_mapping, cos_sin_cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), qo.stride(0), qo.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        cos_sin_cache.stride(0), q.shape[1], hk, hk * dim,
+        HALF=half, BLOCK_HQ=next_pow2(q.shape[1]), BLOCK_HK=next_pow2(hk), BLOCK_HALF=next_pow2(half),
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_V=next_pow2(hk * dim), num_warps=4, **pdl_launch(q.device),
+    )
+    return qo
