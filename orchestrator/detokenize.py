@@ -9,6 +9,13 @@ leading space) decode as they would in one piece. Cost per step: one decode
 of at most ``MAX_WINDOW`` tokens, plus one more each time the window is cut
 back to ``CONTEXT_TOKENS``.
 
+``ByteDetokenizer`` does the same for byte-level BPE tokenizers (GPT-2's
+``ByteLevel`` decoder: SmolLM2, Llama 3, Qwen), where a token's text is a fixed
+byte string whatever its neighbours: the text is the incremental UTF-8
+decoding of the tokens' bytes, so no window and no call into the tokenizer
+(whose ``decode`` releases the GIL: in a router busy with gRPC that hand-off
+to grpc's poller thread cost ~20 µs of CPU per call, more than the decode).
+
 ``StopMatcher`` finds the first stop string in the text, holding back any
 tail that could still become the start of one. Invariant: a stop string
 never begins inside text already emitted, so searching the held-back tail
@@ -17,7 +24,8 @@ plus the new text is enough.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import codecs
+from typing import Callable, Protocol, Sequence
 
 _REPLACEMENT = "\ufffd"
 CONTEXT_TOKENS = 5
@@ -57,6 +65,33 @@ class IncrementalDetokenizer:
         return delta
 
 
+class Detokenizer(Protocol):
+    def add(self, token_ids: Sequence[int]) -> str:
+        """Text completed by ``token_ids`` (the next generated tokens)."""
+
+    def flush(self) -> str:
+        """Whatever is still held back, once no more tokens will come."""
+
+
+class ByteDetokenizer:
+    """``IncrementalDetokenizer``'s output for a byte-level tokenizer, from a
+    per-token byte table: ``token_bytes(id)`` is the token's bytes (``b""``
+    for a special token, which decoding skips)."""
+
+    def __init__(self, token_bytes: Callable[[int], bytes]) -> None:
+        self._token_bytes = token_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        if not token_ids:
+            return ""
+        return self._utf8.decode(b"".join(map(self._token_bytes, token_ids)))
+
+    def flush(self) -> str:
+        """An incomplete character at the end comes out as U+FFFD."""
+        return self._utf8.decode(b"", final=True)
+
+
 class StopMatcher:
     """Applies stop strings to streamed text; the stop string itself is dropped."""
 
@@ -64,6 +99,8 @@ class StopMatcher:
         self._stops = tuple(stops)
         self._held = ""
         self.stopped = False
+        self.active = bool(self._stops)
+        """Whether there are stop strings at all (if not, ``feed`` returns its text as is)."""
 
     def feed(self, text: str) -> str:
         """The text that is safe to emit now; sets ``stopped`` when a stop

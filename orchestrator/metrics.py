@@ -43,10 +43,17 @@ class RouterMetrics:
         self.ttft = Histogram(
             "kvmesh_router_time_to_first_token_seconds", "Time to first token.",
             ["model"], buckets=_TTFT_BUCKETS, registry=r)
-        # Gap between consecutive streamed chunks of one request.
+        # Gap between consecutive streamed chunks (with tokens) of one request.
+        # A router that fell behind merges the worker messages that queued up
+        # into one chunk (read_ahead.py): then one gap spans several tokens,
+        # and TTFT count + ITL count (chunks) < generated tokens.
         self.itl = Histogram(
             "kvmesh_router_inter_token_latency_seconds", "Gap between streamed chunks.",
             ["model"], buckets=_ITL_BUCKETS, registry=r)
+        # Messages read from workers' Submit streams (all of them, merged or not).
+        self.worker_messages = Counter(
+            "kvmesh_router_worker_messages", "Messages read from workers' Submit streams.",
+            ["model"], registry=r)
         # Arrival to the last chunk.
         self.e2e = Histogram(
             "kvmesh_router_e2e_request_latency_seconds", "End-to-end request latency.",

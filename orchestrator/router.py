@@ -52,6 +52,7 @@ from orchestrator.errors import (DuplicateRequestId, InvalidArgument, NoHealthyW
                                  WorkerFailed, WorkerRejected, WorkerTimeout)
 from orchestrator.metrics import RouterMetrics
 from orchestrator.placement import PlacementDecision, PlacementPolicy, RequestView
+from orchestrator.read_ahead import ReadAhead
 from orchestrator.registry import ModelEntry, WorkerRegistry
 from orchestrator.tokenize import TokenizerBundle
 from orchestrator.types import Chunk, FinishReason, GenerateRequest, ModelCard, Sampling, TokenLogprob, Usage
@@ -64,6 +65,11 @@ _RETRIABLE_CODES = frozenset({
     grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED,
 })
 _REJECTION_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
+_FINISH_ERROR = FinishReason.ERROR.to_pb()
+
+
+def _has_finish(resp: worker_pb2.SubmitResponse) -> bool:
+    return resp.finish_reason != 0     # FINISH_REASON_UNSPECIFIED
 
 
 @dataclass(frozen=True)
@@ -173,6 +179,7 @@ class _Output:
         self._model = p.entry.spec.name
         self._ttft = metrics.ttft.labels(self._model)          # resolved once: labels() costs µs per call
         self._itl = metrics.itl.labels(self._model)
+        self._messages = metrics.worker_messages.labels(self._model)
         self.generated: list[int] = []
         """Every token id streamed so far, from all workers (a migration resubmits them)."""
         self.cached_tokens = 0
@@ -187,28 +194,47 @@ class _Output:
         """Whether any token arrived (a failure from now on is a migration)."""
         return bool(self.generated)
 
-    def on_response(self, resp: worker_pb2.SubmitResponse, worker_id: str) -> Chunk:
-        ids = tuple(resp.token_ids)
-        if resp.cached_tokens and not self.started:    # a migrated request's later workers don't count
-            self.cached_tokens = resp.cached_tokens
+    def on_batch(self, batch: list[worker_pb2.SubmitResponse], worker_id: str) -> Chunk:
+        """One chunk for worker messages that arrived together, the same as the
+        concatenation of the chunks each would have made alone: stop strings
+        are matched message by message, so a stop string ending in one message
+        drops the messages after it (their tokens are neither sent nor counted)."""
+        ids: list[int] = []
+        logprobs: list[TokenLogprob] = []
+        want_logprobs = self._p.sampling.logprobs
+        text = ""
+        stopped = False
+        for resp in batch:
+            if resp.cached_tokens and not self.started:    # a migrated request's later workers don't count
+                self.cached_tokens = resp.cached_tokens
+            new = resp.token_ids
+            self.generated.extend(new)
+            ids.extend(new)
+            if want_logprobs:
+                logprobs.extend(TokenLogprob.from_pb(lp) for lp in resp.logprobs)
+            if self._stops.active:         # text message by message: where a stop string ends matters
+                text += self._stops.feed(self._detok.add(new))
+                if self._stops.stopped:
+                    stopped = True
+                    break
+        self._messages.inc(len(batch))
         if ids:
-            self._observe_tokens(ids)
-        finish = FinishReason.from_pb(resp.finish_reason)
-        if finish is FinishReason.ERROR:
-            raise WorkerFailed(f"worker {worker_id} failed the request (engine error)")
-        text = self._stops.feed(self._detok.add(ids))
-        if self._stops.stopped:
-            finish = FinishReason.STOP
-        elif finish is not None:
-            text += self._stops.feed(self._detok.flush())
-            if self._stops.stopped:
-                finish = FinishReason.STOP
-            else:
-                text += self._stops.flush()
-        logprobs = tuple(TokenLogprob.from_pb(lp) for lp in resp.logprobs) if self._p.sampling.logprobs else ()
+            self._observe_chunk()
+        if not self._stops.active:
+            text = self._detok.add(ids)
+        if stopped:
+            finish: FinishReason | None = FinishReason.STOP
+        else:
+            finish = FinishReason.from_pb(batch[-1].finish_reason)
+            if finish is not None:
+                text += self._stops.feed(self._detok.flush())
+                if self._stops.stopped:
+                    finish = FinishReason.STOP
+                else:
+                    text += self._stops.flush()
         if finish is None:
-            return Chunk(self._p.request_id, text, ids, logprobs, worker_id=worker_id)
-        return self.final(finish, worker_id, text=text, token_ids=ids, logprobs=logprobs)
+            return Chunk(self._p.request_id, text, tuple(ids), tuple(logprobs), worker_id=worker_id)
+        return self.final(finish, worker_id, text=text, token_ids=tuple(ids), logprobs=tuple(logprobs))
 
     def final(self, finish: FinishReason, worker_id: str, *, text: str = "", token_ids: tuple[int, ...] = (),
               logprobs: tuple[TokenLogprob, ...] = ()) -> Chunk:
@@ -221,14 +247,14 @@ class _Output:
         m.cached_prompt_tokens.labels(self._model).inc(usage.cached_tokens)
         return Chunk(self._p.request_id, text, token_ids, logprobs, finish, usage, worker_id)
 
-    def _observe_tokens(self, ids: tuple[int, ...]) -> None:
+    def _observe_chunk(self) -> None:
+        """TTFT at the first chunk with tokens, then the gap between such chunks (ITL per chunk)."""
         now = time.monotonic()
         if self._last_token_at is None:
             self._ttft.observe(now - self._p.arrival)
         else:
             self._itl.observe(now - self._last_token_at)
         self._last_token_at = now
-        self.generated.extend(ids)
 
 
 class Router:
@@ -302,9 +328,9 @@ class Router:
                     return
                 worker = self._place(p, exclude=failed)
                 try:
-                    async with aclosing(self._submit(submit, worker, active)) as responses:
-                        async for resp in responses:
-                            chunk = output.on_response(resp, worker.worker_id)
+                    async with aclosing(self._submit(submit, worker, active)) as batches:
+                        async for batch in batches:
+                            chunk = output.on_batch(batch, worker.worker_id)
                             yield chunk
                             if chunk.finish_reason is not None:
                                 return
@@ -374,9 +400,11 @@ class Router:
         return worker
 
     async def _submit(self, request: worker_pb2.SubmitRequest, worker: WorkerHandle,
-                      active: _Active) -> AsyncIterator[worker_pb2.SubmitResponse]:
-        """The worker's messages up to and including the one with a finish
-        reason; raises ``WorkerFailed``/``WorkerRejected``/``_AbortRequested``."""
+                      active: _Active) -> AsyncIterator[list[worker_pb2.SubmitResponse]]:
+        """The worker's messages, in batches of those that arrived while the
+        previous batch was being relayed (``read_ahead.py``), up to and
+        including the one with a finish reason; raises ``WorkerFailed``/
+        ``WorkerRejected``/``_AbortRequested`` after the messages before the failure."""
         call = worker.stub.Submit(request)
         attempt = _Attempt(call, worker)
         active.attempt = attempt
@@ -385,24 +413,30 @@ class Router:
         timeout = self._limits.worker_timeout_s
         watchdog = _Watchdog(timeout, lambda: attempt.fail(
             WorkerTimeout(f"worker {worker.worker_id} sent nothing for {timeout:g}s")))
+
+        async def read() -> worker_pb2.SubmitResponse:
+            watchdog.arm()
+            try:
+                resp = await call.read()
+            except asyncio.CancelledError:
+                if attempt.failure is None or task_cancelled():
+                    raise
+                raise attempt.failure from None
+            except grpc.aio.AioRpcError as e:
+                raise attempt.failure or self._worker_error(worker, e) from None
+            watchdog.disarm()
+            if resp is grpc.aio.EOF:
+                raise WorkerFailed(f"worker {worker.worker_id} ended the stream without a finish reason")
+            if resp.finish_reason == _FINISH_ERROR:
+                raise WorkerFailed(f"worker {worker.worker_id} failed the request (engine error)")
+            return resp
+
+        ahead = ReadAhead(read, _has_finish)
         try:
-            while True:
-                watchdog.arm()
-                try:
-                    resp = await call.read()
-                except asyncio.CancelledError:
-                    if attempt.failure is None or task_cancelled():
-                        raise
-                    raise attempt.failure from None
-                except grpc.aio.AioRpcError as e:
-                    raise attempt.failure or self._worker_error(worker, e) from None
-                watchdog.disarm()
-                if resp is grpc.aio.EOF:
-                    raise WorkerFailed(f"worker {worker.worker_id} ended the stream without a finish reason")
-                yield resp
-                if resp.finish_reason:
-                    return
+            while batch := await ahead.take():
+                yield batch
         finally:
+            ahead.close()
             watchdog.cancel()
             call.cancel()
             worker.in_flight -= 1

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, decoders
 
 from kvmesh.v1 import worker_pb2
 from orchestrator.chat_template import ChatTemplate
-from orchestrator.detokenize import IncrementalDetokenizer
+from orchestrator.detokenize import ByteDetokenizer, Detokenizer, IncrementalDetokenizer
 from orchestrator.errors import InvalidArgument
 from orchestrator.types import ChatMessage, ChatPrompt, Prompt, TextPrompt, TokenPrompt
 
@@ -52,6 +52,8 @@ class TokenizerBundle:
         self._chat_template = chat_template
         self.fingerprint = fingerprint
         self._byte_level = _byte_level_alphabet() if isinstance(tokenizer.decoder, decoders.ByteLevel) else None
+        self._special_ids = frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
+        self._decoded_bytes: dict[int, bytes] = {}   # id -> bytes as decode() renders them (ByteDetokenizer)
 
     @classmethod
     def from_model_info(cls, info: worker_pb2.ModelInfo) -> TokenizerBundle:
@@ -104,8 +106,20 @@ class TokenizerBundle:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def detokenizer(self, prompt_ids: Sequence[int]) -> IncrementalDetokenizer:
+    def detokenizer(self, prompt_ids: Sequence[int]) -> Detokenizer:
+        """The byte-table detokenizer for a byte-level tokenizer (same text, no
+        tokenizer call per chunk), else the decode-window one."""
+        if self._byte_level is not None:
+            return ByteDetokenizer(self._decoded_token_bytes)
         return IncrementalDetokenizer(self.decode, prompt_ids)
+
+    def _decoded_token_bytes(self, token_id: int) -> bytes:
+        """What ``decode`` makes of ``token_id`` in bytes: nothing for a special token."""
+        data = self._decoded_bytes.get(token_id)
+        if data is None:
+            data = b"" if token_id in self._special_ids else self.token_bytes(token_id)
+            self._decoded_bytes[token_id] = data
+        return data
 
     def token_text(self, token_id: int) -> str:
         """The text of one token alone (for logprobs); special tokens included."""
