@@ -50,7 +50,8 @@ class RouterMetrics:
         self.itl = Histogram(
             "kvmesh_router_inter_token_latency_seconds", "Gap between streamed chunks.",
             ["model"], buckets=_ITL_BUCKETS, registry=r)
-        # Messages read from workers' Submit streams (all of them, merged or not).
+        # Messages read from workers' Submit streams (all of them, merged or
+        # not), counted when their request finishes.
         self.worker_messages = Counter(
             "kvmesh_router_worker_messages", "Messages read from workers' Submit streams.",
             ["model"], registry=r)

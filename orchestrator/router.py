@@ -179,7 +179,7 @@ class _Output:
         self._model = p.entry.spec.name
         self._ttft = metrics.ttft.labels(self._model)          # resolved once: labels() costs µs per call
         self._itl = metrics.itl.labels(self._model)
-        self._messages = metrics.worker_messages.labels(self._model)
+        self._messages = 0          # worker messages read (counted into the metric at the end)
         self.generated: list[int] = []
         """Every token id streamed so far, from all workers (a migration resubmits them)."""
         self.cached_tokens = 0
@@ -217,7 +217,7 @@ class _Output:
                 if self._stops.stopped:
                     stopped = True
                     break
-        self._messages.inc(len(batch))
+        self._messages += len(batch)
         if ids:
             self._observe_chunk()
         if not self._stops.active:
@@ -245,6 +245,7 @@ class _Output:
         m.prompt_tokens.labels(self._model).inc(usage.prompt_tokens)
         m.generation_tokens.labels(self._model).inc(usage.completion_tokens)
         m.cached_prompt_tokens.labels(self._model).inc(usage.cached_tokens)
+        m.worker_messages.labels(self._model).inc(self._messages)
         return Chunk(self._p.request_id, text, token_ids, logprobs, finish, usage, worker_id)
 
     def _observe_chunk(self) -> None:
