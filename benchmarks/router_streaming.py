@@ -175,9 +175,13 @@ def run_once(args: argparse.Namespace, log_dir: Path, repeat: int) -> dict:
                   "--router", address, "--host", "127.0.0.1", "--port", "0", "--worker-id", f"stream-{repeat}",
                   "--max-num-seqs", "256", "--num-kv-blocks", str(args.kv_blocks), "--block-size", "16",
                   "--speedup", str(args.speedup)]
-    if args.pin:
+    hog = None
+    if args.starve_router:
         router_cmd = ["taskset", "-c", "0"] + router_cmd
         worker_cmd = ["taskset", "-c", f"1-{os.cpu_count() - 1}"] + worker_cmd
+        hog = subprocess.Popen(["taskset", "-c", "0", python, "-c",
+                                f"import time\nend = time.monotonic() + {args.timeout * 2}\n"
+                                "while time.monotonic() < end: pass"])
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'proto'}"}
     with open(log_dir / f"router-{repeat}.log", "w") as rlog, open(log_dir / f"worker-{repeat}.log", "w") as wlog:
         router = subprocess.Popen(router_cmd, stdout=rlog, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -185,6 +189,9 @@ def run_once(args: argparse.Namespace, log_dir: Path, repeat: int) -> dict:
         try:
             return asyncio.run(asyncio.wait_for(measure(address, http_port, args, router.pid, worker.pid), args.timeout * 2))
         finally:
+            if hog is not None:
+                hog.kill()
+                hog.wait()
             stop(worker)
             stop(router)
 
@@ -200,16 +207,17 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=300.0, help="bound of every wait, seconds")
     p.add_argument("--profile", default=None, help="cProfile output of the router (last repeat)")
-    p.add_argument("--pin", action="store_true",
-                   help="worker alone on CPUs 1..n-1, router and this client on CPU 0: the worker keeps up with "
-                        "the engine (one token per message) and the router falls behind, as on the H100 host")
+    p.add_argument("--starve-router", action="store_true",
+                   help="router on CPU 0 beside a busy loop (so about half a core), worker and this client on "
+                        "CPUs 1..n-1: the router is the bottleneck while the worker keeps up with the engine, "
+                        "as on the H100 host")
     p.add_argument("--log-dir", default=None)
     p.add_argument("--json", default=None, help="write every run and the medians here")
     args = p.parse_args()
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="router-streaming-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    if args.pin:
-        os.sched_setaffinity(0, {0})
+    if args.starve_router:
+        os.sched_setaffinity(0, range(1, os.cpu_count()))
     runs = []
     for repeat in range(args.repeats):
         row = run_once(args, log_dir, repeat)
