@@ -251,7 +251,10 @@ class Processes:
                 except subprocess.TimeoutExpired:
                     print(f"{name} did not stop within {STOP_WAIT_S[name]:.0f} s: killing it", flush=True)
                     proc.kill()
-                    proc.wait(timeout=10)
+                    try:
+                        proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:  # go on stopping the others; report it
+                        print(f"{name} (pid {proc.pid}) did not exit after SIGKILL", flush=True)
 
 
 def tail(path: Path, lines: int = 30) -> str:

@@ -24,7 +24,11 @@ _SKINNY_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x`` ``[T, K]``, ``weight`` ``[N, K]`` -> ``[T, N]``."""
+    """``x`` ``[T, K]``, ``weight`` ``[N, K]`` -> ``[T, N]``.
+
+    ``weight`` must not be written by a kernel of the same step: with programmatic
+    dependent launch the skinny kernel reads its first weight tile before waiting for
+    the previous kernel (``pdl_triton.py``); model weights are constant."""
     if (
         use_triton(x)
         and x.dim() == 2

@@ -6,7 +6,8 @@ kernels for these shapes, which add a reduction launch and reach ~92 % of the
 H100's copy bandwidth (docs/PERFORMANCE.md). This kernel gives each program
 ``BLOCK_N`` output columns and walks the whole of ``K`` with software
 pipelined loads, so every weight byte is read exactly once, by one program,
-with no reduction pass. Rows are padded to the matrix instructions' 16 in
+with no reduction pass (narrow weights, with fewer column tiles than half
+the SMs, split K instead: ``SkinnyTuning.split_k``). Rows are padded to the matrix instructions' 16 in
 registers only (nothing padded is loaded or stored).
 
 Fusing the MLP's SiLU-and-multiply into the down projection's operand load
@@ -121,7 +122,9 @@ _workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-K partials and per-tile arrival counters, one pair per device, allocated on
     first use (before any CUDA-graph capture: graphs warm up eagerly first). Launches on
-    one stream never overlap, and each leaves its counters at zero."""
+    one stream never overlap, and each leaves its counters at zero. Shared by every launch
+    on the device, so split-K launches must not run concurrently on two streams (the
+    engine runs one stream per device; give each stream its own pair before using more)."""
     if device not in _workspaces:
         _workspaces[device] = (torch.empty(_WORKSPACE_ELEMS, dtype=torch.float32, device=device),
                                torch.zeros(_LOCKS, dtype=torch.int32, device=device))
@@ -161,6 +164,7 @@ def skinny_matmul_triton(
     m = x.shape[0]
     n, k = weight.shape
     require(x.shape[1] == k, f"x has {x.shape[1]} columns, weight {tuple(weight.shape)} needs {k}")
+    require(k > 0 and n > 0, f"weight must have rows and columns, got {tuple(weight.shape)}")
     require(m <= MAX_ROWS, f"x has {m} rows; this kernel serves at most {MAX_ROWS}")
     require(x.stride(1) == 1 and weight.stride(1) == 1, f"x and weight need unit inner stride, got {x.stride()}, {weight.stride()}")
     require(x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16),
