@@ -99,8 +99,7 @@ def router_counts(http_port: int) -> dict[str, float]:
     """Worker messages read, chunks with tokens sent, tokens generated: sums over models from /metrics."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10).read().decode()
     wanted = {"kvmesh_router_worker_messages_total": "messages",
-              "kvmesh_router_time_to_first_token_seconds_count": "chunks",
-              "kvmesh_router_inter_token_latency_seconds_count": "chunks",
+              "kvmesh_router_chunk_tokens_count": "chunks",
               "kvmesh_router_generation_tokens_total": "tokens"}
     counts = dict.fromkeys(wanted.values(), 0.0)
     for line in text.splitlines():

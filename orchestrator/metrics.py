@@ -22,6 +22,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+_CHUNK_TOKENS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256, 1024)
 _PLACEMENT_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2)
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
 
@@ -43,15 +44,25 @@ class RouterMetrics:
         self.ttft = Histogram(
             "kvmesh_router_time_to_first_token_seconds", "Time to first token.",
             ["model"], buckets=_TTFT_BUCKETS, registry=r)
-        # Gap between consecutive streamed chunks (with tokens) of one request.
-        # A router that fell behind merges the worker messages that queued up
-        # into one chunk (read_ahead.py): then one gap spans several tokens,
-        # and TTFT count + ITL count (chunks) < generated tokens.
+        # Per streamed token after the first chunk: the gap between consecutive
+        # chunks (with tokens) of one request, shared by the chunk's tokens. A
+        # chunk carries several tokens when the worker merged its outputs into
+        # one message or the router merged queued-up messages (read_ahead.py);
+        # a gap g before a chunk of n tokens is observed n times as g/n. So the
+        # count is the tokens after each request's first chunk, and the sum is
+        # the time from first to last chunk.
         self.itl = Histogram(
-            "kvmesh_router_inter_token_latency_seconds", "Gap between streamed chunks.",
+            "kvmesh_router_inter_token_latency_seconds",
+            "Gap between streamed chunks divided by the chunk's tokens, observed once per token.",
             ["model"], buckets=_ITL_BUCKETS, registry=r)
-        # Messages read from workers' Submit streams (all of them, merged or
-        # not), counted when their request finishes.
+        # Tokens in each streamed chunk that has tokens (its count is the
+        # number of such chunks).
+        self.chunk_tokens = Histogram(
+            "kvmesh_router_chunk_tokens", "Tokens per streamed chunk.",
+            ["model"], buckets=_CHUNK_TOKENS_BUCKETS, registry=r)
+        # Messages taken from workers' Submit streams (merged or not), added
+        # when their request ends however it ends: finished, failed, aborted or
+        # left by its client (messages read ahead and never taken: not counted).
         self.worker_messages = Counter(
             "kvmesh_router_worker_messages", "Messages read from workers' Submit streams.",
             ["model"], registry=r)

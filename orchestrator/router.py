@@ -41,7 +41,7 @@ import time
 import uuid
 from contextlib import aclosing
 from dataclasses import dataclass, replace
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence
 
 import grpc
 
@@ -179,7 +179,9 @@ class _Output:
         self._model = p.entry.spec.name
         self._ttft = metrics.ttft.labels(self._model)          # resolved once: labels() costs µs per call
         self._itl = metrics.itl.labels(self._model)
-        self._messages = 0          # worker messages read (counted into the metric at the end)
+        self._chunk_tokens = metrics.chunk_tokens.labels(self._model)
+        self.messages = 0
+        """Worker messages taken so far, from all workers (``Router.stream`` counts them into the metric)."""
         self.generated: list[int] = []
         """Every token id streamed so far, from all workers (a migration resubmits them)."""
         self.cached_tokens = 0
@@ -196,9 +198,10 @@ class _Output:
 
     def on_batch(self, batch: list[worker_pb2.SubmitResponse], worker_id: str) -> Chunk:
         """One chunk for worker messages that arrived together, the same as the
-        concatenation of the chunks each would have made alone: stop strings
-        are matched message by message, so a stop string ending in one message
-        drops the messages after it (their tokens are neither sent nor counted)."""
+        concatenation of the chunks a stream of one token per message would
+        have made: with stop strings, tokens go through the detokenizer and the
+        stop matcher one by one, and the token that completes a stop string is
+        the last one sent and counted (ids, logprobs, usage, ``generated``)."""
         ids: list[int] = []
         logprobs: list[TokenLogprob] = []
         want_logprobs = self._p.sampling.logprobs
@@ -208,18 +211,21 @@ class _Output:
             if resp.cached_tokens and not self.started:    # a migrated request's later workers don't count
                 self.cached_tokens = resp.cached_tokens
             new = resp.token_ids
+            if self._stops.active:         # token by token: where a stop string ends matters
+                delta, used = self._feed_until_stop(new)
+                text += delta
+                if self._stops.stopped:
+                    stopped = True
+                    new = new[:used]
             self.generated.extend(new)
             ids.extend(new)
             if want_logprobs:
-                logprobs.extend(TokenLogprob.from_pb(lp) for lp in resp.logprobs)
-            if self._stops.active:         # text message by message: where a stop string ends matters
-                text += self._stops.feed(self._detok.add(new))
-                if self._stops.stopped:
-                    stopped = True
-                    break
-        self._messages += len(batch)
+                logprobs.extend(TokenLogprob.from_pb(lp) for lp in resp.logprobs[:len(new)])
+            if stopped:
+                break
+        self.messages += len(batch)
         if ids:
-            self._observe_chunk()
+            self._observe_chunk(len(ids))
         if not self._stops.active:
             text = self._detok.add(ids)
         if stopped:
@@ -236,6 +242,17 @@ class _Output:
             return Chunk(self._p.request_id, text, tuple(ids), tuple(logprobs), worker_id=worker_id)
         return self.final(finish, worker_id, text=text, token_ids=tuple(ids), logprobs=tuple(logprobs))
 
+    def _feed_until_stop(self, token_ids: Sequence[int]) -> tuple[str, int]:
+        """(text, used): ``token_ids`` fed one at a time to the detokenizer and
+        the stop matcher, up to the one that completes a stop string (``used``
+        counts it) or all of them."""
+        text = ""
+        for i, token in enumerate(token_ids):
+            text += self._stops.feed(self._detok.add((token,)))
+            if self._stops.stopped:
+                return text, i + 1
+        return text, len(token_ids)
+
     def final(self, finish: FinishReason, worker_id: str, *, text: str = "", token_ids: tuple[int, ...] = (),
               logprobs: tuple[TokenLogprob, ...] = ()) -> Chunk:
         usage = Usage(len(self._p.prompt_ids), self.completion_tokens, self.cached_tokens)
@@ -245,16 +262,21 @@ class _Output:
         m.prompt_tokens.labels(self._model).inc(usage.prompt_tokens)
         m.generation_tokens.labels(self._model).inc(usage.completion_tokens)
         m.cached_prompt_tokens.labels(self._model).inc(usage.cached_tokens)
-        m.worker_messages.labels(self._model).inc(self._messages)
         return Chunk(self._p.request_id, text, token_ids, logprobs, finish, usage, worker_id)
 
-    def _observe_chunk(self) -> None:
-        """TTFT at the first chunk with tokens, then the gap between such chunks (ITL per chunk)."""
+    def _observe_chunk(self, tokens: int) -> None:
+        """TTFT at the first chunk with tokens; then, per token, the gap since
+        the previous such chunk shared by its ``tokens`` (a gap g before a chunk
+        of n tokens is n observations of g/n), so the ITL histogram counts
+        tokens whether the worker or the router merged them."""
         now = time.monotonic()
+        self._chunk_tokens.observe(tokens)
         if self._last_token_at is None:
             self._ttft.observe(now - self._p.arrival)
         else:
-            self._itl.observe(now - self._last_token_at)
+            gap = (now - self._last_token_at) / tokens
+            for _ in range(tokens):
+                self._itl.observe(gap)
         self._last_token_at = now
 
 
@@ -345,6 +367,7 @@ class Router:
         finally:
             del self._active[p.request_id]
             self._metrics.in_flight.dec()
+            self._metrics.worker_messages.labels(p.entry.spec.name).inc(output.messages)
 
     def abort(self, request_id: str) -> bool:
         """Ends a running request with finish reason ``abort``; False if unknown."""
@@ -405,7 +428,9 @@ class Router:
         """The worker's messages, in batches of those that arrived while the
         previous batch was being relayed (``read_ahead.py``), up to and
         including the one with a finish reason; raises ``WorkerFailed``/
-        ``WorkerRejected``/``_AbortRequested`` after the messages before the failure."""
+        ``WorkerRejected``/``_AbortRequested`` after the messages before the failure.
+        Once the attempt failed (``Router.abort``, the watchdog, the registry),
+        the next batch is not yielded: the failure is raised instead."""
         call = worker.stub.Submit(request)
         attempt = _Attempt(call, worker)
         active.attempt = attempt
@@ -435,6 +460,8 @@ class Router:
         ahead = ReadAhead(read, _has_finish)
         try:
             while batch := await ahead.take():
+                if attempt.failure is not None:     # aborted or timed out: what was read ahead goes unsent
+                    raise attempt.failure
                 yield batch
         finally:
             ahead.close()

@@ -267,6 +267,7 @@ async def test_models_health_and_metrics(http):
     assert resp.headers["Content-Type"].startswith("text/plain")
     for name in ("kvmesh_router_requests_total", "kvmesh_router_finished_requests_total",
                  "kvmesh_router_time_to_first_token_seconds_bucket", "kvmesh_router_inter_token_latency_seconds",
+                 "kvmesh_router_chunk_tokens_bucket", "kvmesh_router_worker_messages_total",
                  "kvmesh_router_e2e_request_latency_seconds", "kvmesh_router_prompt_tokens_total",
                  "kvmesh_router_generation_tokens_total", "kvmesh_router_cached_prompt_tokens_total",
                  "kvmesh_router_requests_in_flight", "kvmesh_router_worker_running_requests",

@@ -16,13 +16,17 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from kvmesh.v1 import common_pb2, worker_pb2
 from orchestrator.detokenize import ByteDetokenizer, IncrementalDetokenizer
+from orchestrator.errors import WorkerFailed
 from orchestrator.metrics import RouterMetrics
 from orchestrator.read_ahead import ReadAhead
+from orchestrator import router as router_module
 from orchestrator.router import PreparedRequest, _Output
 from orchestrator.tokenize import TokenizerBundle
 from orchestrator.types import FinishReason, GenerateRequest, Sampling, TokenPrompt
 
 TEXT = "Héllo wörld 🙂, the fake worker says STOP and then more text 日本語."
+PROMPT = [5, 6, 7]
+LENGTH = common_pb2.FINISH_REASON_LENGTH
 
 
 # --- ReadAhead ---------------------------------------------------------------------------
@@ -102,14 +106,37 @@ def bundle_for(files) -> TokenizerBundle:
                                  bos_token=files.bos_token, eos_token=files.eos_token)
 
 
-@pytest.fixture(scope="module", params=["byte_level", "model"])
+def word_level_bundle() -> TokenizerBundle:
+    """A WordLevel tokenizer that knows TEXT's words: no byte-level decoder, so
+    the decode-window ``IncrementalDetokenizer`` (decode joins words with spaces)."""
+    words = ["[UNK]", "a", "b", "c", "d", "e", "f", "g"] + list(dict.fromkeys(TEXT.split()))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return TokenizerBundle.build(tok.to_str())
+
+
+BUNDLES = {"byte_level": lambda: bundle_for(byte_model_files()), "model": lambda: bundle_for(model_files()),
+           "word_level": word_level_bundle}
+
+
+@pytest.fixture(scope="module", params=list(BUNDLES))
 def bundle(request) -> TokenizerBundle:
-    return bundle_for(byte_model_files() if request.param == "byte_level" else model_files())
+    return BUNDLES[request.param]()
+
+
+@pytest.fixture(scope="module", params=["byte_level", "model"])
+def byte_bundle(request) -> TokenizerBundle:
+    return BUNDLES[request.param]()
+
+
+def streamed_text(bundle: TokenizerBundle, ids: list[int]) -> str:
+    """The text of ``ids`` generated after PROMPT (what the stream must add up to)."""
+    return bundle.decode(PROMPT + ids)[len(bundle.decode(PROMPT)):]
 
 
 def prepared(bundle: TokenizerBundle, **sampling) -> PreparedRequest:
     entry = SimpleNamespace(spec=SimpleNamespace(name="m", max_model_len=4096), tokenizer=bundle)
-    return PreparedRequest("r1", entry, [5, 6, 7], Sampling(**sampling), "", time.monotonic())
+    return PreparedRequest("r1", entry, PROMPT, Sampling(**sampling), "", time.monotonic())
 
 
 def messages(ids: list[int], sizes: list[int], finish: int, logprobs: bool = False):
@@ -128,16 +155,20 @@ def messages(ids: list[int], sizes: list[int], finish: int, logprobs: bool = Fal
     return out
 
 
-def relay(bundle, msgs, batches: list[int], **sampling):
-    """The chunks ``_Output`` makes when the messages arrive in groups of ``batches``."""
-    output = _Output(prepared(bundle, **sampling), bundle, RouterMetrics())
+def relayed(bundle, msgs, batches: list[int], metrics: RouterMetrics | None = None, **sampling):
+    """(output, chunks): the chunks ``_Output`` makes when the messages arrive in groups of ``batches``."""
+    output = _Output(prepared(bundle, **sampling), bundle, metrics or RouterMetrics())
     chunks, i = [], 0
     for n in batches:
         chunks.append(output.on_batch(msgs[i:i + n], "w0"))
         i += n
         if chunks[-1].finish_reason is not None:
             break
-    return chunks
+    return output, chunks
+
+
+def relay(bundle, msgs, batches: list[int], **sampling):
+    return relayed(bundle, msgs, batches, **sampling)[1]
 
 
 def joined(chunks):
@@ -153,7 +184,7 @@ def test_a_merged_chunk_is_the_concatenation_of_the_single_ones(bundle):
     assert len(merged) == 3
     assert joined(merged) == joined(one_by_one)
     text, got_ids, lp_ids, finish, usage = joined(merged)
-    assert text == TEXT and got_ids == ids and lp_ids == ids
+    assert text == streamed_text(bundle, ids) and got_ids == ids and lp_ids == ids
     assert finish is FinishReason.LENGTH
     assert (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) == (3, len(ids), 2)
 
@@ -166,18 +197,27 @@ def split(n: int, pattern: list[int]) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("pattern", [[1], [3], [2, 5, 1, 9, 13]])
-def test_a_stop_string_inside_a_merged_chunk_cuts_there_and_drops_the_rest(bundle, pattern):
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("pattern", [[1], [3], [2, 5, 1, 9, 13], [10_000]])
+def test_a_stop_string_inside_a_message_or_a_merged_chunk_cuts_at_its_token(bundle, pattern, merge):
+    """Worker messages of several tokens each (``pattern``; [10_000]: one message with
+    every token), relayed one per chunk or merged into one: everything ends at the token
+    that completes the stop string, as in a stream of one token per message."""
     ids = bundle.encode(TEXT, add_special_tokens=False)
-    msgs = messages(ids, split(len(ids), pattern), common_pb2.FINISH_REASON_LENGTH)
-    one_by_one = relay(bundle, msgs, [1] * len(msgs), stop=("says",))
-    merged = relay(bundle, msgs, [len(msgs)], stop=("says",))
-    assert len(merged) == 1
-    assert joined(merged) == joined(one_by_one)
-    text, got_ids, _, finish, usage = joined(merged)
-    assert text == "Héllo wörld 🙂, the fake worker "
+    k = next(n for n in range(1, len(ids) + 1) if "says" in streamed_text(bundle, ids[:n]))
+    assert k < len(ids)
+    one_per_token = relay(bundle, messages(ids, [1] * len(ids), LENGTH, logprobs=True), [1] * len(ids),
+                          stop=("says",), logprobs=True)
+    msgs = messages(ids, split(len(ids), pattern), LENGTH, logprobs=True)
+    output, chunks = relayed(bundle, msgs, [len(msgs)] if merge else [1] * len(msgs), stop=("says",),
+                             logprobs=True)
+    assert joined(chunks) == joined(one_per_token)
+    text, got_ids, lp_ids, finish, usage = joined(chunks)
+    full = streamed_text(bundle, ids)
+    assert text == full[:full.index("says")]
+    assert got_ids == lp_ids == output.generated == ids[:k]      # what a migration would resubmit
     assert finish is FinishReason.STOP
-    assert usage.completion_tokens == len(got_ids) < len(ids)     # tokens after the stop's message: not counted
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) == (3, k, 2)
 
 
 def test_a_stop_string_held_back_over_a_batch_boundary(bundle):
@@ -186,12 +226,37 @@ def test_a_stop_string_held_back_over_a_batch_boundary(bundle):
     one_by_one = relay(bundle, msgs, [1] * len(msgs), stop=("STOP and", "日本"))
     merged = relay(bundle, msgs, split(len(msgs), [4, 1, 6, 2]), stop=("STOP and", "日本"))
     assert joined(merged) == joined(one_by_one)
-    assert joined(merged)[0] == "Héllo wörld 🙂, the fake worker says "
+    full = streamed_text(bundle, ids)
+    assert joined(merged)[0] == full[:full.index("STOP and")]
+
+
+def test_itl_is_observed_per_token_and_tokens_per_chunk_once_per_chunk(bundle, monkeypatch):
+    """A gap g before a chunk of n tokens is n ITL observations of g/n; the first
+    chunk's tokens have TTFT only."""
+    now = [time.monotonic()]
+    monkeypatch.setattr(router_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    ids = bundle.encode(TEXT, add_special_tokens=False)[:7]
+    msgs = messages(ids, [1, 3, 2, 1], LENGTH)
+    metrics = RouterMetrics()
+    output = _Output(prepared(bundle), bundle, metrics)
+    for msg, gap in zip(msgs, [0.5, 0.024, 0.004, 0.018]):
+        now[0] += gap
+        output.on_batch([msg], "w0")
+    sample = metrics.registry.get_sample_value
+    itl = "kvmesh_router_inter_token_latency_seconds"
+    assert sample(f"{itl}_count", {"model": "m"}) == 6
+    assert sample(f"{itl}_sum", {"model": "m"}) == pytest.approx(0.046)
+    assert [sample(f"{itl}_bucket", {"model": "m", "le": le}) for le in ("0.0025", "0.01", "0.02")] == [2, 5, 6]
+    tokens = "kvmesh_router_chunk_tokens"
+    assert (sample(f"{tokens}_count", {"model": "m"}), sample(f"{tokens}_sum", {"model": "m"})) == (4, 7)
+    assert [sample(f"{tokens}_bucket", {"model": "m", "le": le}) for le in ("1.0", "2.0", "3.0")] == [2, 3, 4]
+    assert sample("kvmesh_router_time_to_first_token_seconds_count", {"model": "m"}) == 1
 
 
 # --- detokenizers -------------------------------------------------------------------------
 
-def test_byte_detokenizer_matches_decode_for_any_split(bundle):
+def test_byte_detokenizer_matches_decode_for_any_split(byte_bundle):
+    bundle = byte_bundle
     assert isinstance(bundle.detokenizer([]), ByteDetokenizer)
     rng = random.Random(0)
     vocab = bundle.vocab_size
@@ -213,6 +278,7 @@ def test_other_tokenizers_keep_the_decode_window():
     detok = bundle.detokenizer([1])
     assert isinstance(detok, IncrementalDetokenizer)
     assert detok.add([2]) + detok.add([3, 1]) + detok.flush() == " world again hello"
+    assert isinstance(word_level_bundle().detokenizer(PROMPT), IncrementalDetokenizer)   # the bundle case
 
 
 # --- through a router -------------------------------------------------------------------
@@ -240,8 +306,69 @@ async def test_a_slow_consumer_gets_merged_chunks_with_every_token_once():
         assert (last.usage.completion_tokens, last.usage.cached_tokens) == (len(want), 4)
         sample = router.metrics.registry.get_sample_value
         assert sample("kvmesh_router_worker_messages_total", {"model": "smollm2-test"}) == len(want)
+        assert sample("kvmesh_router_chunk_tokens_count", {"model": "smollm2-test"}) == len(chunks)
         assert sample("kvmesh_router_inter_token_latency_seconds_count", {"model": "smollm2-test"}) \
-            == len(chunks) - 1
+            == len(want) - len(chunks[0].token_ids)
+    finally:
+        await router.stop(grace=0)
+        await worker.stop()
+
+
+async def test_an_abort_takes_effect_at_the_next_chunk_not_after_what_was_read_ahead():
+    reply = "one two three four five six seven eight nine ten " * 8
+    worker = await start_fake_worker("w0", behaviour=Behaviour(reply=reply))
+    router = await start_router([worker])
+    try:
+        request = GenerateRequest(count_prompt(router), sampling=Sampling(max_tokens=1500, ignore_eos=True),
+                                  request_id="r-abort")
+        async with aclosing(router.router.generate(request)) as stream:
+            first = await anext(stream)
+            await asyncio.sleep(0.2)          # the worker's messages queue up in the read-ahead
+            assert router.router.abort("r-abort")
+            rest = [chunk async for chunk in stream]
+        assert first.token_ids and first.finish_reason is None
+        assert len(rest) == 1 and rest[0].token_ids == () and rest[0].finish_reason is FinishReason.ABORT
+        assert rest[0].usage.completion_tokens == len(first.token_ids)
+    finally:
+        await router.stop(grace=0)
+        await worker.stop()
+
+
+def count_prompt(router) -> TokenPrompt:
+    bundle = router.router._registry.resolve("").tokenizer
+    return TokenPrompt(tuple(bundle.encode("count:", add_special_tokens=False)))
+
+
+async def test_worker_messages_are_counted_for_a_failed_request():
+    worker = await start_fake_worker("w0", behaviour=Behaviour(reply="word " * 200, die_after_tokens=5))
+    router = await start_router([worker], max_migrations=0)
+    try:
+        tokens = 0
+        request = GenerateRequest(count_prompt(router), sampling=Sampling(max_tokens=100))
+        with pytest.raises(WorkerFailed):
+            async for chunk in router.router.generate(request):
+                tokens += len(chunk.token_ids)
+        assert tokens == 5
+        sample = router.metrics.registry.get_sample_value
+        assert sample("kvmesh_router_worker_messages_total", {"model": "smollm2-test"}) == 5
+    finally:
+        await router.stop(grace=0)           # the worker stopped its own server
+
+
+async def test_worker_messages_are_counted_for_a_request_its_client_left():
+    worker = await start_fake_worker("w0", behaviour=Behaviour(reply="word " * 200, token_delay_s=0.005))
+    router = await start_router([worker])
+    try:
+        chunks = []
+        request = GenerateRequest(count_prompt(router), sampling=Sampling(max_tokens=100))
+        async with aclosing(router.router.generate(request)) as stream:
+            async for chunk in stream:
+                chunks.append(chunk)
+                if len(chunks) == 3:
+                    break
+        sample = router.metrics.registry.get_sample_value
+        assert sample("kvmesh_router_worker_messages_total", {"model": "smollm2-test"}) \
+            == sum(len(c.token_ids) for c in chunks) >= 3
     finally:
         await router.stop(grace=0)
         await worker.stop()
