@@ -5,10 +5,11 @@ all cleared) and answers, for a prompt's chained block hashes, how many
 leading blocks each worker has cached. ``RecentPrefixes`` holds the router's
 own placements for a few seconds, as a prediction of what the chosen worker
 is about to cache (a burst sharing a new prefix then lands together before
-the first "stored" event arrives). It keeps only every ``stride``-th hash of
-a placed prompt (and its last one): a chained hash stands for its whole
-prefix, so that is enough to say how far two prompts agree, to within
-``stride - 1`` blocks, at a ``stride``-th of the cost.
+the first "stored" event arrives). It keeps a placed prompt's first ``dense``
+hashes, then only every ``stride``-th (and its last one): a chained hash
+stands for its whole prefix, so that is enough to say how far two prompts
+agree, exactly up to ``dense`` blocks and to within ``stride - 1`` blocks
+beyond, at about a ``stride``-th of the cost for a long prompt.
 
 Because a block hash covers its whole prefix (see ``hashing.py``), a flat map
 ``hash -> holders`` is as expressive as a radix tree over token blocks:
@@ -142,10 +143,10 @@ def _walk(holders: dict[int, int], block_hashes: Sequence[int], slots: WorkerSlo
     return result
 
 
-def _anchor_depths(holders: dict[int, int], block_hashes: Sequence[int], stride: int,
+def _anchor_depths(holders: dict[int, int], block_hashes: Sequence[int], dense: int, stride: int,
                    slots: WorkerSlots) -> dict[str, int]:
-    """Per worker, ``k + 1`` for the deepest anchor ``k`` of ``block_hashes`` (the first
-    position, every ``stride``-th, and the last) whose hash it holds in ``holders``."""
+    """Per worker, ``k + 1`` for the deepest anchor ``k`` of ``block_hashes`` (every position
+    below ``dense``, then every ``stride``-th, and the last) whose hash it holds in ``holders``."""
     result: dict[str, int] = {}
     n = len(block_hashes)
     if n == 0 or not holders:
@@ -154,15 +155,19 @@ def _anchor_depths(holders: dict[int, int], block_hashes: Sequence[int], stride:
     seen = get(block_hashes[-1], 0)
     if seen:
         slots.depths(seen, n, result)
-    masks = list(map(get, block_hashes[stride - 1::stride], repeat(0)))
+    first = dense + (-(dense + 1)) % stride          # the first anchor past the dense head
+    masks = list(map(get, block_hashes[first::stride], repeat(0)))
     for i in range(len(masks) - 1, -1, -1):
         fresh = masks[i] & ~seen
         if fresh:
-            slots.depths(fresh, (i + 1) * stride, result)
+            slots.depths(fresh, first + i * stride + 1, result)
             seen |= fresh
-    fresh = get(block_hashes[0], 0) & ~seen
-    if fresh:
-        slots.depths(fresh, 1, result)
+    masks = list(map(get, block_hashes[:dense], repeat(0)))
+    for i in range(len(masks) - 1, -1, -1):
+        fresh = masks[i] & ~seen
+        if fresh:
+            slots.depths(fresh, i + 1, result)
+            seen |= fresh
     return result
 
 
@@ -305,6 +310,11 @@ class PrefixIndex:
         """Whether any worker holds this block (O(1))."""
         return block_hash in self._holders
 
+    def holds_on(self, worker_id: str, block_hash: int) -> bool:
+        """Whether this worker holds this block (O(1))."""
+        bit = self._slots.find(worker_id)
+        return bit is not None and self._holders.get(block_hash, 0) & bit != 0
+
     def overlaps(self, block_hashes: Sequence[int]) -> dict[str, int]:
         """For each worker holding at least the first block: how many leading blocks it holds."""
         return _walk(self._holders, block_hashes, self._slots)
@@ -371,13 +381,20 @@ class RecentPrefixes:
     prompt with these chained block hashes, so it is about to cache them";
     for ``ttl_s`` seconds lookups count them as held by that worker.
 
-    Only *anchors* are kept: the first block, positions ``k`` with
-    ``(k + 1) % stride == 0``, and the last block. Since a block hash covers its whole prefix,
-    a prompt whose anchor ``k`` is held on ``w`` agrees with a prompt placed
-    on ``w`` for its first ``k + 1`` blocks, so ``overlaps`` answers the
-    deepest such anchor: exact to within ``stride - 1`` blocks (an
-    underestimate), for ``1 / stride`` of the dict writes, the memory and the
-    expiry work of keeping every block. ``stride = 1`` keeps every block.
+    Only *anchors* are kept: the first ``dense`` blocks, then positions ``k``
+    with ``(k + 1) % stride == 0``, and the last block. Since a block hash covers
+    its whole prefix, a prompt whose anchor ``k`` is held on ``w`` agrees with a
+    prompt placed on ``w`` for its first ``k + 1`` blocks, so ``overlaps``
+    answers the deepest such anchor: exact for an agreement of up to ``dense``
+    blocks, else short by at most ``stride - 1`` blocks, for about
+    ``1 / stride`` of the dict writes, the memory and the expiry work of
+    keeping every block of a long prompt (``dense + (blocks - dense) / stride``
+    anchors). ``stride = 1`` keeps every block. The dense head is what lets a
+    burst sharing a *short* new prefix land together: with the default weights
+    a worker already given the burst's first request wins the next only if
+    credited more than about 5/8 of its prompt (it also queued the first
+    one's prefill), and 16 exact blocks, then at most 7 short, keep any shared
+    prefix with a short suffix above that.
 
     ``start`` skips the anchors below the depth the worker already holds or is
     predicted to hold (``PrefixIndex.overlaps_with``): those are already
@@ -393,22 +410,25 @@ class RecentPrefixes:
     starts with the same block, so traffic without reuse never hashes past
     a prompt's first block on the placement path.
 
-    Complexity: ``record`` O(blocks / stride); ``overlaps`` O(blocks / stride
-    + workers in the answer) after dropping expired placements (amortized O(1)
+    Complexity: ``record`` O(dense + blocks / stride); ``overlaps`` O(dense +
+    blocks / stride + workers in the answer) after dropping expired placements (amortized O(1)
     per recorded anchor).
     """
 
     def __init__(self, ttl_s: float, max_entries: int = 1_000_000, slots: WorkerSlots | None = None,
-                 stride: int = 8) -> None:
+                 stride: int = 8, dense: int = 16) -> None:
         if ttl_s < 0:
             raise ValueError(f"ttl_s must be >= 0, got {ttl_s}")
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
+        if dense < 1:
+            raise ValueError(f"dense must be >= 1 (the first block is always an anchor), got {dense}")
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self.stride = stride
+        self.dense = dense
         self._holders: dict[int, int] = {}
         self._masks = _Masks()
         self._routes: collections.deque[_Route] = collections.deque()
@@ -419,14 +439,13 @@ class RecentPrefixes:
 
     def anchors(self, block_hashes: Sequence[int], start: int = 0) -> list[int]:
         """The hashes ``record`` keeps of ``block_hashes[start:]``."""
-        n, stride = len(block_hashes), self.stride
+        n, stride, dense = len(block_hashes), self.stride, self.dense
         if start >= n:
             return []
-        first = start + (-(start + 1)) % stride          # the first position k >= start with (k+1) % stride == 0
-        kept = list(block_hashes[first::stride])
-        if start == 0 and first != 0:
-            kept.insert(0, block_hashes[0])
-        if n % stride and n > 1:
+        kept = list(block_hashes[start:dense])
+        lo = start if start > dense else dense
+        kept += block_hashes[lo + (-(lo + 1)) % stride::stride]      # positions k >= lo, (k+1) % stride == 0
+        if n % stride and n > dense:
             kept.append(block_hashes[-1])
         return kept
 
@@ -478,7 +497,7 @@ class RecentPrefixes:
         self.expire(now)
         if block_hashes and self._deferred and block_hashes[0] in self._deferred:
             self._complete(block_hashes[0])
-        return _anchor_depths(self._holders, block_hashes, self.stride, self._slots)
+        return _anchor_depths(self._holders, block_hashes, self.dense, self.stride, self._slots)
 
     def _complete(self, first_block_hash: int) -> None:
         """Record the rest of the anchors of the deferred placements starting with this block."""

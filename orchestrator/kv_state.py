@@ -101,7 +101,7 @@ class KvState:
         self._slots = WorkerSlots()       # one bit per worker in both indexes: one walk reads both
         self.index = PrefixIndex(self._slots)
         self.recent = RecentPrefixes(settings.predict_ttl_s, slots=self._slots)
-        self.ledger = LoadLedger(settings.prefill_timeout_s)
+        self.ledger = LoadLedger(settings.prefill_timeout_s, holds=self.index.holds_on)
         self.hasher = CachedBlockHasher(max_segments=settings.hash_cache_segments)
 
     def prompt_hashes(self, request: PromptView) -> list[int]:

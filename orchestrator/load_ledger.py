@@ -13,9 +13,16 @@ each placement opens a *lease* on the chosen worker with
 A lease stops counting as prefill when the worker's KV events report its
 last full prompt block stored (the prefill reached the end of the prompt),
 when ``prefill_timeout_s`` passed, or when the request ended. That block's
-hash may be given as ``done_hash_of``, a callable asked for it only when the
-worker's next "stored" event arrives (the kv policy then hashes a prompt
-nobody shares after placing it, off the placement path). It ends when
+hash may be given as ``done_hash_of``, a callable asked for it only once the
+prefill has started storing (the kv policy then hashes a prompt nobody
+shares after placing it, off the placement path): on a "stored" event from
+the worker, when the prefix index (``holds``) shows it holding the lease's
+``first_hash``. At most ``max_hashed_per_event`` leases are asked per event,
+oldest first, so one event never pays for a whole backlog on the event loop;
+the rest wait for the worker's next events (each started prefill stores at
+least one chain, so the backlog drains as prefills start). A lease asked late
+whose last block is already held is done at once, so the cap never loses a
+prefill's end. It ends when
 the request is no longer running on this router (``is_running``) or is
 placed again (a retry). Ending is noticed lazily: a worker's leases are swept
 only when their count differs from the worker's ``in_flight`` (this router's
@@ -43,6 +50,7 @@ class _Lease:
     done_hash: int | None
     placed_at: float
     done_hash_of: Callable[[], int | None] | None = None
+    first_hash: int | None = None       # with done_hash_of: the block whose storing starts the prefill
 
 
 @dataclass
@@ -51,6 +59,7 @@ class _WorkerLeases:
     prefilling: OrderedDict[str, _Lease] = field(default_factory=OrderedDict)   # placement order
     by_done_hash: dict[int, set[str]] = field(default_factory=dict)
     unhashed: dict[str, _Lease] = field(default_factory=dict)       # prefilling, done hash not asked yet
+                                                                    # (placement order)
     prefill_blocks: int = 0
     decode_blocks: int = 0
 
@@ -86,11 +95,19 @@ _ZERO = (0, 0)
 
 class LoadLedger:
     def __init__(self, prefill_timeout_s: float = 30.0,
-                 is_running: Callable[[str], bool] | None = None) -> None:
+                 is_running: Callable[[str], bool] | None = None,
+                 holds: Callable[[str, int], bool] | None = None, max_hashed_per_event: int = 2) -> None:
+        """``holds(worker_id, block_hash)``: whether the worker's KV events (applied before
+        ``on_stored`` is called) say it holds the block; without it a deferred lease's hash
+        is asked on the worker's next "stored" event, whatever it stored."""
         if prefill_timeout_s <= 0:
             raise ValueError(f"prefill_timeout_s must be > 0, got {prefill_timeout_s}")
+        if max_hashed_per_event < 1:
+            raise ValueError(f"max_hashed_per_event must be >= 1, got {max_hashed_per_event}")
         self.prefill_timeout_s = prefill_timeout_s
+        self.max_hashed_per_event = max_hashed_per_event
         self._is_running = is_running or (lambda request_id: True)
+        self._holds = holds
         self._workers: dict[str, _WorkerLeases] = {}
         self._where: dict[str, _Lease] = {}      # request id -> its current lease
         self._placed: deque[_Lease] = deque()    # every lease in placement order, for the prefill timeout
@@ -100,14 +117,15 @@ class LoadLedger:
         self._is_running = is_running
 
     def add(self, worker_id: str, request_id: str, *, blocks: int, prefill_blocks: int,
-            done_hash: int | None, now: float, done_hash_of: Callable[[], int | None] | None = None) -> None:
+            done_hash: int | None, now: float, done_hash_of: Callable[[], int | None] | None = None,
+            first_hash: int | None = None) -> None:
         """Open a lease for ``request_id`` on ``worker_id``, ending any earlier one (a retry).
-        ``done_hash_of`` (instead of ``done_hash``) gives the hash when the worker's next
-        "stored" event arrives."""
+        ``done_hash_of`` (instead of ``done_hash``) gives the hash once the worker holds
+        ``first_hash`` (the prompt's first block; None: on its next "stored" event)."""
         old = self._where.get(request_id)
         if old is not None:
             self._end(old)
-        lease = _Lease(request_id, worker_id, blocks, prefill_blocks, done_hash, now, done_hash_of)
+        lease = _Lease(request_id, worker_id, blocks, prefill_blocks, done_hash, now, done_hash_of, first_hash)
         w = self._workers.setdefault(worker_id, _WorkerLeases())
         w.leases[request_id] = lease
         w.decode_blocks += blocks
@@ -155,12 +173,7 @@ class LoadLedger:
         if w is None:
             return
         if w.unhashed:
-            for rid, lease in w.unhashed.items():
-                done_hash_of, lease.done_hash_of = lease.done_hash_of, None
-                lease.done_hash = done_hash_of()
-                if lease.done_hash is not None:
-                    w.by_done_hash.setdefault(lease.done_hash, set()).add(rid)
-            w.unhashed.clear()
+            self._ask_started(worker_id, w)
         if not w.by_done_hash:
             return
         for h in block_hashes:
@@ -168,6 +181,27 @@ class LoadLedger:
             if waiting:
                 for rid in list(waiting):
                     w.end_prefill(w.leases[rid])
+
+    def _ask_started(self, worker_id: str, w: _WorkerLeases) -> None:
+        """Ask the done hash of up to ``max_hashed_per_event`` unhashed leases whose prefill
+        has started storing, oldest first (a check per unhashed lease: one dict lookup)."""
+        holds, budget = self._holds, self.max_hashed_per_event
+        started = []
+        for lease in w.unhashed.values():
+            if holds is None or lease.first_hash is None or holds(worker_id, lease.first_hash):
+                started.append(lease)
+                if len(started) == budget:
+                    break
+        for lease in started:
+            del w.unhashed[lease.request_id]
+            done_hash_of, lease.done_hash_of = lease.done_hash_of, None
+            done = lease.done_hash = done_hash_of()
+            if done is None:
+                continue
+            if holds is not None and holds(worker_id, done):   # stored already (asked late): done
+                w.end_prefill(lease)
+            else:
+                w.by_done_hash.setdefault(done, set()).add(lease.request_id)
 
     def drop_worker(self, worker_id: str) -> None:
         w = self._workers.pop(worker_id, None)

@@ -16,8 +16,9 @@ worker ``w``::
     P        = ceil(T / B)                          prompt blocks
     cached   = leading prompt blocks w has cached   (KV events, kvstore.PrefixIndex)
     predicted= max(cached, leading prompt blocks shared with a prompt this router gave w in
-               the last predict_ttl_s seconds)      (kvstore.RecentPrefixes: read at the first,
-               every 8th and the last block, so up to 7 blocks short until the events arrive)
+               the last predict_ttl_s seconds)      (kvstore.RecentPrefixes: read at each of the
+               first 16 blocks, then every 8th and the last, so exact up to 16 blocks and up to
+               7 blocks short past them until the events arrive)
     overlap  = min(predicted, (T - 1) // B)         the last token is always recomputed
     queued   = own prefill blocks + others' prefill blocks
     shared   = min(queued, overlap - min(cached, overlap))
@@ -335,13 +336,14 @@ class KvAware:
         if first is not None and not kv.index.holds(first) and not kv.recent.agrees(first, now):
             # No worker holds, or was given, this prompt's first block, so none shares any of it
             # (hashes are chained): decide on load alone; the rest of the chain is hashed only if
-            # a later prompt starts with the same block, or when the prefill-done check needs it.
+            # a later prompt starts with the same block, or when the prefill-done check needs it
+            # (once the worker's events show it storing the first block).
             chain = _Chain(kv, request)
             rows = self._terms(request, candidates, {}, {}, now, own_after=self._own_after)
             index, probabilities = self._select([r[5] for r in rows], self._turns.take())
             chosen, row = candidates[index], _Row(*rows[index])
             kv.ledger.add(chosen.worker_id, request.request_id, blocks=blocks, prefill_blocks=blocks,
-                          done_hash=None, now=now, done_hash_of=chain.last)
+                          done_hash=None, now=now, done_hash_of=chain.last, first_hash=first)
             kv.recent.record_deferred(chosen.worker_id, first, chain, now)
         else:
             hashes = kv.prompt_hashes(request)

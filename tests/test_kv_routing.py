@@ -62,6 +62,12 @@ class Cluster:
         index = self.kv.index
         index.apply_stored(worker_id, index.last_event_id(worker_id) + 1, hashes)
 
+    def stored(self, worker_id: str, hashes: list[int]) -> None:
+        """A "stored" event from the worker, as KvIndexer handles it: the index, then the ledger."""
+        index = self.kv.index
+        index.apply_stored(worker_id, index.last_event_id(worker_id) + 1, hashes)
+        self.kv.ledger.on_stored(worker_id, hashes)
+
     def place(self, prompt: list[int]) -> str:
         rid = f"r{next(self._ids)}"
         w = self.policy.choose(view(prompt, rid), self.workers)
@@ -170,19 +176,36 @@ def test_a_burst_sharing_a_long_new_prefix_lands_together_with_coarse_prediction
     assert len({blind.place(p) for p in burst}) == 3
 
 
+@pytest.mark.parametrize("shared,suffix", [(2, 1), (6, 1), (7, 1), (12, 1), (7, 4)])
+def test_a_burst_sharing_a_short_new_prefix_lands_together(shared, suffix):
+    """Predictions keep each of the first 16 blocks: a burst sharing a prefix of a few blocks
+    is credited all of it before any KV event, so its second request joins the first (as with
+    every block kept) instead of being credited one block and spread by the load term."""
+    prefix = tokens(6, shared * BS)                          # cached nowhere
+    burst = [prefix + tokens(200 + i, suffix * BS) for i in range(6)]
+    c = Cluster()
+    placed = [c.place(p) for p in burst]
+    assert placed[1] == placed[0] and len(set(placed)) <= 3, placed
+    assert max(s.predicted_blocks for s in c.explain(prefix + tokens(230, suffix * BS)).scores) == shared
+
+
 def test_a_prompt_nobody_shares_is_hashed_past_its_first_block_only_when_needed():
     c = Cluster("ab")
     calls = []
     real = c.kv.prompt_hashes
     c.kv.prompt_hashes = lambda request: calls.append(request.request_id) or real(request)
     first, other = tokens(21, 40), tokens(22, 40)
+    chain = block_hashes(first, BS, HashNamespace(model="m"))
+    stored = c.stored
     w1 = c.place(first)
     w2 = c.place(other)
     assert calls == [] and c.kv.recent.num_entries() == 2     # one block each, recorded at once
-    c.kv.ledger.on_stored(w1, [123])                           # w1's next "stored" event: done hash needed
-    assert calls == ["r0"]
+    stored(w1, [123])                                          # another request's block: r0 not started
+    assert calls == []
+    stored(w1, chain[:3])                                      # r0's prefill stores its first blocks
+    assert calls == ["r0"]                                     # done hash needed now
     assert c.kv.ledger.own_load(c.by_id[w1], c.clock()).prefill_blocks == 10     # not that block
-    c.kv.ledger.on_stored(w1, block_hashes(first, BS, HashNamespace(model="m"))[-1:])
+    stored(w1, chain[3:])
     assert c.kv.ledger.own_load(c.by_id[w1], c.clock()).prefill_blocks == 0      # prefill done
     assert c.place(first[:20] + tokens(23, 20)) == w1          # shares 5 blocks: completes r0's prediction
     assert calls == ["r0", "r2"] and w2 != w1                  # r1 (nobody shares it) never hashed
@@ -220,7 +243,7 @@ def test_a_report_taken_before_our_own_request_moved_on_is_not_another_routers_l
     assert c.place(prompt) == "a"
     a = c.by_id["a"]
     a.load = WorkerLoad(num_running=1, waiting_prefill_tokens=40, kv_blocks_used=10)   # taken mid-prefill
-    c.kv.ledger.on_stored("a", c.kv.prompt_hashes(view(prompt))[-1:])                   # then prefill done
+    c.stored("a", c.kv.prompt_hashes(view(prompt)))                                     # then prefill done
     d = {s.worker_id: s for s in c.explain(tokens(14, 40)).scores}
     assert (d["a"].prefill_blocks, d["a"].decode_blocks) == (10, 10)        # ours only: no phantom queue
     c.finish_all()                                           # ... and it finished before the next decision
@@ -296,6 +319,38 @@ def test_ledger_prefill_ends_on_the_stored_event_of_the_last_prompt_block_or_a_t
     assert ledger.own_load(w, 16) == (0, 4)
 
 
+def test_ledger_asks_deferred_hashes_only_for_started_prefills_and_a_few_per_event():
+    """A lease placed without its done hash is hashed once the worker holds its first block,
+    at most max_hashed_per_event per "stored" event (oldest first); one asked late whose last
+    block is already held is done at once."""
+    index = PrefixIndex()
+    index.add_worker("w", 10_000)
+    ledger = LoadLedger(is_running=lambda rid: True, holds=index.holds_on, max_hashed_per_event=2)
+    asked: list[int] = []
+    for i in range(32):                                      # 32 deferred prompts of 5 blocks
+        ledger.add("w", f"r{i}", blocks=5, prefill_blocks=5, done_hash=None, now=0,
+                   done_hash_of=lambda i=i: asked.append(i) or 2000 + i, first_hash=1000 + i)
+    w = handle("w")
+    w.in_flight = 32
+
+    def stored(hashes: list[int]) -> None:
+        index.apply_stored("w", index.last_event_id("w") + 1, hashes)
+        ledger.on_stored("w", hashes)
+
+    stored([7])                                              # nobody's prefill started
+    assert asked == []
+    stored([1000 + i for i in range(4)] + [2000, 2001, 2002])   # 4 prefills started, 3 of them done
+    assert asked == [0, 1] and ledger.own_load(w, 1).prefill_blocks == 30 * 5
+    stored([8])                                              # the next event: the next two
+    assert asked == [0, 1, 2, 3] and ledger.own_load(w, 1).prefill_blocks == 29 * 5   # r2 stored already
+    stored([9])
+    assert asked == [0, 1, 2, 3]                             # r4.. have not started
+    stored([1004, 2003])
+    assert asked == [0, 1, 2, 3, 4] and ledger.own_load(w, 1).prefill_blocks == 28 * 5   # r3 done, r4 not
+    stored([2004])
+    assert ledger.own_load(w, 1).prefill_blocks == 27 * 5
+
+
 def test_ledger_a_retry_moves_the_lease():
     ledger = LoadLedger(is_running=lambda rid: True)
     a, b = handle("a"), handle("b")
@@ -343,21 +398,27 @@ def test_prefix_index_beyond_64_workers_with_slot_reuse():
     assert index.blocks_of("w3") == frozenset(sets["w3"])
 
 
-def brute_predicted(placed: list[tuple[str, list[int], int]], probe: list[int], stride: int) -> dict[str, int]:
+def is_anchor(k: int, n: int, stride: int, dense: int) -> bool:
+    """Position ``k`` of an ``n``-block prompt is kept: in the dense head, every stride-th, or the last."""
+    return k < dense or (k + 1) % stride == 0 or k == n - 1
+
+
+def brute_predicted(placed: list[tuple[str, list[int], int]], probe: list[int], stride: int,
+                    dense: int) -> dict[str, int]:
     """RecentPrefixes.overlaps from its definition: per worker, the deepest position ``k`` that
-    is an anchor of the probe (its first block, ``(k + 1) % stride == 0``, its last block) and, at or past the
-    placement's ``start``, of a prompt placed there, where the two prompts agree up to ``k``."""
+    is an anchor of the probe and, at or past the placement's ``start``, of a prompt placed
+    there, where the two prompts agree up to ``k``."""
     out: dict[str, int] = {}
     for w, chain, start in placed:
         for k in range(min(len(chain), len(probe))):
-            anchor_of = lambda hs: k == 0 or (k + 1) % stride == 0 or k == len(hs) - 1   # noqa: E731
-            if k >= start and anchor_of(probe) and anchor_of(chain) and chain[: k + 1] == probe[: k + 1]:
+            if (k >= start and is_anchor(k, len(probe), stride, dense) and is_anchor(k, len(chain), stride, dense)
+                    and chain[: k + 1] == probe[: k + 1]):
                 out[w] = max(out.get(w, 0), k + 1)
     return out
 
 
-@pytest.mark.parametrize("stride", [1, 3, 4])
-def test_one_walk_over_events_and_predictions_matches_brute_force(stride):
+@pytest.mark.parametrize("stride,dense", [(1, 1), (3, 1), (4, 1), (4, 6), (8, 16)])
+def test_one_walk_over_events_and_predictions_matches_brute_force(stride, dense):
     """overlaps_with: (cached, cached-or-predicted) depths, predictions recorded only past
     the blocks a worker already holds, as the kv policy records them; the prediction is
     never deeper than the agreement with a placed prompt, and misses it by < stride blocks."""
@@ -366,7 +427,7 @@ def test_one_walk_over_events_and_predictions_matches_brute_force(stride):
     chains += [c[: rng.randrange(2, 12)] + block_hashes(tokens(400 + i, 24), 4, parent_hash=c[-1])[:5]
                for i, c in enumerate(chains)]            # branches sharing a prefix
     slots = WorkerSlots()
-    index, recent = PrefixIndex(slots), RecentPrefixes(ttl_s=3.0, slots=slots, stride=stride)
+    index, recent = PrefixIndex(slots), RecentPrefixes(ttl_s=3.0, slots=slots, stride=stride, dense=dense)
     held: dict[str, set[int]] = {w: set() for w in "abcd"}
     routes: list[tuple[float, str, list[int], int]] = []
     for w in "abcd":
@@ -387,7 +448,7 @@ def test_one_walk_over_events_and_predictions_matches_brute_force(stride):
         live = [(x, hs, start) for expires, x, hs, start in routes if expires > now]
         cached, both = index.overlaps_with(recent, probe, now)
         assert cached == brute_overlaps(held, probe)
-        predicted = brute_predicted(live, probe, stride)
+        predicted = brute_predicted(live, probe, stride, dense)
         assert both == {x: max(cached.get(x, 0), predicted.get(x, 0)) for x in {*cached, *predicted}}
         every_block = {x: held[x].union(*(hs[start:] for y, hs, start in live if y == x)) for x in "abcd"}
         exact = brute_overlaps(every_block, probe)          # had each placement kept all its blocks
@@ -398,34 +459,35 @@ def test_one_walk_over_events_and_predictions_matches_brute_force(stride):
             assert exact.get(x, 0) - stride < both.get(x, 0) <= agree
 
 
-def anchor_hashes(chain: list[int], start: int, stride: int) -> list[int]:
-    return [h for k, h in enumerate(chain)
-            if k >= start and (k == 0 or (k + 1) % stride == 0 or k == len(chain) - 1)]
+def anchor_hashes(chain: list[int], start: int, stride: int, dense: int) -> list[int]:
+    return [h for k, h in enumerate(chain) if k >= start and is_anchor(k, len(chain), stride, dense)]
 
 
-@pytest.mark.parametrize("seed,stride", [(0, 1), (1, 4), (2, 5)])
-def test_recent_prefixes_match_a_set_model_with_expiry(seed, stride):
+@pytest.mark.parametrize("seed,stride,dense", [(0, 1, 1), (1, 4, 1), (2, 5, 1), (3, 4, 6), (4, 8, 16)])
+def test_recent_prefixes_match_a_set_model_with_expiry(seed, stride, dense):
     """The bitmask lookup against plain sets: a placement adds its anchors to its worker's
-    set, its expiry (or the worker leaving) removes them; a probe's depth on a worker is
+    set (a deferred one its first, the rest when a lookup completes it), its expiry (or the
+    worker leaving) removes them; a probe's depth on a worker is
     ``k + 1`` for its deepest anchor ``k`` in that set."""
     rng = random.Random(seed)
     chains = [block_hashes(tokens(seed * 100 + i, 48), 4) for i in range(8)]
-    recent = RecentPrefixes(ttl_s=5.0, max_entries=10**6, stride=stride)
+    recent = RecentPrefixes(ttl_s=5.0, max_entries=10**6, stride=stride, dense=dense)
     routes: list[tuple[float, str, list[int], list[bool]]] = []     # [deferred, not completed yet]
     sets: dict[str, set[int]] = {w: set() for w in "abc"}
     now = 0.0
 
     def lookup(probe: list[int]) -> dict[str, int]:
-        for _, _, kept, pending in routes:                    # a lookup completes deferred placements
+        for _, w, kept, pending in routes:                    # a lookup completes deferred placements
             if pending[0] and kept[0] == probe[0]:
                 pending[0] = False
+                sets[w].update(kept)
         return recent.overlaps(probe, now)
 
     for _ in range(300):
         now += rng.random()
         while routes and routes[0][0] <= now:
-            _, w, kept, _ = routes.pop(0)
-            sets[w].difference_update(kept)
+            _, w, kept, pending = routes.pop(0)
+            sets[w].difference_update(kept[:1] if pending[0] else kept)     # never completed: its first
         if rng.random() < 0.6:
             w, chain = rng.choice("abc"), rng.choice(chains)
             cut = chain[: rng.randrange(1, len(chain) + 1)]
@@ -437,30 +499,31 @@ def test_recent_prefixes_match_a_set_model_with_expiry(seed, stride):
                 recent.record_deferred(w, cut[0], lambda cut=cut: cut, now)
             else:
                 recent.record(w, cut, now, start=start)
-            kept = anchor_hashes(cut, start, stride)
+            kept = anchor_hashes(cut, start, stride, dense)
             if kept:
                 routes.append((now + 5.0, w, kept, [deferred]))
-                sets[w].update(kept)
+                sets[w].update(kept[:1] if deferred else kept)       # deferred: the rest on completion
         elif rng.random() < 0.05:
             w = rng.choice("abc")
             recent.remove_worker(w)
             routes = [r for r in routes if r[1] != w]
             sets[w].clear()
         probe = rng.choice(chains)
+        got = lookup(probe)
         expected = {}
         for w, held in sets.items():
-            probed = [k for k in range(len(probe)) if k == 0 or (k + 1) % stride == 0 or k == len(probe) - 1]
+            probed = [k for k in range(len(probe)) if is_anchor(k, len(probe), stride, dense)]
             deepest = [k + 1 for k in probed if probe[k] in held]
             if deepest:
                 expected[w] = max(deepest)
-        assert lookup(probe) == expected
+        assert got == expected
     assert recent.num_entries() == sum(1 if pending[0] else len(kept) for _, _, kept, pending in routes)
     assert recent.num_placements() == len(routes)
     assert sorted(recent._deferred) == sorted({kept[0] for _, _, kept, pending in routes if pending[0]})
 
 
-def test_recent_prefixes_keep_the_first_every_stride_th_and_the_last_hash():
-    recent = RecentPrefixes(ttl_s=5.0, stride=4)
+def test_recent_prefixes_keep_a_dense_head_every_stride_th_and_the_last_hash():
+    recent = RecentPrefixes(ttl_s=5.0, stride=4, dense=1)
     hashes = list(range(100, 110))                            # positions 0..9
     assert recent.anchors(hashes) == [100, 103, 107, 109]
     assert recent.anchors(hashes, start=4) == [107, 109]
@@ -469,6 +532,15 @@ def test_recent_prefixes_keep_the_first_every_stride_th_and_the_last_hash():
     assert RecentPrefixes(ttl_s=5.0, stride=1).anchors(hashes[:3]) == [100, 101, 102]
     recent.record("a", hashes, now=0.0)
     assert recent.num_entries() == 4
+    dense = RecentPrefixes(ttl_s=5.0, stride=4, dense=3)
+    assert dense.anchors(hashes) == [100, 101, 102, 103, 107, 109]
+    assert dense.anchors(hashes, start=1) == [101, 102, 103, 107, 109]
+    assert dense.anchors(hashes, start=3) == [103, 107, 109] and dense.anchors(hashes[:2]) == [100, 101]
+    default = RecentPrefixes(ttl_s=5.0)                       # 16 dense, then every 8th: 16 + 62 for 512 blocks
+    assert len(default.anchors(list(range(512)))) == 78 and default.anchors(list(range(20)))[-3:] == [14, 15, 19]
+    dense.record("a", hashes, now=0.0)
+    assert dense.overlaps([100, 101, 55], now=1.0) == {"a": 2}     # exact in the head
+    assert dense.overlaps(hashes[:6] + [55], now=1.0) == {"a": 4}  # to the anchor below past it
 
 
 def test_recent_prefixes_memory_is_capped():
