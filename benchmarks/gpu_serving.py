@@ -102,17 +102,22 @@ def word(i: int, width: int) -> str:
 
 def write_tokenizer(path: Path, vocab_size: int) -> None:
     """A word-level tokenizer.json with one whole word per id: every id decodes,
-    and every word encodes back to its id (what ``kvmesh bench`` needs)."""
-    from tokenizers import Tokenizer
+    and every word encodes back to its id (what ``kvmesh bench`` needs).
+
+    Byte-level like the tokenizers of real Llama-3-class models (each word is
+    stored with its leading space as ``Ġ``, a ``ByteLevel`` pre-tokenizer and
+    decoder), so the router streams its text through the same byte-table
+    detokenizer it uses for those models, not the slower decode-window one."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
 
     width = 2
     while 26**width < vocab_size:
         width += 1
-    vocab = {word(i, width): i for i in range(vocab_size)}
-    tokenizer = Tokenizer(WordLevel(vocab, unk_token=word(0, width)))
-    tokenizer.pre_tokenizer = WhitespaceSplit()
+    vocab = {"\u0120" + word(i, width): i for i in range(vocab_size)}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="\u0120" + word(0, width)))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
     tokenizer.save(str(path))
 
 

@@ -16,6 +16,8 @@ from tokenizers import Tokenizer
 
 from benchmarks import gpu_bench, gpu_serving
 from orchestrator.bench.tokens import TokenSource
+from orchestrator.detokenize import ByteDetokenizer
+from orchestrator.tokenize import TokenizerBundle
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_serving.py"
@@ -43,6 +45,11 @@ def test_synthetic_tokenizer_covers_the_vocabulary(tmp_path) -> None:
     ids = list(range(1000))
     assert tok.encode(tok.decode(ids)).ids == ids                  # every id decodes, and back
     assert len(TokenSource(tok).words) == 1000                     # kvmesh bench can draw prompts from it
+    # byte-level like Llama 3's, so the router streams it through the byte-table detokenizer
+    bundle = TokenizerBundle.build((tmp_path / "tokenizer.json").read_text())
+    detok = bundle.detokenizer([])
+    assert isinstance(detok, ByteDetokenizer)
+    assert detok.add(ids[:3]) + detok.add(ids[3:10]) == tok.decode(ids[:10])
 
 
 def test_workload_is_gpu_bench_offline_workload() -> None:
