@@ -8,6 +8,7 @@ import math
 import random
 
 import pytest
+from index_reference import brute_overlaps
 
 from kvstore.hashing import CachedBlockHasher, HashNamespace, block_hashes
 from kvstore.index import PrefixIndex, RecentPrefixes, WorkerSlots
@@ -363,16 +364,6 @@ def test_ledger_a_retry_moves_the_lease():
 
 
 # --- the indexes against brute force ----------------------------------------------------------------------
-
-def brute_overlaps(sets: dict[str, set[int]], hashes: list[int]) -> dict[str, int]:
-    out = {}
-    for w, held in sets.items():
-        n = 0
-        while n < len(hashes) and hashes[n] in held:
-            n += 1
-        if n:
-            out[w] = n
-    return out
 
 
 def test_prefix_index_beyond_64_workers_with_slot_reuse():

@@ -5,20 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
+from index_reference import brute_overlaps
 
 from kvstore.hashing import block_hashes
 from kvstore.index import Applied, NeedsResync, PrefixIndex
-
-
-def brute_overlaps(sets: dict[str, set[int]], hashes: list[int]) -> dict[str, int]:
-    out = {}
-    for w, held in sets.items():
-        n = 0
-        while n < len(hashes) and hashes[n] in held:
-            n += 1
-        if n:
-            out[w] = n
-    return out
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -24,8 +24,11 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 KINDS = ("poisson", "gamma", "offline", "trace", "concurrency")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -39,25 +42,38 @@ class TraceEntry:
     hash_ids: tuple[int, ...] = ()
 
 
-def load_trace(path: str | Path) -> list[TraceEntry]:
-    """Entries in timestamp order. Raises ValueError naming the bad line."""
-    entries = []
+def read_jsonl(path: str | Path, parse: Callable[[dict], T], expected: str, what: str) -> list[T]:
+    """``parse(row)`` of every non-blank line of a JSON-lines file, in file order.
+
+    ``parse`` raises ``ValueError``/``KeyError``/``TypeError`` for a bad row; the error
+    then names ``path:line``, what was wrong, and ``expected``. An empty file is an
+    error too ("the ``what`` is empty"). Shared by traces and datasets.
+    """
+    out: list[T] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                entry = TraceEntry(float(row["timestamp"]) / 1e3, int(row["input_length"]),
-                                   int(row["output_length"]), tuple(int(h) for h in row.get("hash_ids", ())))
+                out.append(parse(json.loads(line)))
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{lineno}: not a trace entry ({type(e).__name__}: {e}); expected "
-                                 '{"timestamp": ms, "input_length": n, "output_length": m}') from None
-            if entry.input_length < 1 or entry.output_length < 1 or entry.timestamp_s < 0:
-                raise ValueError(f"{path}:{lineno}: lengths must be >= 1 and the timestamp >= 0")
-            entries.append(entry)
-    if not entries:
-        raise ValueError(f"{path}: the trace is empty")
+                raise ValueError(f"{path}:{lineno}: {type(e).__name__}: {e}; expected {expected}") from None
+    if not out:
+        raise ValueError(f"{path}: the {what} is empty")
+    return out
+
+
+def _trace_entry(row: dict) -> TraceEntry:
+    entry = TraceEntry(float(row["timestamp"]) / 1e3, int(row["input_length"]),
+                       int(row["output_length"]), tuple(int(h) for h in row.get("hash_ids", ())))
+    if entry.input_length < 1 or entry.output_length < 1 or entry.timestamp_s < 0:
+        raise ValueError("lengths must be >= 1 and the timestamp >= 0")
+    return entry
+
+
+def load_trace(path: str | Path) -> list[TraceEntry]:
+    """Entries in timestamp order. Raises ValueError naming the bad line."""
+    entries = read_jsonl(path, _trace_entry, '{"timestamp": ms, "input_length": n, "output_length": m}', "trace")
     entries.sort(key=lambda e: e.timestamp_s)
     return entries
 

@@ -23,14 +23,13 @@ Lengths are a ``LengthDist``: ``128`` (fixed), ``uniform:64,256``
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from orchestrator.bench.arrivals import TraceEntry
+from orchestrator.bench.arrivals import TraceEntry, read_jsonl
 from orchestrator.bench.records import RequestSpec
 from orchestrator.bench.tokens import TokenSource
 
@@ -182,28 +181,20 @@ def _dataset(c: WorkloadConfig, source: TokenSource, rng: random.Random, seed: i
 
 def load_dataset(path: str | Path, source: TokenSource) -> list[tuple[tuple[int, ...], int | None]]:
     """(prompt ids, expected output length or None) per JSONL line; ValueError names the bad line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if "prompt_token_ids" in row:
-                    ids = tuple(int(t) for t in row["prompt_token_ids"])
-                else:
-                    ids = tuple(source.encode(str(row["prompt"])))
-                out = row.get("output_len")
-                out = int(out) if out is not None else None
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{lineno}: expected {{\"prompt\": text}} or {{\"prompt_token_ids\": [...]}} "
-                                 f"with an optional \"output_len\" ({type(e).__name__}: {e})") from None
-            if not ids or (out is not None and out < 1):
-                raise ValueError(f"{path}:{lineno}: empty prompt or output_len < 1")
-            rows.append((ids, out))
-    if not rows:
-        raise ValueError(f"{path}: the dataset is empty")
-    return rows
+
+    def parse(row: dict) -> tuple[tuple[int, ...], int | None]:
+        if "prompt_token_ids" in row:
+            ids = tuple(int(t) for t in row["prompt_token_ids"])
+        else:
+            ids = tuple(source.encode(str(row["prompt"])))
+        out = row.get("output_len")
+        out = int(out) if out is not None else None
+        if not ids or (out is not None and out < 1):
+            raise ValueError("empty prompt or output_len < 1")
+        return ids, out
+
+    return read_jsonl(path, parse, '{"prompt": text} or {"prompt_token_ids": [...]} with an optional "output_len"',
+                      "dataset")
 
 
 def _trace(c: WorkloadConfig, source: TokenSource, rng: random.Random, seed: int) -> list[RequestSpec]:
