@@ -103,21 +103,17 @@ class HttpApi:
     # --- generation -----------------------------------------------------------------
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        api = parse_completion(await self._json_body(request), f"cmpl-{uuid.uuid4().hex}")
-        prepared = await self.router.prepare(api.generate)
-        fmt = CompletionFormat(prepared.request_id, prepared.entry.spec.name, prepared.entry.tokenizer,
-                               logprobs=api.generate.sampling.logprobs)
-        return await self._respond(request, api, prepared, fmt)
+        return await self._generate(request, parse_completion, "cmpl", CompletionFormat)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        api = parse_chat(await self._json_body(request), f"chatcmpl-{uuid.uuid4().hex}")
-        prepared = await self.router.prepare(api.generate)
-        fmt = ChatFormat(prepared.request_id, prepared.entry.spec.name, prepared.entry.tokenizer,
-                         logprobs=api.generate.sampling.logprobs)
-        return await self._respond(request, api, prepared, fmt)
+        return await self._generate(request, parse_chat, "chatcmpl", ChatFormat)
 
-    async def _respond(self, request: web.Request, api: ApiRequest, prepared: PreparedRequest,
-                       fmt: CompletionFormat | ChatFormat) -> web.StreamResponse:
+    async def _generate(self, request: web.Request, parse: Callable[[Any, str], ApiRequest], id_prefix: str,
+                        format_cls: type[CompletionFormat] | type[ChatFormat]) -> web.StreamResponse:
+        api = parse(await self._json_body(request), f"{id_prefix}-{uuid.uuid4().hex}")
+        prepared = await self.router.prepare(api.generate)
+        fmt = format_cls(prepared.request_id, prepared.entry.spec.name, prepared.entry.tokenizer,
+                         logprobs=api.generate.sampling.logprobs)
         if not api.stream:
             async with aclosing(self.router.stream(prepared)) as chunks:
                 collected = [chunk async for chunk in chunks]

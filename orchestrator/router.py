@@ -114,9 +114,8 @@ class _AbortRequested(RouterError):
 class _Attempt:
     """One Submit call; ``fail`` cancels it and records why (workers.WorkerStream)."""
 
-    def __init__(self, call: grpc.aio.UnaryStreamCall, worker: WorkerHandle) -> None:
+    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
         self.call = call
-        self.worker = worker
         self.failure: RouterError | None = None
 
     def fail(self, error: RouterError) -> None:
@@ -432,7 +431,7 @@ class Router:
         Once the attempt failed (``Router.abort``, the watchdog, the registry),
         the next batch is not yielded: the failure is raised instead."""
         call = worker.stub.Submit(request)
-        attempt = _Attempt(call, worker)
+        attempt = _Attempt(call)
         active.attempt = attempt
         worker.streams.add(attempt)
         worker.in_flight += 1

@@ -84,7 +84,6 @@ class Driver:
             assert seq.status is SequenceStatus.RUNNING and seq in sched.running
             assert 1 <= n <= seq.num_tokens - seq.num_computed_tokens
             assert len(seq.block_table) == -(-(seq.num_computed_tokens + n) // bs), "KV room does not match the tokens"
-            assert item.samples == (seq.num_computed_tokens + n == seq.num_tokens)
             if id(seq) in self.preempted_pending:  # recomputed from scratch (or from a prefix hit)
                 self.preempted_pending.discard(id(seq))
                 start = seq.num_computed_tokens

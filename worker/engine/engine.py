@@ -18,7 +18,7 @@ import torch
 from kvstore.hashing import HashNamespace
 from worker.engine.block_manager import BlockManager
 from worker.engine.config import EngineConfig
-from worker.engine.model_runner import ModelRunner, resolve_device
+from worker.engine.model_runner import ModelRunner
 from worker.engine.sampler import SamplerResult
 from worker.engine.scheduler import Scheduler, SchedulerOutput
 from worker.engine.sequence import Sequence
@@ -32,7 +32,6 @@ from worker.engine.types import (
 )
 from worker.models.config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
-from worker.models.loader import load_dummy_model
 
 if TYPE_CHECKING:
     from worker.engine.mock_runner import MockRunner
@@ -49,8 +48,6 @@ class LLMEngine:
         self.config = config
         model_dir = Path(config.model)
         self.model_config = ModelConfig.from_dir(model_dir)
-        if model is None and runner is None and config.load_format == "dummy":
-            model = _dummy_model(config, self.model_config)
         self.runner = runner if runner is not None else ModelRunner(config, self.model_config, model)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
@@ -199,14 +196,3 @@ class LLMEngine:
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
 
-
-def _dummy_model(config: EngineConfig, mc: ModelConfig) -> LlamaForCausalLM:
-    """Random weights built on the device and in the dtype the runner will use
-    (so its ``model.to`` copies nothing)."""
-    device = resolve_device(config.device)
-    if config.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, config.dtype)
-    max_positions = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-    return load_dummy_model(mc, max_positions, device, dtype, seed=config.seed)

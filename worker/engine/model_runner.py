@@ -30,7 +30,7 @@ from worker.engine.scheduler import SchedulerOutput
 from worker.models.attention import AttentionMetadata, DecodeBatch, PrefillBatch
 from worker.models.config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
-from worker.models.loader import load_model
+from worker.models.loader import load_dummy_model, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,9 @@ class ModelRunner:
         else:
             self.dtype = _DTYPES[config.dtype]
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
-        if model is None:
+        if model is None and config.load_format == "dummy":
+            self.model = load_dummy_model(model_config, self.max_model_len, self.device, self.dtype, seed=config.seed)
+        elif model is None:
             self.model = load_model(Path(config.model), self.max_model_len, self.device, self.dtype, model_config)
         else:
             self.model = model.to(device=self.device, dtype=self.dtype)
