@@ -50,22 +50,18 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # sorted by arrival
+        self._by_id: dict[str, Sequence] = {}  # every waiting or running sequence
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self._by_id[seq.request_id] = seq
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def find(self, request_id: str) -> Sequence | None:
-        for seq in self.running:
-            if seq.request_id == request_id:
-                return seq
-        for seq in self.waiting:
-            if seq.request_id == request_id:
-                return seq
-        return None
+        return self._by_id.get(request_id)
 
     def finish(self, seq: Sequence) -> None:
         """Remove ``seq`` from the queues and free its blocks (finished or aborted)."""
@@ -75,6 +71,8 @@ class Scheduler:
             self.waiting.remove(seq)
         self.bm.free(seq)
         seq.status = SequenceStatus.FINISHED
+        if self._by_id.get(seq.request_id) is seq:
+            del self._by_id[seq.request_id]
 
     def waiting_prefill_tokens(self) -> int:
         return sum(s.num_tokens - s.num_computed_tokens for s in self.waiting) + sum(
