@@ -217,7 +217,9 @@ def run_kvmesh(engine, args, rng, results: dict) -> None:
     first, total, produced = run_requests(engine, [random_prompt(rng, 128)], 256, "b1")
     results["kvmesh_b1"] = produced / total
     results["kvmesh_b1_decode_only"] = (produced - 1) / (total - first)
-    print(f"kvmesh batch-1: {results['kvmesh_b1']:.1f} tok/s ({results['kvmesh_b1_decode_only']:.1f} decode only)", flush=True)
+    results["kvmesh_ttft_128_ms"] = 1e3 * first
+    print(f"kvmesh batch-1: {results['kvmesh_b1']:.1f} tok/s ({results['kvmesh_b1_decode_only']:.1f} decode only, "
+          f"first token {results['kvmesh_ttft_128_ms']:.1f} ms)", flush=True)
     ttfts = [run_requests(engine, [random_prompt(rng, 2048)], 1, f"ttft{i}")[0] for i in range(5)]
     results["kvmesh_ttft_2048_ms"] = 1e3 * statistics.median(ttfts)
     results["kvmesh_ttft_runs_ms"] = [round(1e3 * t, 2) for t in ttfts]
@@ -285,6 +287,24 @@ def profile_decode(engine, batch: int, prompt_len: int, steps: int = 30) -> dict
     print(f"decode batch {batch} (prompt {prompt_len}): {1e3 * wall:.2f} ms/step; per step ms: {spent}", flush=True)
     print(table, flush=True)
     return {"batch": batch, "ms_per_step": 1e3 * wall, **{f"{k}_ms": v for k, v in spent.items()}}
+
+
+def profile_prefill(engine, prompt_len: int, runs: int = 5) -> dict:
+    """Wall time of one request's first token (a ``prompt_len`` prefill step) and where it
+    goes: host time of the step's stages against the GPU's kernel time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = random.Random(prompt_len)
+    walls = [run_requests(engine, [random_prompt(rng, prompt_len)], 1, f"pp{prompt_len}-{i}")[0] for i in range(runs)]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_requests(engine, [random_prompt(rng, prompt_len)], 1, f"pp{prompt_len}-prof")
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
+    print(f"prefill {prompt_len}: first token median {1e3 * statistics.median(walls):.2f} ms; "
+          f"GPU kernel time {gpu_ms:.2f} ms", flush=True)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60), flush=True)
+    return {"prompt": prompt_len, "first_token_ms": 1e3 * statistics.median(walls), "gpu_kernel_ms": gpu_ms}
 
 
 def decode_bytes_per_step(weights: int, embed: int, cfg, context: int) -> int:
@@ -383,6 +403,7 @@ def main() -> None:
     print(f"kvmesh engine ready in {elapsed:.0f} s: {results['kv_blocks']} KV blocks, {results['kv_tokens']} tokens", flush=True)
     if args.profile:
         results["profile"] = [profile_decode(engine, b, p) for b, p in ((1, 128), (64, 512), (256, 640))]
+        results["profile_prefill"] = profile_prefill(engine, 128)
     run_kvmesh(engine, args, rng, results)
     step_bytes = decode_bytes_per_step(weights, embed, hf_cfg, 128 + 128)
     limit = bandwidth / step_bytes
