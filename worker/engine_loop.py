@@ -14,7 +14,8 @@ only thread that ever calls it. The two sides meet at exactly two points:
 
 Each side's state is touched only by that side -- the engine thread owns
 ``_active`` (ids the engine holds), the event loop owns ``_streams`` (one
-``asyncio.Queue`` per request) -- so there are no locks. The load snapshot is
+output callback per request: an ``asyncio.Queue``'s ``put_nowait`` for
+``submit``, a session's collector for ``add``) -- so there are no locks. The load snapshot is
 the one shared value; it is replaced by a single atomic assignment.
 
 The engine thread steps while the engine has unfinished work, draining new
@@ -104,7 +105,7 @@ class _Stream:
     to an earlier, aborted request and are dropped.
     """
 
-    outputs: asyncio.Queue
+    on_output: Callable[[RequestOutput], None]
     accepted: bool = False
 
 
@@ -168,6 +169,16 @@ def _coalesce(first: RequestOutput, waiting: asyncio.Queue) -> RequestOutput:
     parts = [first]
     while not parts[-1].finished and not waiting.empty():
         parts.append(waiting.get_nowait())
+    return merge_outputs(parts)
+
+
+def merge_outputs(parts: list[RequestOutput]) -> RequestOutput:
+    """Consecutive outputs of one request (at least one) as one delta: tokens
+    and logprobs concatenated in order, the last one's finish reason, the
+    prompt accounting of whichever part carried it."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
     return RequestOutput(
         request_id=first.request_id,
         new_token_ids=tuple(t for p in parts for t in p.new_token_ids),
@@ -244,25 +255,49 @@ class EngineLoop:
         Closing the stream early, or cancelling the task iterating it,
         aborts the request. The caller must iterate or ``aclose()`` it.
         """
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        rid = request.request_id
+        done = self.add(request, outputs.put_nowait)
+        try:
+            await done
+        except asyncio.CancelledError:
+            self.cancel(rid)
+            raise
+        return self._iterate(rid, outputs)
+
+    def add(self, request: EngineRequest, on_output: Callable[[RequestOutput], None]) -> asyncio.Future:
+        """Queue a request for the engine without waiting; for callers that
+        multiplex many requests (a session) and cannot await each one.
+
+        ``on_output`` is called on the event loop with each output of the
+        request, in order; the one whose ``finish_reason`` is set is the last
+        call, and there is none after ``cancel``. The returned future
+        resolves (None) once the engine took the request, or with the
+        ``ValueError`` of its ``add_request`` (then ``on_output`` is never
+        called). Raises ``ValueError`` at once for a ``request_id`` that is
+        in flight here, ``EngineLoopClosed`` after ``stop``. A ``cancel``
+        issued right after is applied after the add, in order.
+        """
         self._check_open()
         rid = request.request_id
         if rid in self._streams:
             raise ValueError(f"request_id {rid!r} is already running on this worker")
-        stream = _Stream(asyncio.Queue())
+        stream = _Stream(on_output)
         self._streams[rid] = stream
         self._idle.clear()
         done = self._loop.create_future()
         self._commands.put(_Add(request, stream, done))
-        try:
-            await done
-        except asyncio.CancelledError:
-            self._forget(rid)
-            self._commands.put(_Abort(rid, None))
-            raise
-        except BaseException:
-            self._forget(rid)
-            raise
-        return self._iterate(rid, stream.outputs)
+        return done
+
+    def cancel(self, request_id: str) -> None:
+        """Abort a request without waiting, and deliver nothing more of it
+        (its consumer left). No-op for ids not in flight."""
+        if self._streams.pop(request_id, None) is None:
+            return
+        if not self._streams:
+            self._idle.set()
+        if not self._closed:
+            self._commands.put(_Abort(request_id, None))
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request; resolves after the engine freed its KV blocks.
@@ -340,8 +375,7 @@ class EngineLoop:
         finally:
             if not finished:
                 logger.debug("consumer of %s went away; aborting it", rid)
-                self._forget(rid)
-                self._commands.put(_Abort(rid, None))
+                self.cancel(rid)
 
     def _forget(self, rid: str) -> None:
         self._streams.pop(rid, None)
@@ -352,14 +386,19 @@ class EngineLoop:
         stream.accepted = True
         _resolve(done)
 
+    def _reject(self, rid: str, stream: _Stream, done: asyncio.Future, exc: BaseException) -> None:
+        if self._streams.get(rid) is stream:
+            self._forget(rid)
+        _resolve(done, exc=exc)
+
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None or not stream.accepted:  # its consumer left, or the id was reused
                 continue
-            stream.outputs.put_nowait(out)
             if out.finished:
                 self._forget(out.request_id)
+            stream.on_output(out)
 
     def _deliver_failure(self, outputs: list[RequestOutput], message: str) -> None:
         self.last_error = message
@@ -374,7 +413,7 @@ class EngineLoop:
             except queue.Empty:
                 break
             if isinstance(cmd, _Add):
-                _resolve(cmd.done, exc=EngineLoopClosed("the engine loop stopped"))
+                self._reject(cmd.request.request_id, cmd.stream, cmd.done, EngineLoopClosed("the engine loop stopped"))
             elif isinstance(cmd, _Abort):
                 _resolve(cmd.done, False)
             elif isinstance(cmd, _KvSnapshot):
@@ -452,7 +491,7 @@ class EngineLoop:
             try:
                 engine.add_request(cmd.request)
             except Exception as exc:  # ValueError by contract; anything else also goes back to the caller
-                self._pending.append((_resolve, (cmd.done, None, exc)))
+                self._pending.append((self._reject, (cmd.request.request_id, cmd.stream, cmd.done, exc)))
                 return
             self._active.add(cmd.request.request_id)
             self._pending.append((self._accept, (cmd.stream, cmd.done)))

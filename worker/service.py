@@ -13,6 +13,9 @@ EngineFailed               INTERNAL               a step raised; the stream's la
 NotImplementedError        UNIMPLEMENTED          GetKvSnapshot on an engine with no prefix cache
 anything else              INTERNAL               a bug; logged with its traceback
 =========================  =====================  =================================
+
+A Session reports a refused submit with the same status in that stream's
+error entry (``status_for``) instead of failing the whole call.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from worker.engine.config import EngineConfig
 from worker.engine.types import FinishReason
 from worker.engine_loop import Engine, EngineLoop, EngineLoopClosed
 from worker.kv_events import EventsUnavailableError, KvEventPublisher
+from worker.session import WorkerSession
 
 if TYPE_CHECKING:
     from worker.redis_link import RedisLink
@@ -67,12 +71,19 @@ _STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
 )
 
 
+def status_for(exc: Exception) -> grpc.StatusCode:
+    """The status ``exc`` is reported with (the table above); INTERNAL for anything else."""
+    for error_type, code in _STATUS_BY_ERROR:
+        if isinstance(exc, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
 async def _abort_for(exc: Exception, context: grpc.aio.ServicerContext, rpc: str) -> None:
     if isinstance(exc, grpc.aio.AbortError):  # context.abort() already chose the status
         raise exc
-    for error_type, code in _STATUS_BY_ERROR:
-        if isinstance(exc, error_type):
-            await context.abort(code, str(exc))
+    if any(isinstance(exc, error_type) for error_type, _ in _STATUS_BY_ERROR):
+        await context.abort(status_for(exc), str(exc))
     logger.error("unexpected error in %s", rpc, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {rpc}: {type(exc).__name__}: {exc}")
 
@@ -107,12 +118,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._events = events
         self._worker_id = worker_id
         self._model_info = model_info_to_pb(engine.model, worker_id)
+        self._sessions: set[WorkerSession] = set()
         self.draining = False
 
     @_streaming
     async def Submit(self, request, context):
         if self.draining:
-            raise WorkerUnavailable(f"worker {self._worker_id} is draining; submit elsewhere")
+            raise WorkerUnavailable(self._refusal())
         req = request_from_pb(request)
         # A cancelled call cancels this task; closing the stream aborts the request.
         async with contextlib.aclosing(await self._engine.submit(req)) as outputs:
@@ -122,6 +134,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 first = False
                 if out.finish_reason is FinishReason.ERROR:
                     raise EngineFailed(f"request {req.request_id!r} failed in the engine: {self._engine.last_error}")
+
+    @_unary
+    async def Session(self, request_iterator, context):
+        session = WorkerSession(self._engine, self._refusal, status_for)
+        self._sessions.add(session)
+        try:
+            await session.serve(request_iterator, context)
+        finally:
+            self._sessions.discard(session)
+
+    def close_sessions(self) -> None:
+        """Stopping: sessions refuse new submits and end once their requests are done."""
+        for session in list(self._sessions):
+            session.close()
+
+    def _refusal(self) -> str | None:
+        return f"worker {self._worker_id} is draining; submit elsewhere" if self.draining else None
 
     @_unary
     async def Abort(self, request, context):
@@ -343,6 +372,8 @@ class WorkerServer:
         if self.router is not None:
             await self.router.close(deregister=True)
         self.events.close()
+        if self._servicer is not None:
+            self._servicer.close_sessions()
         if self._server is not None:
             await self._server.stop(self.config.stop_grace_s if grace is None else grace)
         await self.engine.stop()

@@ -39,6 +39,11 @@ class WorkerStub:
                 request_serializer=kvmesh_dot_v1_dot_worker__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_worker__pb2.SubmitResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/kvmesh.v1.Worker/Session',
+                request_serializer=kvmesh_dot_v1_dot_worker__pb2.SessionRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_worker__pb2.SessionUpdate.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/kvmesh.v1.Worker/Abort',
                 request_serializer=kvmesh_dot_v1_dot_worker__pb2.WorkerAbortRequest.SerializeToString,
@@ -72,6 +77,20 @@ class WorkerServicer:
     def Submit(self, request, context):
         """Submit one request and stream its new tokens until it finishes.
         Cancelling the call aborts the request and frees its KV blocks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """Many requests over one long-lived stream (one per router connection):
+        the caller sends submits and aborts, the worker sends one SessionUpdate
+        per engine step (or per batch of outputs that queued up while the
+        previous update was being written) carrying every request of this
+        session that produced output. The worker sends its initial metadata at
+        once, so a caller can tell a worker without this RPC (UNIMPLEMENTED)
+        before it submits anything. When the call ends, however it ends, every
+        request still running on it is aborted on the worker.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -127,6 +146,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     request_deserializer=kvmesh_dot_v1_dot_worker__pb2.SubmitRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_worker__pb2.SubmitResponse.SerializeToString,
             ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=kvmesh_dot_v1_dot_worker__pb2.SessionRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_worker__pb2.SessionUpdate.SerializeToString,
+            ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
                     request_deserializer=kvmesh_dot_v1_dot_worker__pb2.WorkerAbortRequest.FromString,
@@ -180,6 +204,33 @@ class Worker:
             '/kvmesh.v1.Worker/Submit',
             kvmesh_dot_v1_dot_worker__pb2.SubmitRequest.SerializeToString,
             kvmesh_dot_v1_dot_worker__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kvmesh.v1.Worker/Session',
+            kvmesh_dot_v1_dot_worker__pb2.SessionRequest.SerializeToString,
+            kvmesh_dot_v1_dot_worker__pb2.SessionUpdate.FromString,
             options,
             channel_credentials,
             insecure,
