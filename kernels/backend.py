@@ -15,6 +15,11 @@ import os
 
 import torch
 
+from kernels.kv_quant import FP8_KV_DTYPE, is_fp8
+
+FP8_ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+"""Activation (query, new K/V) dtypes the kernels accept beside an fp8 cache."""
+
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 """Triton is importable (it ships with CUDA builds of PyTorch)."""
 
@@ -42,11 +47,33 @@ def check_paged_inputs(
     block_size, hk = k_cache.shape[1], k_cache.shape[2]
     require(hq % hk == 0, f"query heads ({hq}) must be a multiple of KV heads ({hk})")
     require(k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "caches need unit stride along head_dim")
-    require(query.dtype == k_cache.dtype == v_cache.dtype, f"dtypes differ: query {query.dtype}, cache {k_cache.dtype}")
+    check_cache_dtype(query.dtype, k_cache, v_cache)
     require(dim >= 16, f"head_dim must be >= 16, got {dim}")
     require(block_tables.dim() == 2 and block_tables.dtype in (torch.int32, torch.int64) and block_tables.stride(1) == 1,
             f"block_tables must be [B, W] int32/int64 with unit inner stride, got {tuple(block_tables.shape)} {block_tables.dtype}")
     return hq, dim, block_size, hk, block_tables.shape[0]
+
+
+def check_cache_dtype(dtype: torch.dtype, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """The caches hold ``dtype`` (the activations'), or float8_e4m3fn read and written
+    by bfloat16, float16 or float32 activations on a GPU that has fp8 (``kv_quant.py``)."""
+    require(k_cache.dtype == v_cache.dtype, f"k_cache and v_cache dtypes differ: {k_cache.dtype}, {v_cache.dtype}")
+    if not is_fp8(k_cache.dtype):
+        require(k_cache.dtype == dtype,
+                f"dtypes differ: query {dtype}, cache {k_cache.dtype} (a cache of another dtype than the "
+                f"activations must be {FP8_KV_DTYPE})")
+        return
+    require(dtype in FP8_ACTIVATION_DTYPES,
+            f"an fp8 cache needs bfloat16, float16 or float32 activations, got {dtype}")
+    if not fp8_supported(k_cache.device):
+        raise ValueError(f"an fp8 (e4m3) cache needs compute capability 8.9 or newer (Ada, Hopper), "
+                         f"got {torch.cuda.get_device_capability(k_cache.device)}")
+
+
+@functools.lru_cache(maxsize=None)
+def fp8_supported(device: torch.device) -> bool:
+    """Triton converts float8_e4m3fn on this device: compute capability 8.9 or newer, or the interpreter."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def require_device(*tensors: torch.Tensor) -> None:

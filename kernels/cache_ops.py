@@ -4,12 +4,15 @@ A slot is ``block_id * block_size + offset``; the scheduler computes one slot
 per new token (``slot_mapping``), so prefill chunks and decode tokens of many
 sequences are written in one call. The model stores through
 ``rotary_store.py`` (rotation and store in one kernel on CUDA); this is the
-torch reference of the store.
+torch reference of the store. An fp8 cache stores each value divided by
+``kv_scale`` (``kv_quant.py``).
 """
 
 from __future__ import annotations
 
 import torch
+
+from kernels.kv_quant import is_fp8, quantize_ref
 
 
 def store_kv_ref(
@@ -18,9 +21,13 @@ def store_kv_ref(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    kv_scale: float = 1.0,
 ) -> None:
-    """``key``/``value``: ``[T, Hk, D]``; caches: ``[num_blocks, block_size, Hk, D]``; ``slot_mapping``: ``[T]`` int64."""
-    num_blocks, block_size = k_cache.shape[:2]
-    k_cache.view(num_blocks * block_size, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(num_blocks * block_size, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    """``key``/``value``: ``[T, Hk, D]``; caches: ``[num_blocks, block_size, Hk, D]``; ``slot_mapping``: ``[T]`` int64;
+    ``kv_scale``: the fp8 cache's scale (unused by other cache dtypes)."""
+    for new, cache in ((key, k_cache), (value, v_cache)):
+        stored = quantize_ref(new, cache.dtype, kv_scale)
+        if is_fp8(cache.dtype):  # index_copy_ has no float8 kernel: copy the bytes
+            stored, cache = stored.view(torch.uint8), cache.view(torch.uint8)
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, stored)
 

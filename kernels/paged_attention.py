@@ -15,6 +15,9 @@ prefill over cached prefix blocks, and decode.
 Decode-only batches (every ``q_len == 1``) take a batched path: gather all
 contexts padded to the longest and run one masked SDPA call. Other batches run
 one SDPA call per sequence. Grouped-query attention never copies KV heads.
+
+An fp8 cache (``kv_quant.py``) is read back as ``stored * kv_scale`` in the
+query's dtype, gathered blocks only.
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.kv_quant import dequantize_ref
 
-def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """``[length, Hk, D]`` for one sequence."""
+
+def _gather_context(
+    cache: torch.Tensor, block_table: torch.Tensor, length: int, dtype: torch.dtype, kv_scale: float
+) -> torch.Tensor:
+    """``[length, Hk, D]`` for one sequence, as ``dtype``."""
     block_size = cache.shape[1]
     n_blocks = (length + block_size - 1) // block_size
-    return cache.index_select(0, block_table[:n_blocks]).flatten(0, 1)[:length]
+    return dequantize_ref(cache.index_select(0, block_table[:n_blocks]).flatten(0, 1)[:length], dtype, kv_scale)
 
 
 def paged_attention_ref(
@@ -38,23 +45,25 @@ def paged_attention_ref(
     context_lens: list[int],
     query_lens: list[int],
     scale: float,
+    kv_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of ``query`` ``[T, Hq, D]`` over paged K/V; returns ``[T, Hq, D]``.
 
     ``block_tables``: ``[B, max_blocks]`` int64 (padding entries unused);
-    ``context_lens``/``query_lens``: per sequence, ``q_len <= ctx_len``.
+    ``context_lens``/``query_lens``: per sequence, ``q_len <= ctx_len``. The caches
+    hold the query's dtype, or float8_e4m3fn read as ``stored * kv_scale``.
     """
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     if all(q == 1 for q in query_lens):
-        return _decode_batched(query, k_cache, v_cache, block_tables, context_lens, scale, group)
+        return _decode_batched(query, k_cache, v_cache, block_tables, context_lens, scale, group, kv_scale)
     out = torch.empty_like(query)
     start = 0
     for i, (q_len, ctx_len) in enumerate(zip(query_lens, context_lens)):
         q = query[start : start + q_len].transpose(0, 1)  # [Hq, q, D]
-        k = _gather_context(k_cache, block_tables[i], ctx_len).transpose(0, 1)
-        v = _gather_context(v_cache, block_tables[i], ctx_len).transpose(0, 1)
+        k = _gather_context(k_cache, block_tables[i], ctx_len, query.dtype, kv_scale).transpose(0, 1)
+        v = _gather_context(v_cache, block_tables[i], ctx_len, query.dtype, kv_scale).transpose(0, 1)
         gqa = group > 1
         if q_len == 1:
             o = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
@@ -78,14 +87,15 @@ def _decode_batched(
     context_lens: list[int],
     scale: float,
     group: int,
+    kv_scale: float,
 ) -> torch.Tensor:
     batch = query.shape[0]
     block_size = k_cache.shape[1]
     max_len = max(context_lens)
     n_blocks = (max_len + block_size - 1) // block_size
     table = block_tables[:, :n_blocks]
-    k = k_cache[table].flatten(1, 2)[:, :max_len]  # [B, L, Hk, D]
-    v = v_cache[table].flatten(1, 2)[:, :max_len]
+    k = dequantize_ref(k_cache[table].flatten(1, 2)[:, :max_len], query.dtype, kv_scale)  # [B, L, Hk, D]
+    v = dequantize_ref(v_cache[table].flatten(1, 2)[:, :max_len], query.dtype, kv_scale)
     k = k.transpose(1, 2)  # [B, Hk, L, D]
     v = v.transpose(1, 2)
     lens = torch.tensor(context_lens, device=query.device)

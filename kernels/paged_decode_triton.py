@@ -12,6 +12,12 @@ not depend on arrival order) and resets the counter. No second kernel: at
 batch 1 a merge launch per layer cost ~2.4 us plus a launch gap.
 ``num_splits`` depends only on the batch shape, never on the data, so the
 launch can be captured in a CUDA graph.
+
+An fp8 (e4m3) cache (``kv_quant.py``; a compile-time branch, so 16/32-bit
+caches run the same code as before) is converted tile by tile to the query's
+dtype, which is exact, and the scale is applied outside the dot products:
+``q.(s k) = s (q.k)`` joins the softmax scale, ``p.(s v) = s (p.v)`` the final
+normalisation.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import check_paged_inputs, next_pow2, num_sms, pdl_launch, require, require_device
+from kernels.kv_quant import is_fp8
 from kernels.pdl_triton import pdl_prologue
 
 MAX_SPLITS = 32
@@ -48,10 +55,10 @@ DEFAULT_TUNING = DecodeTuning()
 def _paged_decode_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, rows_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, lock_ptr,
     q_st, q_sh, kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, bt_sb, o_st, o_sh,
-    n_q_heads, n_kv_heads, scale_log2,
+    n_q_heads, n_kv_heads, scale_log2, v_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    KV_FP8: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
@@ -87,6 +94,8 @@ def _paged_decode_kernel(
         kv_mask = n_mask[:, None] & (d < HEAD_DIM)[None, :]
         k = tl.load(kc_ptr + block[:, None] * kc_sb + offset[:, None] * kc_st + kh * kc_sh + d[None, :],
                     mask=kv_mask, other=0.0)
+        if KV_FP8:
+            k = k.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -95,12 +104,16 @@ def _paged_decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(vc_ptr + block[:, None] * vc_sb + offset[:, None] * vc_st + kh * vc_sh + d[None, :],
                     mask=kv_mask, other=0.0)
+        if KV_FP8:
+            v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     if NUM_SPLITS == 1:
         l_safe = tl.where(l_i > 0, l_i, 1.0)  # an empty context (padding row) gives zeros
         out = acc / l_safe[:, None]
+        if KV_FP8:
+            out = out * v_scale
         tl.store(out_ptr + row * o_st + qh[:, None] * o_sh + d[None, :], out.to(out_ptr.dtype.element_ty), mask=qd_mask)
     else:
         idx = (b * n_q_heads + qh) * NUM_SPLITS + split
@@ -111,15 +124,15 @@ def _paged_decode_kernel(
         lock = lock_ptr + b * n_kv_heads + kh
         n_valid = tl.cdiv(ctx, part)  # the non-empty slices: the programs that arrive here
         if tl.atomic_add(lock, 1, sem="acq_rel") == n_valid - 1:
-            _merge_splits(m_ptr, l_ptr, acc_ptr, out_ptr, b, qh, row, n_q_heads, n_valid, o_st, o_sh, qd_mask,
-                          GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, NUM_SPLITS)
+            _merge_splits(m_ptr, l_ptr, acc_ptr, out_ptr, b, qh, row, n_q_heads, n_valid, o_st, o_sh, qd_mask, v_scale,
+                          GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, NUM_SPLITS, KV_FP8)
             tl.atomic_xchg(lock, 0)  # ready for the next launch
 
 
 @triton.jit
-def _merge_splits(m_ptr, l_ptr, acc_ptr, out_ptr, b, qh, row, n_q_heads, n_valid, o_st, o_sh, qd_mask,
+def _merge_splits(m_ptr, l_ptr, acc_ptr, out_ptr, b, qh, row, n_q_heads, n_valid, o_st, o_sh, qd_mask, v_scale,
                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr):
+                  NUM_SPLITS: tl.constexpr, KV_FP8: tl.constexpr):
     """Combines the ``n_valid`` slices' softmax states of heads ``qh`` (read from L2:
     other programs wrote them) and writes the output rows."""
     g_mask = tl.arange(0, BLOCK_G) < GROUP
@@ -138,8 +151,10 @@ def _merge_splits(m_ptr, l_ptr, acc_ptr, out_ptr, b, qh, row, n_q_heads, n_valid
                        cache_modifier=".cg")
         out += part * w[:, None]
     denom = tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + row * o_st + qh[:, None] * o_sh + d[None, :], (out / denom[:, None]).to(out_ptr.dtype.element_ty),
-             mask=qd_mask)
+    out = out / denom[:, None]
+    if KV_FP8:
+        out = out * v_scale
+    tl.store(out_ptr + row * o_st + qh[:, None] * o_sh + d[None, :], out.to(out_ptr.dtype.element_ty), mask=qd_mask)
 
 
 _LOCKS = 1 << 16
@@ -178,6 +193,7 @@ def paged_decode_attention(
     out: torch.Tensor,
     num_splits: int | None = None,
     tuning: DecodeTuning = DEFAULT_TUNING,
+    kv_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of query row ``rows[i]`` of ``query`` ``[N, Hq, D]`` over the first
     ``context_lens[i]`` cached tokens of sequence ``i`` (its new token already
@@ -186,7 +202,8 @@ def paged_decode_attention(
 
     ``block_tables`` ``[B, W]`` int32/int64; ``context_lens`` ``[B]`` int32;
     ``rows`` ``[B]`` int32/int64; caches ``[blocks, block_size, Hk, D]``.
-    ``num_splits`` defaults to ``choose_num_splits(B, Hk, W * block_size)``.
+    ``num_splits`` defaults to ``choose_num_splits(B, Hk, W * block_size)``. The caches
+    hold the query's dtype, or float8_e4m3fn read as ``stored * kv_scale``.
     """
     hq, dim, block_size, hk, batch = check_paged_inputs(query, k_cache, v_cache, block_tables)
     require(context_lens.shape == (batch,) and context_lens.dtype == torch.int32,
@@ -200,8 +217,11 @@ def paged_decode_attention(
         return out
     splits = num_splits or choose_num_splits(batch, hk, block_tables.shape[1] * block_size, query.device, tuning)
     require(splits == next_pow2(splits) and splits <= MAX_SPLITS, f"num_splits must be a power of two <= {MAX_SPLITS}, got {splits}")
+    require(kv_scale > 0, f"kv_scale must be > 0, got {kv_scale}")
     group = hq // hk
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    fp8 = is_fp8(k_cache.dtype)
+    k_scale = kv_scale if fp8 else 1.0
     if splits > 1:
         m = torch.empty((batch, hq, splits), dtype=torch.float32, device=query.device)
         l = torch.empty_like(m)
@@ -216,9 +236,9 @@ def paged_decode_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        hq, hk, scale * _LOG2E,
+        hq, hk, scale * k_scale * _LOG2E, kv_scale,
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), HEAD_DIM=dim, BLOCK_D=next_pow2(dim),
-        BLOCK_SIZE=block_size, BLOCK_N=tuning.block_n, NUM_SPLITS=splits, PRECISION=precision,
+        BLOCK_SIZE=block_size, BLOCK_N=tuning.block_n, NUM_SPLITS=splits, PRECISION=precision, KV_FP8=fp8,
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_launch(query.device),
     )
     return out

@@ -9,6 +9,10 @@ causally to itself, the same rule as the torch reference.
 Grid ``(query tiles, query heads, sequences)``; a flash-attention loop over
 key tiles with an online softmax. Key tiles wholly below the diagonal run
 without the causal mask; only the tiles crossing it pay for it.
+
+An fp8 (e4m3) cache is read as in ``paged_decode_triton.py``: tiles converted
+to the query's dtype (exact), the scale folded into the softmax scale and the
+final normalisation (a compile-time branch).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import check_paged_inputs, next_pow2, require, require_device
+from kernels.kv_quant import is_fp8
 
 _LOG2E = 1.4426950408889634
 
@@ -26,7 +31,7 @@ _LOG2E = 1.4426950408889634
 def _attend(q, m_i, l_i, acc, n0, pos, hi, table, kc_ptr, vc_ptr, kh,
             kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, scale_log2,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-            MASKED: tl.constexpr, PRECISION: tl.constexpr):
+            MASKED: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
     n = n0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     if MASKED:
@@ -38,6 +43,8 @@ def _attend(q, m_i, l_i, acc, n0, pos, hi, table, kc_ptr, vc_ptr, kh,
         kv_mask = (n >= 0)[:, None] & (d < HEAD_DIM)[None, :]
     offset = (n % BLOCK_SIZE).to(tl.int64)
     k = tl.load(kc_ptr + block[:, None] * kc_sb + offset[:, None] * kc_st + kh * kc_sh + d[None, :], mask=kv_mask, other=0.0)
+    if KV_FP8:
+        k = k.to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     if MASKED:
         s = tl.where((n[None, :] <= pos[:, None]) & n_mask[None, :], s, float("-inf"))
@@ -46,6 +53,8 @@ def _attend(q, m_i, l_i, acc, n0, pos, hi, table, kc_ptr, vc_ptr, kh,
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(vc_ptr + block[:, None] * vc_sb + offset[:, None] * vc_st + kh * vc_sh + d[None, :], mask=kv_mask, other=0.0)
+    if KV_FP8:
+        v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
@@ -54,9 +63,9 @@ def _attend(q, m_i, l_i, acc, n0, pos, hi, table, kc_ptr, vc_ptr, kh,
 def _paged_prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, qs_ptr, ql_ptr, ctx_ptr, out_ptr,
     q_st, q_sh, kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, bt_sb, o_st, o_sh,
-    scale_log2,
+    scale_log2, v_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -83,12 +92,14 @@ def _paged_prefill_kernel(
     for n0 in range(0, full, BLOCK_N):
         m_i, l_i, acc = _attend(q, m_i, l_i, acc, n0, pos, hi, table, kc_ptr, vc_ptr, kh,
                                 kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, scale_log2,
-                                HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, PRECISION)
+                                HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, PRECISION, KV_FP8)
     for n0 in range(full, hi, BLOCK_N):
         m_i, l_i, acc = _attend(q, m_i, l_i, acc, n0, pos, hi, table, kc_ptr, vc_ptr, kh,
                                 kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, scale_log2,
-                                HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, PRECISION)
+                                HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, PRECISION, KV_FP8)
     out = acc / l_i[:, None]
+    if KV_FP8:
+        out = out * v_scale
     tl.store(out_ptr + (q0 + m)[:, None] * o_st + h * o_sh + d[None, :], out.to(out_ptr.dtype.element_ty), mask=qd_mask)
 
 
@@ -103,13 +114,15 @@ def paged_prefill_attention(
     max_query_len: int,
     scale: float,
     out: torch.Tensor,
+    kv_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of the query rows of ``B`` sequences over their paged contexts.
 
     ``query``/``out`` ``[N, Hq, D]``; ``block_tables`` ``[B, W]`` int32/int64;
     ``query_start``/``query_lens``/``context_lens`` ``[B]`` int32 with
     ``1 <= query_lens[i] <= context_lens[i]``; ``max_query_len`` bounds
-    ``query_lens`` (it sizes the grid). Writes the sequences' rows of ``out``.
+    ``query_lens`` (it sizes the grid). Writes the sequences' rows of ``out``. The
+    caches hold the query's dtype, or float8_e4m3fn read as ``stored * kv_scale``.
     """
     hq, dim, block_size, hk, batch = check_paged_inputs(query, k_cache, v_cache, block_tables)
     for name, t in (("query_start", query_start), ("query_lens", query_lens), ("context_lens", context_lens)):
@@ -117,6 +130,7 @@ def paged_prefill_attention(
     require(out.shape == query.shape and out.dtype == query.dtype and out.stride(2) == 1,
             f"out must match query {tuple(query.shape)} {query.dtype}, got {tuple(out.shape)} {out.dtype}")
     require(max_query_len >= 1, f"max_query_len must be >= 1, got {max_query_len}")
+    require(kv_scale > 0, f"kv_scale must be > 0, got {kv_scale}")
     require_device(query, k_cache, v_cache, block_tables, query_start, query_lens, context_lens, out)
     if batch == 0:
         return out
@@ -124,6 +138,8 @@ def paged_prefill_attention(
         block_m, block_n, warps, precision = 64, 32, 4, "ieee"
     else:
         block_m, block_n, warps, precision = 128, 64, (8 if dim >= 128 else 4), "tf32"
+    fp8 = is_fp8(k_cache.dtype)
+    k_scale = kv_scale if fp8 else 1.0
     grid = (triton.cdiv(max_query_len, block_m), hq, batch)
     _paged_prefill_kernel[grid](
         query, k_cache, v_cache, block_tables, query_start, query_lens, context_lens, out,
@@ -131,9 +147,9 @@ def paged_prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        scale * _LOG2E,
+        scale * k_scale * _LOG2E, kv_scale,
         GROUP=hq // hk, HEAD_DIM=dim, BLOCK_D=next_pow2(dim), BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, KV_FP8=fp8,
         num_warps=warps, num_stages=2,
     )
     return out

@@ -7,6 +7,11 @@ negative slot). Products and sums are rounded to the activation dtype step by
 step, exactly as the torch reference computes them in that dtype
 (``rounding_triton.py``), so results agree with it bit for bit (but for rare
 one-rounding differences where ``x1*cos - x2*sin`` cancels).
+
+An fp8 (e4m3) cache (``kv_quant.py``, a compile-time branch) gets the rotated
+keys rounded to the activation dtype as the reference rotates them, and both
+keys and values times ``1/kv_scale`` in float32, clamped to +-448, rounded to
+nearest even into e4m3.
 """
 
 from __future__ import annotations
@@ -15,14 +20,25 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import next_pow2, pdl_launch, require, require_device
+from kernels.backend import check_cache_dtype, next_pow2, pdl_launch, require, require_device
+from kernels.kv_quant import FP8_MAX, inverse_scale, is_fp8
 from kernels.pdl_triton import pdl_prologue
 from kernels.rounding_triton import round_like
 
+_FP8_MAX = tl.constexpr(FP8_MAX)
+
 
 @triton.jit
-def _rotate(src, dst, src_st, src_sh, dst_st, dst_sh, t, cos, sin, n_heads,
-            HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _to_fp8(x, inv_scale, dtype):
+    """``x`` (float32) times ``inv_scale``, saturated to +-448 (NaN stays NaN), as ``dtype`` (e4m3)."""
+    x = tl.maximum(x * inv_scale, -_FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    x = tl.minimum(x, _FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    return x.to(dtype, fp_downcast_rounding="rtne")
+
+
+@triton.jit
+def _rotate(src, dst, src_st, src_sh, dst_st, dst_sh, t, cos, sin, n_heads, inv_scale,
+            HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, TO_FP8: tl.constexpr):
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (h < n_heads) & (d < HALF)
@@ -31,21 +47,27 @@ def _rotate(src, dst, src_st, src_sh, dst_st, dst_sh, t, cos, sin, n_heads,
     dtype = dst.dtype.element_ty
     x1 = tl.load(s, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(s + HALF, mask=mask, other=0.0).to(tl.float32)
-    a = round_like(x1 * cos, dst)
-    b = round_like(x2 * sin, dst)
-    tl.store(o, (a - b).to(dtype), mask=mask)
-    a = round_like(x2 * cos, dst)
-    b = round_like(x1 * sin, dst)
-    tl.store(o + HALF, (a + b).to(dtype), mask=mask)
+    a = round_like(x1 * cos, src)
+    b = round_like(x2 * sin, src)
+    if TO_FP8:  # the rotated value in the activation dtype, then quantized
+        tl.store(o, _to_fp8(round_like(a - b, src), inv_scale, dtype), mask=mask)
+    else:
+        tl.store(o, (a - b).to(dtype), mask=mask)
+    a = round_like(x2 * cos, src)
+    b = round_like(x1 * sin, src)
+    if TO_FP8:
+        tl.store(o + HALF, _to_fp8(round_like(a + b, src), inv_scale, dtype), mask=mask)
+    else:
+        tl.store(o + HALF, (a + b).to(dtype), mask=mask)
 
 
 @triton.jit
 def _rotary_store_kernel(
     q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr, slot_ptr, cs_ptr,
     q_st, q_sh, k_st, k_sh, v_st, qo_st, qo_sh, kc_sb, kc_st, kc_sh, vc_sb, vc_st, cs_stride,
-    n_q_heads, n_k_heads, n_v_elems,
+    n_q_heads, n_k_heads, n_v_elems, inv_scale,
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_V: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_V: tl.constexpr, KV_FP8: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
@@ -54,26 +76,32 @@ def _rotary_store_kernel(
     cos = round_like(tl.load(cs_ptr + pos * cs_stride + d, mask=d < HALF, other=0.0), qo_ptr)
     sin = round_like(tl.load(cs_ptr + pos * cs_stride + HALF + d, mask=d < HALF, other=0.0), qo_ptr)
     if tl.program_id(1) == 0:
-        _rotate(q_ptr, qo_ptr, q_st, q_sh, qo_st, qo_sh, t, cos, sin, n_q_heads, HALF, BLOCK_HQ, BLOCK_HALF)
+        _rotate(q_ptr, qo_ptr, q_st, q_sh, qo_st, qo_sh, t, cos, sin, n_q_heads, inv_scale,
+                HALF, BLOCK_HQ, BLOCK_HALF, False)
     else:
         slot = tl.load(slot_ptr + t).to(tl.int64)
         if slot >= 0:
             kc = kc_ptr + (slot // BLOCK_SIZE) * kc_sb + (slot % BLOCK_SIZE) * kc_st
-            _rotate(k_ptr + t * k_st, kc, 0, k_sh, 0, kc_sh, 0, cos, sin, n_k_heads, HALF, BLOCK_HK, BLOCK_HALF)
+            _rotate(k_ptr + t * k_st, kc, 0, k_sh, 0, kc_sh, 0, cos, sin, n_k_heads, inv_scale,
+                    HALF, BLOCK_HK, BLOCK_HALF, KV_FP8)
             i = tl.arange(0, BLOCK_V)
             value = tl.load(v_ptr + t * v_st + i, mask=i < n_v_elems)
             vc = vc_ptr + (slot // BLOCK_SIZE) * vc_sb + (slot % BLOCK_SIZE) * vc_st
-            tl.store(vc + i, value.to(vc_ptr.dtype.element_ty), mask=i < n_v_elems)
+            if KV_FP8:
+                tl.store(vc + i, _to_fp8(value.to(tl.float32), inv_scale, vc_ptr.dtype.element_ty), mask=i < n_v_elems)
+            else:
+                tl.store(vc + i, value.to(vc_ptr.dtype.element_ty), mask=i < n_v_elems)
 
 
 def rotary_and_store_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scale: float = 1.0,
 ) -> torch.Tensor:
     """``q`` ``[T, Hq, D]``, ``k``/``v`` ``[T, Hk, D]`` (unit stride along D, each token's
     value heads contiguous: views of a fused projection are fine); caches
     ``[blocks, block_size, Hk, D]`` with each slot's heads contiguous; ``positions`` and
-    ``slot_mapping`` ``[T]`` int32/int64. Returns the rotated queries (contiguous)."""
+    ``slot_mapping`` ``[T]`` int32/int64. The caches hold the activations' dtype, or
+    float8_e4m3fn with scale ``kv_scale``. Returns the rotated queries (contiguous)."""
     require(q.dim() == 3 and k.dim() == 3 and k.shape == v.shape,
             f"q must be [T, Hq, D] and k, v equal [T, Hk, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     t, _, dim = q.shape
@@ -87,7 +115,8 @@ def rotary_and_store_triton(
             f"caches must be [blocks, block_size, {hk}, {dim}], got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         require(c.stride(3) == 1 and c.stride(2) == dim, f"{name} must have contiguous heads per slot, got strides {c.stride()}")
-    require(k_cache.dtype == v_cache.dtype == q.dtype, f"cache dtype {k_cache.dtype} differs from q's {q.dtype}")
+    check_cache_dtype(q.dtype, k_cache, v_cache)
+    require(kv_scale > 0, f"kv_scale must be > 0, got {kv_scale}")
     for name, x in (("positions", positions), ("slot_mapping", slot_mapping)):
         require(x.shape == (t,) and x.dtype in (torch.int32, torch.int64),
                 f"{name} must be [{t}] int32/int64, got {tuple(x.shape)} {x.dtype}")
@@ -102,8 +131,9 @@ def rotary_and_store_triton(
         q, k, v, qo, k_cache, v_cache, positions, slot_mapping, cos_sin_cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), qo.stride(0), qo.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        cos_sin_cache.stride(0), q.shape[1], hk, hk * dim,
+        cos_sin_cache.stride(0), q.shape[1], hk, hk * dim, inverse_scale(kv_scale),
         HALF=half, BLOCK_HQ=next_pow2(q.shape[1]), BLOCK_HK=next_pow2(hk), BLOCK_HALF=next_pow2(half),
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_V=next_pow2(hk * dim), num_warps=4, **pdl_launch(q.device),
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_V=next_pow2(hk * dim), KV_FP8=is_fp8(k_cache.dtype), num_warps=4,
+        **pdl_launch(q.device),
     )
     return qo
