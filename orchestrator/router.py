@@ -2,13 +2,19 @@
 
 A request goes ``prepare`` (admission bound, model, validation, tokenizing,
 context window: every client error surfaces here, before a transport has
-committed to a response) then ``stream`` (placement, Submit to a worker,
-token ids -> text deltas, stop strings, usage). ``generate`` does both.
+committed to a response) then ``stream`` (placement, the request sent to a
+worker, token ids -> text deltas, stop strings, usage). ``generate`` does both.
+
+Transport: a request goes over the router's one Session with its worker
+(``session.py``: one bidirectional stream per worker; the worker sends one
+message per engine step for all of this router's requests on it, and the
+router hands each request its part). A worker without the Session RPC gets
+one Submit call per request instead; both fail the same way, by gRPC status.
 
 Failure rules:
 
-* closing the chunk iterator (a client that went away) cancels the worker's
-  Submit call, which aborts the request on the worker;
+* closing the chunk iterator (a client that went away) aborts the request
+  on the worker (an abort on the session, or cancelling its Submit call);
 * ``abort(request_id)`` does the same and ends the stream with finish reason
   ``abort``;
 * a worker that fails (connection refused or reset, process gone, stream
@@ -36,6 +42,7 @@ cached tokens the first worker reported.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -54,6 +61,7 @@ from orchestrator.metrics import RouterMetrics
 from orchestrator.placement import PlacementDecision, PlacementPolicy, RequestView
 from orchestrator.read_ahead import ReadAhead
 from orchestrator.registry import ModelEntry, WorkerRegistry
+from orchestrator.session import RouterSession, SessionError, SessionStream
 from orchestrator.tokenize import TokenizerBundle
 from orchestrator.types import Chunk, FinishReason, GenerateRequest, ModelCard, Sampling, TokenLogprob, Usage
 from orchestrator.workers import WorkerHandle
@@ -112,16 +120,18 @@ class _AbortRequested(RouterError):
 
 
 class _Attempt:
-    """One Submit call; ``fail`` cancels it and records why (workers.WorkerStream)."""
+    """One request on one worker (a session stream or a Submit call); ``fail``
+    stops it (``stop``: abort the stream, cancel the call) and records why
+    (workers.WorkerStream)."""
 
-    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
-        self.call = call
+    def __init__(self, stop: Callable[[], object]) -> None:
+        self._stop = stop
         self.failure: RouterError | None = None
 
     def fail(self, error: RouterError) -> None:
         if self.failure is None:
             self.failure = error
-            self.call.cancel()
+            self._stop()
 
 
 class _Active:
@@ -424,59 +434,93 @@ class Router:
 
     async def _submit(self, request: worker_pb2.SubmitRequest, worker: WorkerHandle,
                       active: _Active) -> AsyncIterator[list[worker_pb2.SubmitResponse]]:
-        """The worker's messages, in batches of those that arrived while the
-        previous batch was being relayed (``read_ahead.py``), up to and
-        including the one with a finish reason; raises ``WorkerFailed``/
-        ``WorkerRejected``/``_AbortRequested`` after the messages before the failure.
-        Once the attempt failed (``Router.abort``, the watchdog, the registry),
-        the next batch is not yielded: the failure is raised instead."""
-        call = worker.stub.Submit(request)
-        attempt = _Attempt(call)
-        active.attempt = attempt
-        worker.streams.add(attempt)
-        worker.in_flight += 1
+        """The worker's messages for ``request``, in batches of those that arrived
+        while the previous batch was being relayed, up to and including the one
+        with a finish reason; raises ``WorkerFailed``/``WorkerRejected``/
+        ``_AbortRequested`` after the messages before the failure. Once the
+        attempt failed (``Router.abort``, the watchdog, the registry), the next
+        batch is not yielded: the failure is raised instead.
+
+        The request goes over the worker's session (``session.py``: one stream
+        per worker for all of this router's requests) or, for a worker without
+        the Session RPC, its own Submit call (read ahead by ``read_ahead.py``);
+        either way a failure is mapped from the gRPC status as for Submit."""
         timeout = self._limits.worker_timeout_s
-        watchdog = _Watchdog(timeout, lambda: attempt.fail(
-            WorkerTimeout(f"worker {worker.worker_id} sent nothing for {timeout:g}s")))
-
-        async def read() -> worker_pb2.SubmitResponse:
-            watchdog.arm()
-            try:
-                resp = await call.read()
-            except asyncio.CancelledError:
-                if attempt.failure is None or task_cancelled():
-                    raise
-                raise attempt.failure from None
-            except grpc.aio.AioRpcError as e:
-                raise attempt.failure or self._worker_error(worker, e) from None
-            watchdog.disarm()
-            if resp is grpc.aio.EOF:
-                raise WorkerFailed(f"worker {worker.worker_id} ended the stream without a finish reason")
-            if resp.finish_reason == _FINISH_ERROR:
-                raise WorkerFailed(f"worker {worker.worker_id} failed the request (engine error)")
-            return resp
-
-        ahead = ReadAhead(read, _has_finish)
+        worker.in_flight += 1           # counted from placement on, as the placement policies expect
         try:
-            while batch := await ahead.take():
-                if attempt.failure is not None:     # aborted or timed out: what was read ahead goes unsent
-                    raise attempt.failure
-                yield batch
+            try:
+                session = await worker.session(timeout)
+            except SessionError as e:
+                raise self._worker_error(worker, e.code, e.details) from None
+            if active.aborted:
+                raise _AbortRequested("aborted")
+            source, attempt, close = self._start(request, worker, session)
+            active.attempt = attempt
+            worker.streams.add(attempt)
+            watchdog = _Watchdog(timeout, lambda: attempt.fail(
+                WorkerTimeout(f"worker {worker.worker_id} sent nothing for {timeout:g}s")))
+            try:
+                while True:
+                    watchdog.arm()
+                    try:
+                        batch = await source.take()
+                    except SessionError as e:
+                        raise attempt.failure or self._worker_error(worker, e.code, e.details) from None
+                    watchdog.disarm()
+                    if attempt.failure is not None:     # aborted or timed out: what was read ahead goes unsent
+                        raise attempt.failure
+                    if not batch:
+                        return
+                    if batch[-1].finish_reason == _FINISH_ERROR:
+                        if len(batch) > 1:
+                            yield batch[:-1]
+                        raise WorkerFailed(f"worker {worker.worker_id} failed the request (engine error)")
+                    yield batch
+            finally:
+                close()
+                watchdog.cancel()
+                worker.streams.discard(attempt)
+                active.attempt = None
         finally:
-            ahead.close()
-            watchdog.cancel()
-            call.cancel()
             worker.in_flight -= 1
-            worker.streams.discard(attempt)
-            active.attempt = None
 
-    def _worker_error(self, worker: WorkerHandle, e: grpc.aio.AioRpcError) -> RouterError:
-        code = e.code()
-        message = f"worker {worker.worker_id} failed: {code.name}: {e.details()}"
+    def _start(self, request: worker_pb2.SubmitRequest, worker: WorkerHandle, session: RouterSession | None
+               ) -> tuple[SessionStream | ReadAhead[worker_pb2.SubmitResponse], _Attempt, Callable[[], object]]:
+        """(source, attempt, close): the request sent on ``session``, or as a Submit
+        call when None; ``source.take()`` gives its messages, ``close()`` ends it."""
+        if session is not None:
+            stream = session.submit(request)
+            return stream, _Attempt(stream.abort), stream.close
+        call = worker.stub.Submit(request)
+        attempt = _Attempt(call.cancel)
+        ahead = ReadAhead(functools.partial(self._read_call, call, worker, attempt), _has_finish)
+        return ahead, attempt, lambda: (ahead.close(), call.cancel())
+
+    async def _read_call(self, call: grpc.aio.UnaryStreamCall, worker: WorkerHandle,
+                         attempt: _Attempt) -> worker_pb2.SubmitResponse:
+        """One message of a Submit call; raises the mapped failure (ReadAhead's ``read``)."""
+        try:
+            resp = await call.read()
+        except asyncio.CancelledError:
+            if attempt.failure is None or task_cancelled():
+                raise
+            raise attempt.failure from None
+        except grpc.aio.AioRpcError as e:
+            raise attempt.failure or self._worker_error(worker, e.code(), e.details()) from None
+        if resp is grpc.aio.EOF:
+            raise WorkerFailed(f"worker {worker.worker_id} ended the stream without a finish reason")
+        return resp
+
+    def _worker_error(self, worker: WorkerHandle, code: grpc.StatusCode | None, details: str) -> RouterError:
+        """The failure of a request whose Submit call (or session stream) ended with ``code``
+        (None: ended without a finish reason and without an error)."""
+        if code is None:
+            return WorkerFailed(f"worker {worker.worker_id} ended the stream without a finish reason")
+        message = f"worker {worker.worker_id} failed: {code.name}: {details}"
         if code == grpc.StatusCode.UNAVAILABLE:
             self._registry.mark_unreachable(worker)
         if code in _REJECTION_CODES:
-            return WorkerRejected(f"worker {worker.worker_id} rejected the request: {e.details()}",
+            return WorkerRejected(f"worker {worker.worker_id} rejected the request: {details}",
                                   grpc.StatusCode.INVALID_ARGUMENT, 400)
         return WorkerFailed(message, retriable=code in _RETRIABLE_CODES)
 
