@@ -36,6 +36,8 @@ _ENGINE_FLAGS = (
     ("--block-size", "block_size", int),
     ("--num-kv-blocks", "num_kv_blocks", int),
     ("--kv-cache-memory-gib", "kv_cache_memory_gib", float),
+    ("--kv-cache-dtype", "kv_cache_dtype", str),
+    ("--kv-cache-scale", "kv_cache_scale", float),
     ("--max-num-seqs", "max_num_seqs", int),
     ("--max-num-batched-tokens", "max_num_batched_tokens", int),
     ("--max-model-len", "max_model_len", int),

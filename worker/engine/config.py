@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 LOAD_FORMATS = ("auto", "dummy")
 """How weights are loaded: "auto" reads the checkpoint's *.safetensors; "dummy"
 builds the model from config.json alone with seeded random weights."""
+
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "fp8")
+"""What the KV cache stores: "auto" the model's dtype; "fp8_e4m3" (or its alias
+"fp8", as vLLM and SGLang spell it) float8_e4m3fn with ``kv_cache_scale``."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,18 @@ class EngineConfig:
     """Memory budget of the KV pool; default 1 GiB on CPU (the GPU path sizes it
     from ``gpu_memory_utilization``). Ignored when ``num_kv_blocks`` is set."""
 
+    kv_cache_dtype: str = "auto"
+    """One of KV_CACHE_DTYPES. "fp8_e4m3" stores K and V as float8_e4m3fn: half the
+    bytes of a 16-bit cache, so twice the blocks in the same memory and half the
+    bytes decode attention reads; values are saturated to +-448 * kv_cache_scale
+    and keep 3 mantissa bits (``kernels/kv_quant.py``)."""
+
+    kv_cache_scale: float = 1.0
+    """Scale of an fp8 cache, one for keys and values of every layer: the cache
+    stores ``value / kv_cache_scale`` and reads ``stored * kv_cache_scale``.
+    1.0 (vLLM's default without calibrated scales) fits K/V within +-448; only
+    an fp8 cache takes another value."""
+
     gpu_memory_utilization: float = 0.9
     """Fraction of the GPU's total memory the engine may use: weights, the profiled
     activation peak and CUDA graphs first, the KV pool gets the rest."""
@@ -61,6 +78,11 @@ class EngineConfig:
     """Seed of the generator used by requests that give no seed of their own, and
     of the random weights of load_format "dummy"."""
 
+    @property
+    def kv_cache_fp8(self) -> bool:
+        """The cache stores float8_e4m3fn (one byte an element)."""
+        return self.kv_cache_dtype in ("fp8_e4m3", "fp8")
+
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be a power of two in [1, 128], got {self.block_size}")
@@ -76,3 +98,12 @@ class EngineConfig:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
+        if not (math.isfinite(self.kv_cache_scale) and self.kv_cache_scale > 0):
+            raise ValueError(f"kv_cache_scale must be a finite number > 0, got {self.kv_cache_scale}")
+        if self.kv_cache_scale != 1.0 and self.kv_cache_dtype == "auto":
+            raise ValueError(
+                f"kv_cache_scale {self.kv_cache_scale} applies only to an fp8 cache; set kv_cache_dtype "
+                "fp8_e4m3 or leave kv_cache_scale at 1.0"
+            )

@@ -117,9 +117,11 @@ class MockRunner:
                     self.num_blocks, config.block_size, self.max_model_len, timing)
 
     def bytes_per_block(self) -> int:
-        """What a block would take on a GPU (bf16), for ``kv_cache_memory_bytes`` budgets."""
+        """What a block would take on a GPU (bf16, or fp8 with ``kv_cache_dtype`` fp8_e4m3), for
+        ``kv_cache_memory_bytes`` budgets."""
         mc = self.model_config
-        return mc.num_layers * 2 * self.config.block_size * mc.num_kv_heads * mc.head_dim * 2
+        elem = 1 if self.config.kv_cache_fp8 else 2
+        return mc.num_layers * 2 * self.config.block_size * mc.num_kv_heads * mc.head_dim * elem
 
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:

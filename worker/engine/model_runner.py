@@ -28,7 +28,7 @@ from worker.engine.config import EngineConfig
 from worker.engine.cuda_graph import DecodeGraphs
 from worker.engine.sampler import SamplerResult, sample
 from worker.engine.scheduler import SchedulerOutput
-from worker.models.attention import AttentionMetadata, DecodeBatch, PrefillBatch
+from worker.models.attention import AttentionMetadata, DecodeBatch, PrefillBatch, set_kv_cache_scale
 from worker.models.config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
 from worker.models.loader import load_dummy_model, load_model
@@ -36,6 +36,7 @@ from worker.models.loader import load_dummy_model, load_model
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_KV_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8": torch.float8_e4m3fn}  # "auto": the model's dtype
 DEFAULT_CPU_KV_BYTES = 1 << 30
 MAX_GRAPH_BATCH = 512
 _GIB = 2**30
@@ -58,6 +59,8 @@ class ModelRunner:
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
             self.dtype = _DTYPES[config.dtype]
+        self.kv_dtype = _KV_DTYPES.get(config.kv_cache_dtype, self.dtype)
+        """The KV pool's dtype: the model's, or float8_e4m3fn (``kernels/kv_quant.py``)."""
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
         if model is None and config.load_format == "dummy":
             self.model = load_dummy_model(model_config, self.max_model_len, self.device, self.dtype, seed=config.seed)
@@ -66,6 +69,7 @@ class ModelRunner:
         else:
             self.model = model.to(device=self.device, dtype=self.dtype)
             self.model.init_rope(self.max_model_len, self.device)
+        set_kv_cache_scale(self.model, config.kv_cache_scale)
         self.on_gpu = self.device.type == "cuda"
         if self.on_gpu and os.environ.get("KVMESH_FOLD_NORMS", "1") != "0":
             self.model.fold_norms()  # norms ride in the matmuls (llama.py); KVMESH_FOLD_NORMS=0 for A/B runs
@@ -75,13 +79,14 @@ class ModelRunner:
         mc = model_config
         self.kv_cache = torch.zeros(
             (mc.num_layers, 2, self.num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim),
-            dtype=self.dtype,
+            dtype=self.kv_dtype,
             device=self.device,
         )
         logger.info(
-            "KV pool: %d blocks of %d tokens (%d tokens, %.1f MiB) on %s",
+            "KV pool: %d blocks of %d tokens (%d tokens, %.1f MiB, %s, scale %g) on %s",
             self.num_blocks, config.block_size, self.num_blocks * config.block_size,
-            self.kv_cache.numel() * self.kv_cache.element_size() / 2**20, self.device,
+            self.kv_cache.numel() * self.kv_cache.element_size() / 2**20, str(self.kv_dtype).removeprefix("torch."),
+            config.kv_cache_scale, self.device,
         )
         self.graphs: DecodeGraphs | None = None
         if self.on_gpu:
@@ -110,7 +115,7 @@ class ModelRunner:
 
     def bytes_per_block(self) -> int:
         mc = self.model_config
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        elem = torch.tensor([], dtype=self.kv_dtype).element_size()
         return mc.num_layers * 2 * self.config.block_size * mc.num_kv_heads * mc.head_dim * elem
 
     def _graph_batch_size(self) -> int:
@@ -148,7 +153,7 @@ class ModelRunner:
         table = list(range(-(-n // cfg.block_size)))
         mc = self.model_config
         scratch = torch.zeros((mc.num_layers, 2, len(table), cfg.block_size, mc.num_kv_heads, mc.head_dim),
-                              dtype=self.dtype, device=dev)
+                              dtype=self.kv_dtype, device=dev)
         ids = [0] * n
         slots = list(range(n))
         meta, flat = self._gpu_metadata([n], [n], [table], ids, list(range(n)), slots, [n - 1] * min(cfg.max_num_seqs, n))

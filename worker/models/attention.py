@@ -9,6 +9,14 @@ On CUDA the runner also describes the batch as device tensors, split into
 the sequences with one new token (``DecodeBatch``, the decode kernel) and
 those with more (``PrefillBatch``, the prefill kernel), and the layer runs the
 Triton kernels. Without that description it runs the torch reference.
+
+The cache may hold a narrower dtype than the model (float8_e4m3fn,
+``kernels/kv_quant.py``); every kernel reads "is it fp8" from the cache
+tensor's dtype, and the one number that goes with it, the cache's scale,
+lives on each ``PagedAttention`` (``kv_scale``: the model's writer passes it
+to the K/V store, the layer to the attention kernels). The model runner sets
+it with ``set_kv_cache_scale`` before the first step; CUDA graphs capture it
+as a constant.
 """
 
 from __future__ import annotations
@@ -70,6 +78,8 @@ class PagedAttention(torch.nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
+        self.kv_scale = 1.0
+        """An fp8 cache stores ``value / kv_scale`` (``set_kv_cache_scale``); unused by other caches."""
 
     def forward(
         self,
@@ -80,14 +90,24 @@ class PagedAttention(torch.nn.Module):
     ) -> torch.Tensor:
         """Attention of ``q`` ``[T, Hq, D]`` over the cache, whose slots already hold this step's K/V."""
         if not meta.on_gpu_kernels:
-            return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_lens, self.scale)
+            return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_lens, self.scale,
+                                   self.kv_scale)
         out = torch.empty_like(q)
         if meta.prefill is not None:
             p = meta.prefill
             paged_prefill_attention(q, k_cache, v_cache, p.block_tables, p.query_start, p.query_lens,
-                                    p.context_lens, p.max_query_len, self.scale, out)
+                                    p.context_lens, p.max_query_len, self.scale, out, self.kv_scale)
         if meta.decode is not None:
             d = meta.decode
             paged_decode_attention(q, k_cache, v_cache, d.block_tables, d.context_lens, d.rows, self.scale, out,
-                                   d.num_splits)
+                                   d.num_splits, kv_scale=self.kv_scale)
         return out
+
+
+def set_kv_cache_scale(model: torch.nn.Module, kv_scale: float) -> None:
+    """Gives every ``PagedAttention`` of ``model`` the fp8 cache's scale (one for K and V, all layers)."""
+    if not kv_scale > 0:
+        raise ValueError(f"kv_scale must be > 0, got {kv_scale}")
+    for module in model.modules():
+        if isinstance(module, PagedAttention):
+            module.kv_scale = float(kv_scale)

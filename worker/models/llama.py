@@ -66,7 +66,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q = rotary_and_store(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
+        q = rotary_and_store(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping, self.attn.kv_scale)
         o = self.attn(q, k_cache, v_cache, meta)
         return o.reshape(-1, self.q_size)
 
