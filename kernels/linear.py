@@ -14,31 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import HAS_TRITON, use_triton
-from kernels.rmsnorm import rms_norm
 
 if HAS_TRITON:
-    from kernels.linear_triton import (
-        MAX_ROWS,
-        skinny_matmul_add_triton,
-        skinny_matmul_triton,
-        skinny_norm_matmul_triton,
-    )
+    from kernels.linear_triton import MAX_ROWS, skinny_matmul_triton
 else:
     MAX_ROWS = 0
 
 _SKINNY_DTYPES = (torch.bfloat16, torch.float16)
-
-
-def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (
-        use_triton(x)
-        and x.dim() == 2
-        and 0 < x.shape[0] <= MAX_ROWS
-        and x.dtype in _SKINNY_DTYPES
-        and weight.dtype == x.dtype
-        and x.stride(1) == 1
-        and weight.is_contiguous()
-    )
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -47,29 +29,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     ``weight`` must not be written by a kernel of the same step: with programmatic
     dependent launch the skinny kernel reads its first weight tile before waiting for
     the previous kernel (``pdl_triton.py``); model weights are constant."""
-    if _skinny(x, weight):
+    if (
+        use_triton(x)
+        and x.dim() == 2
+        and 0 < x.shape[0] <= MAX_ROWS
+        and x.dtype in _SKINNY_DTYPES
+        and weight.dtype == x.dtype
+        and x.stride(1) == 1
+        and weight.is_contiguous()
+    ):
         return skinny_matmul_triton(x, weight)
     return F.linear(x, weight)
-
-
-def linear_add(
-    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``x @ weight.T + residual``: a sublayer's output projection landing on the residual
-    stream. Returns it and, from the skinny kernel, its rows' sum-of-squares partials
-    (None elsewhere) for the ``norm_linear`` that reads it next."""
-    if _skinny(x, weight) and residual.stride(1) == 1:
-        return skinny_matmul_add_triton(x, weight, residual)
-    return torch.addmm(residual, x, weight.t()), None
-
-
-def norm_linear(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, sumsq: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``rms_norm(x) @ weight.T`` where ``weight`` carries the norm's scale in its columns
-    (``LlamaForCausalLM.fold_norms``). With the partials ``linear_add`` returned for ``x``
-    the skinny kernel applies ``1/rms`` to its output and no norm pass runs at all;
-    otherwise ``x`` is normalised first (one pass), then multiplied."""
-    if sumsq is not None and _skinny(x, weight):
-        return skinny_norm_matmul_triton(x, weight, sumsq, eps)
-    return linear(rms_norm(x, None, eps), weight)

@@ -13,7 +13,14 @@ registers only (nothing padded is loaded or stored).
 Fusing the MLP's SiLU-and-multiply into the down projection's operand load
 was tried and measured 2.6x slower over a decode step's matmuls (the
 elementwise work in the K loop breaks the load pipelining), so the
-activation stays its own small kernel.
+activation stays its own small kernel. Folding the RMSNorms in (each norm's
+scale moved into the next matmul's columns, the residual add and the rows'
+sums of squares in the output projection's epilogue, 1/rms applied to the
+next matmul's output) removed 64 norm launches per step but made each fused
+matmul 0.5-4 % slower; with programmatic dependent launch the norm kernels
+already cost almost nothing, so over 32 decode layers the folded chain was
+1.7 % slower at 1 row (5.13 against 5.05 ms; 1.5 % faster without PDL) and
+the whole batch-1 step 3 % slower: reverted (H100, one run each).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import next_pow2, num_sms, pdl_launch, require, require_device
+from kernels.backend import num_sms, pdl_launch, require, require_device
 from kernels.pdl_triton import pdl_prologue
 
 MAX_ROWS = 16
@@ -62,31 +69,10 @@ def _load_operands(x_ptrs, w_ptrs, k0, k, k_end, m_mask, n_mask, EVEN_N: tl.cons
 
 
 @triton.jit
-def _epilogue(acc, pid_n, m, n, M, N, K, out_ptr, out_stride, res_ptr, res_stride, sq_out_ptr, sq, eps,
-              HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Writes one output tile from its float32 sums: scaled by the rows' 1/rms (norm folded
-    into the weight), plus the residual, rounded once; with a residual also this tile's
-    share of every row's sum of squares, for the next layer's norm."""
-    if HAS_NORM:
-        rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
-        acc = acc * rstd[:, None]
-    out_mask = (m[:, None] < M) & (n[None, :] < N)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + m[:, None] * res_stride + n[None, :], mask=out_mask, other=0.0)
-        y = (acc + r.to(tl.float32)).to(out_ptr.dtype.element_ty)
-        yf = y.to(tl.float32)
-        tl.store(sq_out_ptr + pid_n * BLOCK_M + m, tl.sum(yf * yf, axis=1), mask=m < M)
-    else:
-        y = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + m[:, None] * out_stride + n[None, :], y, mask=out_mask)
-
-
-@triton.jit
 def _skinny_matmul_kernel(
-    x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr, res_ptr, sq_in_ptr, sq_out_ptr,
-    M, N, K, K_PER_SPLIT, x_stride, w_stride, out_stride, res_stride, SQ_TILES, eps,
+    x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr,
+    M, N, K, K_PER_SPLIT, x_stride, w_stride, out_stride,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, SQ_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -105,11 +91,6 @@ def _skinny_matmul_kernel(
     # that kernel's tail; everything else comes after the wait.
     x_mask, w = _load_operands(x_ptrs, w_ptrs, k_start, k, k_end, m_mask, n_mask, EVEN_N, EVEN_K)
     pdl_prologue(USE_PDL)
-    sq = tl.zeros((SQ_BLOCK, BLOCK_M), dtype=tl.float32)
-    if HAS_NORM:  # issued now, used after the loop: its latency hides behind the weight stream
-        p = tl.arange(0, SQ_BLOCK)
-        sq = tl.load(sq_in_ptr + p[:, None] * BLOCK_M + m[None, :], mask=(p[:, None] < SQ_TILES) & (m[None, :] < M),
-                     other=0.0)
     x = tl.load(x_ptrs, mask=x_mask, other=0.0)
     acc = tl.dot(x, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
     for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
@@ -118,11 +99,11 @@ def _skinny_matmul_kernel(
         x_mask, w = _load_operands(x_ptrs, w_ptrs, k0, k, k_end, m_mask, n_mask, EVEN_N, EVEN_K)
         x = tl.load(x_ptrs, mask=x_mask, other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
+    out = out_ptr + m[:, None] * out_stride + n[None, :]
+    out_mask = m_mask & (n[None, :] < N)
     if SPLIT_K == 1:
-        _epilogue(acc, pid_n, m, n, M, N, K, out_ptr, out_stride, res_ptr, res_stride, sq_out_ptr, sq, eps,
-                  HAS_RESIDUAL, HAS_NORM, BLOCK_M)
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        out_mask = (m[:, None] < M) & (n[None, :] < N)
         tile = m[:, None] * N + n[None, :]
         tl.store(ws_ptr + pid_k * BLOCK_M * N + tile, acc, mask=out_mask)
         tl.debug_barrier()  # every thread's partial is written before the release below
@@ -131,8 +112,7 @@ def _skinny_matmul_kernel(
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in range(SPLIT_K):
                 total += tl.load(ws_ptr + s * BLOCK_M * N + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
-            _epilogue(total, pid_n, m, n, M, N, K, out_ptr, out_stride, res_ptr, res_stride, sq_out_ptr, sq, eps,
-                      HAS_RESIDUAL, HAS_NORM, BLOCK_M)
+            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next launch
 
 
@@ -182,42 +162,6 @@ def skinny_matmul_triton(
 ) -> torch.Tensor:
     """``x`` ``[M, K]``, ``M <= MAX_ROWS``, unit inner stride;
     ``weight`` ``[N, K]`` contiguous rows. Returns ``[M, N]`` in ``x``'s dtype."""
-    out, _ = _launch(x, weight, tuning)
-    return out
-
-
-def skinny_matmul_add_triton(
-    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, tuning: SkinnyTuning | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x @ weight.T + residual`` (``residual`` ``[M, N]``), rounded once, and the rows'
-    sums of squares of that result in per-tile partials ``[tiles, MAX_ROWS]`` float32:
-    what ``skinny_norm_matmul_triton`` needs to normalise it without another pass."""
-    require(residual.shape == (x.shape[0], weight.shape[0]) and residual.dtype == x.dtype and residual.stride(1) == 1,
-            f"residual must be [{x.shape[0]}, {weight.shape[0]}] {x.dtype} with unit inner stride, "
-            f"got {tuple(residual.shape)} {residual.dtype} {residual.stride()}")
-    require_device(x, residual)
-    out, sumsq = _launch(x, weight, tuning, residual=residual)
-    assert sumsq is not None
-    return out, sumsq
-
-
-def skinny_norm_matmul_triton(
-    x: torch.Tensor, weight: torch.Tensor, sumsq: torch.Tensor, eps: float, tuning: SkinnyTuning | None = None
-) -> torch.Tensor:
-    """``rms_norm(x) @ weight.T`` for a weight that carries the norm's scale (folded into its
-    columns), computed as ``(x @ weight.T) / rms(x)``: ``sumsq`` are the partials
-    ``skinny_matmul_add_triton`` returned with ``x``, so ``x`` is read only once, by the matmul."""
-    require(sumsq.dim() == 2 and sumsq.shape[1] == MAX_ROWS and sumsq.dtype == torch.float32 and sumsq.is_contiguous(),
-            f"sumsq must be contiguous [tiles, {MAX_ROWS}] float32, got {tuple(sumsq.shape)} {sumsq.dtype}")
-    require_device(x, sumsq)
-    out, _ = _launch(x, weight, tuning, sumsq=sumsq, eps=eps)
-    return out
-
-
-def _launch(
-    x: torch.Tensor, weight: torch.Tensor, tuning: SkinnyTuning | None, residual: torch.Tensor | None = None,
-    sumsq: torch.Tensor | None = None, eps: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
     require(x.dim() == 2 and weight.dim() == 2, f"x and weight must be 2-D, got {tuple(x.shape)}, {tuple(weight.shape)}")
     m = x.shape[0]
     n, k = weight.shape
@@ -229,11 +173,10 @@ def _launch(
             f"x and weight must share a 16-bit float dtype, got {x.dtype} and {weight.dtype}")
     require_device(x, weight)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
     t = tuning or default_tuning(n, k, num_sms(x.device))
     tiles = triton.cdiv(n, t.block_n)
-    sumsq_out = torch.empty((tiles, MAX_ROWS), dtype=torch.float32, device=x.device) if residual is not None else None
-    if m == 0:
-        return out, sumsq_out
     split = max(1, min(t.split_k, triton.cdiv(k, t.block_k)))
     k_per_split = triton.cdiv(triton.cdiv(k, split), t.block_k) * t.block_k
     split = triton.cdiv(k, k_per_split)
@@ -243,14 +186,9 @@ def _launch(
         require(split * MAX_ROWS * n <= ws.numel() and tiles <= locks.numel(),
                 f"split_k={split} for a weight of {n} rows exceeds the split-K workspace")
     _skinny_matmul_kernel[(tiles, split)](
-        x, weight, out, ws, locks,
-        out if residual is None else residual, out if sumsq is None else sumsq, out if sumsq_out is None else sumsq_out,
-        m, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
-        0 if residual is None else residual.stride(0), 0 if sumsq is None else sumsq.shape[0], eps,
+        x, weight, out, ws, locks, m, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         EVEN_N=n % t.block_n == 0, EVEN_K=k % k_per_split == 0 and k_per_split % t.block_k == 0, SPLIT_K=split,
-        HAS_RESIDUAL=residual is not None, HAS_NORM=sumsq is not None,
-        SQ_BLOCK=1 if sumsq is None else next_pow2(sumsq.shape[0]),
         BLOCK_M=MAX_ROWS, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages,
         **pdl_launch(x.device),
     )
-    return out, sumsq_out
+    return out

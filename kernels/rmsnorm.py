@@ -14,12 +14,11 @@ if HAS_TRITON:
     from kernels.rmsnorm_triton import rms_norm_triton
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """``x / rms(x) * weight``, computed in float32 and cast back to x's dtype. Without a
-    weight (it was folded into the next matmul's columns) just ``x / rms(x)``."""
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / rms(x) * weight``, computed in float32 and cast back to x's dtype."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf if weight is None else xf * weight.float()).to(x.dtype)
+    return (xf * weight.float()).to(x.dtype)
 
 
 def add_rms_norm_ref(
@@ -30,7 +29,7 @@ def add_rms_norm_ref(
     return rms_norm_ref(summed, weight, eps), summed
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if use_triton(x):
         return rms_norm_triton(x, weight, eps)
     return rms_norm_ref(x, weight, eps)

@@ -21,7 +21,7 @@ def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr,
     x_stride, r_stride, out_stride, sum_stride,
     n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -34,17 +34,14 @@ def _rms_norm_kernel(
         tl.store(sum_ptr + row * sum_stride + cols, x.to(sum_ptr.dtype.element_ty), mask=mask)
     var = tl.sum(x * x, axis=0) / n_cols
     rstd = 1.0 / tl.sqrt(var + eps)
-    y = x * rstd
-    if HAS_WEIGHT:
-        y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * out_stride + cols, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm_triton(
-    x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``x``: ``[T, N]`` with unit stride along N; ``weight``: ``[N]``, or None for a norm
-    whose scale was folded into the next matmul.
+    """``x``: ``[T, N]`` with unit stride along N; ``weight``: ``[N]``.
 
     Without ``residual`` returns ``rms_norm(x)``; with it returns
     ``(rms_norm(x + residual), x + residual)`` like ``add_rms_norm_ref``.
@@ -52,19 +49,16 @@ def rms_norm_triton(
     require(x.dim() == 2, f"x must be [tokens, hidden], got shape {tuple(x.shape)}")
     n = x.shape[1]
     require(x.stride(1) == 1, f"x must have unit stride along hidden, got strides {x.stride()}")
-    if weight is not None:
-        require(weight.shape == (n,) and weight.is_contiguous(), f"weight must be contiguous [{n}], got {tuple(weight.shape)}")
-        require_device(x, weight)
+    require(weight.shape == (n,) and weight.is_contiguous(), f"weight must be contiguous [{n}], got {tuple(weight.shape)}")
     require(x.dtype in (torch.float32, torch.bfloat16, torch.float16), f"unsupported dtype {x.dtype}")
-    require_device(x)
-    w = x if weight is None else weight
+    require_device(x, weight)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     block = next_pow2(n)
     warps = 8 if block >= 4096 else 4
     if residual is None:
         _rms_norm_kernel[(x.shape[0],)](
-            x, x, w, out, out, x.stride(0), 0, out.stride(0), 0, n, eps,
-            HAS_RESIDUAL=False, HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=warps, **pdl_launch(x.device),
+            x, x, weight, out, out, x.stride(0), 0, out.stride(0), 0, n, eps,
+            HAS_RESIDUAL=False, BLOCK=block, num_warps=warps, **pdl_launch(x.device),
         )
         return out
     require(residual.shape == x.shape and residual.dtype == x.dtype,
@@ -73,7 +67,7 @@ def rms_norm_triton(
     require_device(x, residual)
     summed = torch.empty_like(out)
     _rms_norm_kernel[(x.shape[0],)](
-        x, residual, w, out, summed, x.stride(0), residual.stride(0), out.stride(0), summed.stride(0), n, eps,
-        HAS_RESIDUAL=True, HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=warps, **pdl_launch(x.device),
+        x, residual, weight, out, summed, x.stride(0), residual.stride(0), out.stride(0), summed.stride(0), n, eps,
+        HAS_RESIDUAL=True, BLOCK=block, num_warps=warps, **pdl_launch(x.device),
     )
     return out, summed

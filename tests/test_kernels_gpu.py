@@ -288,69 +288,6 @@ def test_skinny_matmul(dtype, m, n, k, split):
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
-@pytest.mark.parametrize("dtype", SKINNY_DTYPES)
-@pytest.mark.parametrize("m", [1, 5, 16])
-@pytest.mark.parametrize("k,n,n2,split", [(256, 64, 96, 1), (200, 50, 70, 1), (512, 96, 40, 3), (576, 576, 1000, None),
-                                          (300, 4096, 6144, None)])
-def test_skinny_matmul_add_then_norm(dtype, m, k, n, n2, split):
-    """The residual-add epilogue (output and row sum-of-squares partials) feeding the
-    norm-folded matmul, as a decoder layer chains them: against float32 references."""
-    from kernels.linear_triton import SkinnyTuning, default_tuning, skinny_matmul_add_triton, skinny_norm_matmul_triton
-
-    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
-    w = torch.randn(n, k, device=DEVICE, dtype=dtype) / k**0.5
-    res = torch.randn(m, n, device=DEVICE, dtype=dtype)
-    w2 = torch.randn(n2, n, device=DEVICE, dtype=dtype)
-    tunings = [None, None]
-    if split is not None:
-        tunings = [SkinnyTuning(32, 64, 4, 2, split) if INTERPRET else SkinnyTuning(default_tuning(nn, kk).block_n, 64, 4, 3, split)
-                   for nn, kk in ((n, k), (n2, n))]
-    h, sumsq = skinny_matmul_add_triton(x, w, res, tunings[0])
-    assert h.shape == (m, n) and h.dtype == dtype and sumsq.dtype == torch.float32
-    assert _rel(h, x.float() @ w.float().t() + res.float()) < SKINNY_TOL
-    # the partials add up to the rows' sums of squares of the rounded output
-    torch.testing.assert_close(sumsq.sum(0)[:m], h.float().pow(2).sum(1), rtol=1e-5, atol=1e-5)
-    y = skinny_norm_matmul_triton(h, w2, sumsq, 1e-5, tunings[1])
-    hf = h.float()
-    ref = (hf * torch.rsqrt(hf.pow(2).mean(1, keepdim=True) + 1e-5)) @ w2.float().t()
-    assert y.shape == (m, n2) and _rel(y, ref) < SKINNY_TOL
-    again = skinny_norm_matmul_triton(h, w2, sumsq, 1e-5, tunings[1])
-    assert torch.equal(y, again)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_rms_norm_without_weight(dtype):
-    from kernels.rmsnorm_triton import rms_norm_triton
-
-    x = torch.randn(5, 576, device=DEVICE, dtype=dtype)
-    torch.testing.assert_close(rms_norm_triton(x, None, 1e-5), rms_norm_ref(x, None, 1e-5), rtol=_rtol(dtype), atol=1e-5)
-
-
-@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
-def test_skinny_fused_chain_graph_replay_equals_eager():
-    from kernels.linear_triton import skinny_matmul_add_triton, skinny_norm_matmul_triton
-
-    x = torch.randn(3, 1024, device=DEVICE, dtype=torch.bfloat16)
-    res = torch.randn(3, 576, device=DEVICE, dtype=torch.bfloat16)
-    w = torch.randn(576, 1024, device=DEVICE, dtype=torch.bfloat16) / 32
-    w2 = torch.randn(4096, 576, device=DEVICE, dtype=torch.bfloat16)
-
-    def chain():
-        h, sumsq = skinny_matmul_add_triton(x, w, res)
-        return h, skinny_norm_matmul_triton(h, w2, sumsq, 1e-5)
-
-    eager = chain()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = chain()
-    for _ in range(3):
-        for out in outs:
-            out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert all(torch.equal(a, b) for a, b in zip(outs, eager))
-
-
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
 def test_skinny_matmul_graph_replay_equals_eager():
     from kernels.linear_triton import SkinnyTuning, skinny_matmul_triton
@@ -395,10 +332,3 @@ def test_skinny_matmul_rejects_bad_inputs():
         skinny_matmul_triton(torch.randn(2, 64, device=DEVICE), w.float())
     with pytest.raises(ValueError, match="unit inner stride"):
         skinny_matmul_triton(torch.randn(64, 2, device=DEVICE, dtype=torch.float16).t(), w)
-    from kernels.linear_triton import skinny_matmul_add_triton, skinny_norm_matmul_triton
-
-    x = torch.randn(2, 64, device=DEVICE, dtype=torch.float16)
-    with pytest.raises(ValueError, match="residual must be"):
-        skinny_matmul_add_triton(x, w, torch.randn(2, 31, device=DEVICE, dtype=torch.float16))
-    with pytest.raises(ValueError, match="sumsq must be"):
-        skinny_norm_matmul_triton(x, w, torch.zeros(4, 8, device=DEVICE), 1e-5)

@@ -17,7 +17,6 @@ Two paths share the step's host-side bookkeeping:
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -71,8 +70,6 @@ class ModelRunner:
             self.model.init_rope(self.max_model_len, self.device)
         set_kv_cache_scale(self.model, config.kv_cache_scale)
         self.on_gpu = self.device.type == "cuda"
-        if self.on_gpu and os.environ.get("KVMESH_FOLD_NORMS", "1") != "0":
-            self.model.fold_norms()  # norms ride in the matmuls (llama.py); KVMESH_FOLD_NORMS=0 for A/B runs
         self.num_blocks = self._num_kv_blocks()
         self.logits_observer: Callable[[list[str], torch.Tensor], None] | None = None
         """Sees each step's sampling logits (request ids, ``[S, V]``): for parity tests and debugging."""
