@@ -56,6 +56,10 @@ class EngineConfig:
     """Fraction of the GPU's total memory the engine may use: weights, the profiled
     activation peak and CUDA graphs first, the KV pool gets the rest."""
 
+    async_scheduling: bool | None = None
+    """Schedule and launch step N+1 before reading step N's tokens, so the host's work
+    between steps overlaps the GPU's (``engine.py``). None: on with a CUDA model runner."""
+
     enforce_eager: bool = False
     """On CUDA, run decode steps eagerly instead of replaying CUDA graphs."""
 

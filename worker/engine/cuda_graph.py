@@ -9,7 +9,10 @@ so they touch no sequence's cache and their logits are never read.
 
 Every input lives in two static tensors: ``[4, max_bs]`` int32 (token ids,
 positions, slots, context lengths) and ``[max_bs, max_blocks]`` int32 block
-tables, filled through pinned host mirrors with one copy each per step. The
+tables, filled through pinned host mirrors with one copy each per step. A
+token id may be a placeholder for a token the previous step sampled but the
+host has not read yet (async scheduling): the graph's first op takes it from
+that step's device tokens. The
 decode kernel's context split depends only on the bucket size, so it is
 fixed at capture.
 
@@ -26,6 +29,7 @@ import time
 
 import torch
 
+from worker.engine.sampler import fill_placeholders
 from worker.models.attention import AttentionMetadata, DecodeBatch
 from worker.models.llama import LlamaForCausalLM
 
@@ -43,8 +47,12 @@ def capture_sizes(max_batch_size: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(
-        self, model: LlamaForCausalLM, kv_cache: torch.Tensor, max_batch_size: int, max_blocks_per_seq: int
+        self, model: LlamaForCausalLM, kv_cache: torch.Tensor, max_batch_size: int, max_blocks_per_seq: int,
+        previous_tokens: torch.Tensor,
     ) -> None:
+        """``previous_tokens``: the runner's device tokens of its last launch, where the graph
+        fills placeholder input ids from (``sampler.fill_placeholders``)."""
+        self._previous_tokens = previous_tokens
         self.sizes = capture_sizes(max_batch_size)
         self.max_batch_size = self.sizes[-1]
         n, width = -(-self.max_batch_size // 4) * 4, -(-max_blocks_per_seq // 16) * 16  # aligned rows
@@ -80,17 +88,20 @@ class DecodeGraphs:
         pool = None
         for size in reversed(self.sizes):
             meta = self._metadata(size)
-            ids, pos = self._inputs[_IDS, :size], self._inputs[_POS, :size]
-            model.compute_logits(model(ids, pos, kv_cache, meta))  # warm-up: compiles this shape's kernels
+            self._forward(model, kv_cache, size, meta)  # warm-up: compiles this shape's kernels
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = model.compute_logits(model(ids, pos, kv_cache, meta))
+                logits = self._forward(model, kv_cache, size, meta)
             pool = graph.pool() if pool is None else pool
             self._graphs[size] = graph
             self._logits[size] = logits
         torch.cuda.synchronize()
         logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
                     len(self.sizes), self.sizes, time.perf_counter() - start)
+
+    def _forward(self, model: LlamaForCausalLM, kv_cache: torch.Tensor, size: int, meta: AttentionMetadata):
+        ids = fill_placeholders(self._inputs[_IDS, :size], self._previous_tokens)
+        return model.compute_logits(model(ids, self._inputs[_POS, :size], kv_cache, meta))
 
     def bucket(self, batch_size: int) -> int:
         for size in self.sizes:

@@ -2,6 +2,17 @@
 
 Single-threaded by design; the worker runs it on its own thread and talks to
 it through queues (``worker/engine_loop.py``).
+
+Async scheduling (on by default on CUDA, ``EngineConfig.async_scheduling``):
+the host never waits for the GPU between steps. A step schedules and launches
+step N+1 while step N still runs, then reads N's tokens. Scheduling needs only
+token counts, never token values, so a sequence's token sampled by N is held
+as a placeholder that N+1's inputs take from N's device tokens; stop checks
+run when the value arrives, one step late. A sequence stopped that way has one
+extra token computed and dropped (its KV slot is freed with it; later writes to
+the block are ordered after N+1 on the stream). One whose length limit is
+reached is finished as soon as its last step is launched, so a length-capped
+request wastes nothing and frees its place for the next step in time.
 """
 
 from __future__ import annotations
@@ -10,6 +21,7 @@ import itertools
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,9 +31,9 @@ from kvstore.hashing import HashNamespace
 from worker.engine.block_manager import BlockManager
 from worker.engine.config import EngineConfig
 from worker.engine.model_runner import ModelRunner
-from worker.engine.sampler import SamplerResult
+from worker.engine.sampler import PendingSample, ReadySample, placeholder
 from worker.engine.scheduler import Scheduler, SchedulerOutput
-from worker.engine.sequence import Sequence
+from worker.engine.sequence import Sequence, SequenceStatus
 from worker.engine.types import (
     EngineRequest,
     FinishReason,
@@ -37,6 +49,15 @@ if TYPE_CHECKING:
     from worker.engine.mock_runner import MockRunner
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose sampled tokens the host has not read yet."""
+
+    pending: PendingSample | ReadySample
+    rows: list[tuple[Sequence, int, int]]
+    """(sequence, its row among the step's sampled tokens, index of its placeholder in token_ids)."""
 
 
 class LLMEngine:
@@ -66,6 +87,14 @@ class LLMEngine:
         self._seed_rng = random.Random(config.seed)
         self._eos = frozenset(self.model_config.eos_token_ids)
         self._tokenizer_files(model_dir)
+        can_async = getattr(self.runner, "supports_async", False)
+        self.async_scheduling = config.async_scheduling
+        if self.async_scheduling is None:
+            self.async_scheduling = can_async and self.runner.device.type == "cuda"
+        elif self.async_scheduling and not can_async:
+            raise ValueError("async_scheduling: this runner computes tokens from host-side token values "
+                             "(the mock runner); use async_scheduling=False")
+        self._in_flight: _InFlight | None = None
 
     def _tokenizer_files(self, model_dir: Path) -> None:
         tok = model_dir / "tokenizer.json"
@@ -128,34 +157,64 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ---- the loop ----------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()       # who advances, by how many tokens
-        sampled = self.runner.execute(plan)    # one forward pass for all of them
-        return self._update(plan, sampled)     # append tokens, finish, free, cache
+        """Runs one step; returns the tokens the host learned in it: this step's when
+        scheduling is synchronous, the previous step's under async scheduling."""
+        plan = self.scheduler.schedule()               # who advances, by how many tokens
+        launched = self.runner.launch(plan)            # enqueued on the device, not waited for
+        outputs = self._resolve(self._in_flight)       # the previous step's tokens (async only)
+        self._in_flight = self._advance(plan, launched)
+        if not self.async_scheduling:
+            outputs = self._resolve(self._in_flight)
+            self._in_flight = None
+        return outputs
 
-    def _update(self, plan: SchedulerOutput, sampled: SamplerResult | None) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
+    def _advance(self, plan: SchedulerOutput, launched: PendingSample | ReadySample | None) -> _InFlight | None:
+        """Counts the launched step's tokens as computed (and caches their full blocks), and
+        gives every sampling sequence a placeholder for its new token."""
+        rows: list[tuple[Sequence, int, int]] = []
         k = 0
         for item in plan.scheduled:
             seq = item.seq
             samples = item.samples
+            row = k
+            k += samples
+            if seq.status is SequenceStatus.FINISHED:  # stopped by the previous step's token, or aborted
+                continue
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.register_computed_blocks(seq)
-            if not samples:
+            if samples:
+                seq.token_ids.append(placeholder(row))
+                rows.append((seq, row, len(seq.token_ids) - 1))
+                if seq.num_output_tokens >= seq.max_tokens:
+                    # its last token is in flight: free its place and blocks for the next step now
+                    # (later writes to those blocks are ordered after this step on the device)
+                    self.scheduler.finish(seq)
+        return _InFlight(launched, rows) if launched is not None else None
+
+    def _resolve(self, step: _InFlight | None) -> list[RequestOutput]:
+        """Reads a launched step's tokens (waiting for the device), puts them in place of
+        the placeholders and finishes the sequences they stop."""
+        if step is None:
+            return []
+        sampled = step.pending.result()
+        outputs: list[RequestOutput] = []
+        for seq, row, at in step.rows:
+            if seq.finish_reason is FinishReason.ABORT:  # aborted while the step ran
                 continue
-            assert sampled is not None
-            token = sampled.token_ids[k]
-            logprob = sampled.logprobs[k]
-            k += 1
-            first = seq.num_output_tokens == 0
-            seq.token_ids.append(token)
-            reason = self._finish_reason(seq, token, self._eos)
+            token = sampled.token_ids[row]
+            logprob = sampled.logprobs[row]
+            seq.token_ids[at] = token
+            produced = at + 1 - seq.num_prompt_tokens
+            reason = self._finish_reason(seq, token, produced, self._eos)
             if reason is not None:
                 seq.finish_reason = reason
-                self.scheduler.finish(seq)
+                if seq.status is not SequenceStatus.FINISHED:  # length-capped ones are already
+                    self.scheduler.finish(seq)
+            first = produced == 1
             outputs.append(
                 RequestOutput(
                     request_id=seq.request_id,
@@ -169,11 +228,12 @@ class LLMEngine:
         return outputs
 
     @staticmethod
-    def _finish_reason(seq: Sequence, token: int, eos: frozenset[int]) -> FinishReason | None:
+    def _finish_reason(seq: Sequence, token: int, produced: int, eos: frozenset[int]) -> FinishReason | None:
+        """Why ``seq`` stops at ``token``, its ``produced``-th output token (None: it goes on)."""
         opts = seq.sampling
         if token in opts.stop_token_ids or (not opts.ignore_eos and token in eos):
             return FinishReason.STOP
-        if seq.num_output_tokens >= seq.max_tokens:
+        if produced >= seq.max_tokens:
             return FinishReason.LENGTH
         return None
 

@@ -35,7 +35,7 @@ import torch
 from worker.engine.config import EngineConfig
 from worker.engine.engine import LLMEngine
 from worker.engine.mock_timing import TimingModel
-from worker.engine.sampler import SamplerResult
+from worker.engine.sampler import ReadySample, SamplerResult
 from worker.engine.scheduler import SchedulerOutput
 from worker.engine.sequence import Sequence
 from worker.engine.types import TokenLogprob
@@ -134,6 +134,14 @@ class MockRunner:
                 f"KV cache budget of {self.config.kv_cache_memory_bytes} bytes holds {blocks} blocks of "
                 f"{self.bytes_per_block()} bytes; raise kv_cache_memory_bytes or set num_kv_blocks")
         return int(blocks)
+
+    supports_async = False
+    """Tokens are computed from the host's token values, so steps cannot be launched
+    before the previous step's tokens are read (``LLMEngine.async_scheduling``)."""
+
+    def launch(self, plan: SchedulerOutput) -> ReadySample | None:
+        result = self.execute(plan)
+        return ReadySample(result) if result is not None else None
 
     def execute(self, plan: SchedulerOutput) -> SamplerResult | None:
         """Sleeps for the modelled step time; samples for sequences whose known tokens are all computed."""

@@ -25,7 +25,7 @@ import torch
 
 from worker.engine.config import EngineConfig
 from worker.engine.cuda_graph import DecodeGraphs
-from worker.engine.sampler import SamplerResult, sample
+from worker.engine.sampler import PendingSample, SamplerResult, fill_placeholders, sample_async
 from worker.engine.scheduler import SchedulerOutput
 from worker.models.attention import AttentionMetadata, DecodeBatch, PrefillBatch, set_kv_cache_scale
 from worker.models.config import ModelConfig
@@ -48,6 +48,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 class ModelRunner:
+    supports_async = True
+    """``launch`` takes placeholder token ids (``sampler.placeholder``) from the previous
+    launch's device tokens, so the engine may schedule ahead of the device."""
+
     def __init__(self, config: EngineConfig, model_config: ModelConfig, model: LlamaForCausalLM | None = None) -> None:
         self.config = config
         self.model_config = model_config
@@ -85,11 +89,17 @@ class ModelRunner:
             self.kv_cache.numel() * self.kv_cache.element_size() / 2**20, str(self.kv_dtype).removeprefix("torch."),
             config.kv_cache_scale, self.device,
         )
+        rows = max(config.max_num_seqs, MAX_GRAPH_BATCH)
+        self._previous_tokens = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        """The last launched step's sampled tokens by row: where placeholders are filled from."""
+        self._token_host = [torch.zeros(rows, dtype=torch.int64).pin_memory() for _ in range(2)] if self.on_gpu else None
+        self._launches = 0
         self.graphs: DecodeGraphs | None = None
         if self.on_gpu:
             self._compile_decode_variants()
         if self.on_gpu and not config.enforce_eager:
-            self.graphs = DecodeGraphs(self.model, self.kv_cache, self._graph_batch_size(), self._blocks_per_seq())
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, self._graph_batch_size(), self._blocks_per_seq(),
+                                       self._previous_tokens)
 
     @torch.inference_mode()
     def _compile_decode_variants(self) -> None:
@@ -180,9 +190,18 @@ class ModelRunner:
         return budget
 
     # ---- the step ------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> SamplerResult | None:
         """Runs the forward pass of ``plan``; samples for sequences whose known tokens are all computed."""
+        pending = self.launch(plan)
+        return pending.result() if pending is not None else None
+
+    @torch.inference_mode()
+    def launch(self, plan: SchedulerOutput) -> PendingSample | None:
+        """Enqueues the forward pass and sampling of ``plan`` without waiting for the device.
+
+        An input token may still be a placeholder (``sampler.placeholder``): the token
+        the previous launch sampled into that row, not yet on the host; it is taken
+        from that launch's device tokens. Rows are the sampling sequences in plan order."""
         if not plan.scheduled:
             return None
         bs = self.config.block_size
@@ -213,7 +232,7 @@ class ModelRunner:
         if not self.on_gpu:
             logits = self._forward_reference(input_ids, positions, slots, context_lens, query_lens, tables, logit_rows)
         elif self.graphs is not None and len(input_ids) == len(plan.scheduled) <= self.graphs.max_batch_size:
-            # every sequence has one new token: replay the decode graph
+            # every sequence has one new token: replay the decode graph (it fills placeholders itself)
             logits = self.graphs.run(input_ids, positions, slots, context_lens, tables)
             if len(logit_rows) < len(input_ids):
                 logits = logits[torch.tensor(logit_rows, device=self.device)] if logit_rows else None
@@ -224,11 +243,14 @@ class ModelRunner:
         sampling = [item for item in plan.scheduled if item.samples]
         if self.logits_observer is not None:
             self.logits_observer([item.seq.request_id for item in sampling], logits)
-        return sample(
-            logits,
-            [item.seq.sampling for item in sampling],
-            [item.seq.generator for item in sampling],
-        )
+        host = None
+        if self._token_host is not None:
+            host = self._token_host[self._launches % 2]  # two steps are unresolved at most
+            self._launches += 1
+        pending = sample_async(logits, [item.seq.sampling for item in sampling],
+                               [item.seq.generator for item in sampling], host)
+        self._previous_tokens[: len(sampling)].copy_(pending.tokens)
+        return pending
 
     def _forward_reference(self, input_ids, positions, slots, context_lens, query_lens, tables, logit_rows):
         max_blocks = max(len(t) for t in tables)
@@ -240,8 +262,11 @@ class ModelRunner:
             context_lens=context_lens,
             query_lens=query_lens,
         )
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        if min(input_ids) < 0:
+            ids = fill_placeholders(ids, self._previous_tokens)
         hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            ids,
             torch.tensor(positions, dtype=torch.int64, device=dev),
             self.kv_cache,
             meta,
@@ -252,7 +277,8 @@ class ModelRunner:
 
     def _forward_gpu(self, input_ids, positions, slots, context_lens, query_lens, tables, logit_rows):
         meta, flat = self._gpu_metadata(query_lens, context_lens, tables, input_ids, positions, slots, logit_rows)
-        hidden = self.model(flat["ids"], flat["positions"], self.kv_cache, meta)
+        ids = flat["ids"] if min(input_ids) >= 0 else fill_placeholders(flat["ids"], self._previous_tokens)
+        hidden = self.model(ids, flat["positions"], self.kv_cache, meta)
         if not logit_rows:
             return None
         return self.model.compute_logits(hidden.index_select(0, flat["logit_rows"]))

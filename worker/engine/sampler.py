@@ -22,13 +22,86 @@ class SamplerResult:
     logprobs: list[TokenLogprob | None]
 
 
+class PendingSample:
+    """Tokens a launched step sampled, still on the device: ``result()`` brings them to the
+    host, waiting for the GPU only then. Between launch and ``result()`` the host is free
+    to schedule and launch the next step (``LLMEngine``'s async scheduling).
+
+    Every device op of the sampler (argmax, the random race, log-softmax, top-k) is
+    enqueued at launch, right after the forward pass, so the next step may overwrite the
+    logits (CUDA-graph memory) freely; only the copies to the host wait."""
+
+    def __init__(self, tokens: torch.Tensor, options: list[SamplingOptions], logprob_parts: tuple | None,
+                 host: torch.Tensor | None = None) -> None:
+        self.tokens = tokens
+        self._options = options
+        self._logprob_parts = logprob_parts
+        self._host = host
+        self._ready: torch.cuda.Event | None = None
+        if host is not None:  # start the copy now; result() waits only for it
+            host[: tokens.numel()].copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def result(self) -> SamplerResult:
+        if self._ready is not None:
+            self._ready.synchronize()
+            token_list = self._host[: self.tokens.numel()].tolist()
+        else:
+            token_list = self.tokens.tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(token_list)
+        if self._logprob_parts is not None:
+            wants, chosen, top_v, top_i = self._logprob_parts
+            chosen = chosen.tolist()
+            top_v = top_v.tolist() if top_v is not None else None
+            top_i = top_i.tolist() if top_i is not None else None
+            for j, i in enumerate(wants):
+                n = self._options[i].top_logprobs
+                top = tuple(zip(top_i[j][:n], top_v[j][:n])) if n else ()
+                logprobs[i] = TokenLogprob(token_list[i], chosen[j], top)
+        return SamplerResult(token_list, logprobs)
+
+
+class ReadySample:
+    """A step's tokens that are already on the host (a runner that computes them there);
+    read like ``PendingSample``."""
+
+    def __init__(self, result: SamplerResult) -> None:
+        self._result = result
+
+    def result(self) -> SamplerResult:
+        return self._result
+
+
+def placeholder(row: int) -> int:
+    """The stand-in a sequence holds for a token its in-flight step sampled into ``row``."""
+    return -(row + 1)
+
+
+def fill_placeholders(ids: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """``ids`` with every placeholder replaced, on the device, by the token the previous
+    step sampled into that row (``previous``: those tokens, by row)."""
+    rows = (-ids - 1).clamp(min=0)
+    return torch.where(ids < 0, previous.index_select(0, rows).to(ids.dtype), ids)
+
+
 def sample(
     logits: torch.Tensor,
     options: list[SamplingOptions],
     generators: list[torch.Generator | None],
 ) -> SamplerResult:
     """``logits``: ``[S, V]`` float32, one row per sequence that samples this step."""
-    num_rows = logits.shape[0]
+    return sample_async(logits, options, generators).result()
+
+
+def sample_async(
+    logits: torch.Tensor,
+    options: list[SamplingOptions],
+    generators: list[torch.Generator | None],
+    host: torch.Tensor | None = None,
+) -> PendingSample:
+    """Enqueues the sampling of ``logits`` without waiting for the device; ``host``: a
+    pinned int64 buffer of at least ``S`` elements to receive the tokens (CUDA)."""
     greedy_rows = [o.greedy for o in options]  # decided on the host: no device sync
     if all(greedy_rows):
         tokens = logits.argmax(dim=-1)
@@ -37,20 +110,16 @@ def sample(
         if any(greedy_rows):
             greedy = torch.tensor(greedy_rows, device=logits.device)
             tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
-    token_list = tokens.tolist()
-    logprobs: list[TokenLogprob | None] = [None] * num_rows
+    parts = None
     wants = [i for i, o in enumerate(options) if o.logprobs or o.top_logprobs]
     if wants:
         rows = torch.tensor(wants, device=logits.device)
         lp = torch.log_softmax(logits.index_select(0, rows), dim=-1)
-        chosen = lp.gather(1, tokens.index_select(0, rows)[:, None]).squeeze(1).tolist()
+        chosen = lp.gather(1, tokens.index_select(0, rows)[:, None]).squeeze(1)
         k = max(options[i].top_logprobs for i in wants)
         top_v, top_i = (lp.topk(k, dim=-1) if k else (None, None))
-        for j, i in enumerate(wants):
-            n = options[i].top_logprobs
-            top = tuple(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist())) if n else ()
-            logprobs[i] = TokenLogprob(token_list[i], chosen[j], top)
-    return SamplerResult(token_list, logprobs)
+        parts = (wants, chosen, top_v, top_i)
+    return PendingSample(tokens, options, parts, host)
 
 
 def _sample_random(
