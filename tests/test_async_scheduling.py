@@ -146,3 +146,15 @@ def test_async_is_off_by_default_on_cpu_and_refused_by_the_mock_runner(tiny_mode
     assert build_mock_engine(EngineConfig(model=str(tiny_model_dir))).async_scheduling is False
     with pytest.raises(ValueError, match="async_scheduling"):
         build_mock_engine(EngineConfig(model=str(tiny_model_dir), async_scheduling=True))
+
+
+def test_worker_cli_flag(tiny_model_dir) -> None:
+    import argparse
+
+    from worker.cli import add_worker_args, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_worker_args(parser)
+    assert config_from_args(parser.parse_args(["--model", str(tiny_model_dir)])).engine.async_scheduling is None
+    args = parser.parse_args(["--model", str(tiny_model_dir), "--no-async-scheduling"])
+    assert config_from_args(args).engine.async_scheduling is False
