@@ -158,3 +158,16 @@ def test_worker_cli_flag(tiny_model_dir) -> None:
     assert config_from_args(parser.parse_args(["--model", str(tiny_model_dir)])).engine.async_scheduling is None
     args = parser.parse_args(["--model", str(tiny_model_dir), "--no-async-scheduling"])
     assert config_from_args(args).engine.async_scheduling is False
+
+
+def test_abort_while_the_last_token_is_in_flight(tiny_model_dir) -> None:
+    """A length-capped request leaves the scheduler when its last step launches; an abort
+    then still finds it (the worker must get its ABORT), and its last token is dropped."""
+    engine = _engine(tiny_model_dir, True)
+    engine.add_request(EngineRequest("a", (5, 6, 7), greedy(3, ignore_eos=True)))
+    streamed = engine.step() + engine.step() + engine.step()  # prefill, decode 1, decode 2 (the last) launched
+    assert [len(o.new_token_ids) for o in streamed] == [1, 1]
+    assert engine.scheduler.find("a") is None
+    assert engine.abort_request("a") is True
+    assert engine.step() == [] and not engine.has_unfinished()
+    assert engine.abort_request("a") is False

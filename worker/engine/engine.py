@@ -151,10 +151,21 @@ class LLMEngine:
         """Drop a request and free its KV blocks now; False if it is not known."""
         seq = self.scheduler.find(request_id)
         if seq is None:
-            return False
+            seq = self._awaiting_last_token(request_id)
+            if seq is None:
+                return False
+            seq.finish_reason = FinishReason.ABORT  # its blocks are free already; its last token is dropped
+            return True
         seq.finish_reason = FinishReason.ABORT
         self.scheduler.finish(seq)
         return True
+
+    def _awaiting_last_token(self, request_id: str) -> Sequence | None:
+        """A length-capped sequence, already finished, whose last token is in flight."""
+        for seq, _, _ in self._in_flight.rows if self._in_flight is not None else ():
+            if seq.request_id == request_id and seq.finish_reason is None:
+                return seq
+        return None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None
