@@ -11,8 +11,9 @@ key tiles with an online softmax. Key tiles wholly below the diagonal run
 without the causal mask; only the tiles crossing it pay for it.
 
 An fp8 (e4m3) cache is read as in ``paged_decode_triton.py``: tiles converted
-to the query's dtype (exact), the scale folded into the softmax scale and the
-final normalisation (a compile-time branch).
+to the dot products' dtype (float16 for 16-bit queries; exact), the scale
+folded into the softmax scale and the final normalisation (a compile-time
+branch).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import triton.language as tl
 
 from kernels.backend import check_paged_inputs, next_pow2, require, require_device
 from kernels.kv_quant import is_fp8
+from kernels.kv_quant_triton import dot_query
 
 _LOG2E = 1.4426950408889634
 
@@ -81,6 +83,8 @@ def _paged_prefill_kernel(
     d = tl.arange(0, BLOCK_D)
     qd_mask = (m < q_len)[:, None] & (d < HEAD_DIM)[None, :]
     q = tl.load(q_ptr + (q0 + m)[:, None] * q_st + h * q_sh + d[None, :], mask=qd_mask, other=0.0)
+    if KV_FP8:
+        q = dot_query(q)
     pos = prefix + m  # absolute position of each query row
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -134,11 +138,14 @@ def paged_prefill_attention(
     require_device(query, k_cache, v_cache, block_tables, query_start, query_lens, context_lens, out)
     if batch == 0:
         return out
+    fp8 = is_fp8(k_cache.dtype)
+    stages = 2
     if query.dtype == torch.float32:
         block_m, block_n, warps, precision = 64, 32, 4, "ieee"
+    elif fp8:  # swept on an H200, 8 x 1024-token prompts, d 128: 314 us a layer (bf16 cache: 321; fp8 with the bf16 settings: 378)
+        block_m, block_n, warps, precision, stages = 128, 64, 4, "tf32", 3
     else:
         block_m, block_n, warps, precision = 128, 64, (8 if dim >= 128 else 4), "tf32"
-    fp8 = is_fp8(k_cache.dtype)
     k_scale = kv_scale if fp8 else 1.0
     grid = (triton.cdiv(max_query_len, block_m), hq, batch)
     _paged_prefill_kernel[grid](
@@ -150,6 +157,6 @@ def paged_prefill_attention(
         scale * k_scale * _LOG2E, kv_scale,
         GROUP=hq // hk, HEAD_DIM=dim, BLOCK_D=next_pow2(dim), BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, KV_FP8=fp8,
-        num_warps=warps, num_stages=2,
+        num_warps=warps, num_stages=stages,
     )
     return out

@@ -21,19 +21,10 @@ import triton
 import triton.language as tl
 
 from kernels.backend import check_cache_dtype, next_pow2, pdl_launch, require, require_device
-from kernels.kv_quant import FP8_MAX, inverse_scale, is_fp8
+from kernels.kv_quant import inverse_scale, is_fp8
+from kernels.kv_quant_triton import to_fp8
 from kernels.pdl_triton import pdl_prologue
 from kernels.rounding_triton import round_like
-
-_FP8_MAX = tl.constexpr(FP8_MAX)
-
-
-@triton.jit
-def _to_fp8(x, inv_scale, dtype):
-    """``x`` (float32) times ``inv_scale``, saturated to +-448 (NaN stays NaN), as ``dtype`` (e4m3)."""
-    x = tl.maximum(x * inv_scale, -_FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    x = tl.minimum(x, _FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    return x.to(dtype, fp_downcast_rounding="rtne")
 
 
 @triton.jit
@@ -50,13 +41,13 @@ def _rotate(src, dst, src_st, src_sh, dst_st, dst_sh, t, cos, sin, n_heads, inv_
     a = round_like(x1 * cos, src)
     b = round_like(x2 * sin, src)
     if TO_FP8:  # the rotated value in the activation dtype, then quantized
-        tl.store(o, _to_fp8(round_like(a - b, src), inv_scale, dtype), mask=mask)
+        tl.store(o, to_fp8(round_like(a - b, src), inv_scale, dtype), mask=mask)
     else:
         tl.store(o, (a - b).to(dtype), mask=mask)
     a = round_like(x2 * cos, src)
     b = round_like(x1 * sin, src)
     if TO_FP8:
-        tl.store(o + HALF, _to_fp8(round_like(a + b, src), inv_scale, dtype), mask=mask)
+        tl.store(o + HALF, to_fp8(round_like(a + b, src), inv_scale, dtype), mask=mask)
     else:
         tl.store(o + HALF, (a + b).to(dtype), mask=mask)
 
@@ -88,7 +79,7 @@ def _rotary_store_kernel(
             value = tl.load(v_ptr + t * v_st + i, mask=i < n_v_elems)
             vc = vc_ptr + (slot // BLOCK_SIZE) * vc_sb + (slot % BLOCK_SIZE) * vc_st
             if KV_FP8:
-                tl.store(vc + i, _to_fp8(value.to(tl.float32), inv_scale, vc_ptr.dtype.element_ty), mask=i < n_v_elems)
+                tl.store(vc + i, to_fp8(value.to(tl.float32), inv_scale, vc_ptr.dtype.element_ty), mask=i < n_v_elems)
             else:
                 tl.store(vc + i, value.to(vc_ptr.dtype.element_ty), mask=i < n_v_elems)
 
