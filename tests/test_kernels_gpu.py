@@ -16,6 +16,20 @@ Tolerances, stated per dtype:
   ``|out - ref| / |ref|`` (Frobenius) below 1e-2 for bf16 (probabilities are
   rounded to bf16 before the P·V product, as in flash attention) and below
   1e-5 for float32 (IEEE dot products).
+
+Every K/V-cache kernel also runs over an fp8 (e4m3) cache with scale
+``FP8_SCALE`` (``kv_cache`` parameter "fp8"; needs compute capability 8.9):
+* attention against the float32 reference over the dequantized cache, with
+  the same tolerances (the kernels convert fp8 to the query dtype exactly and
+  apply the scale outside the dot products);
+* the store against the reference's quantization: values byte for byte;
+  keys but for at most 0.1% of elements one e4m3
+  step apart (the rotary's rare one-rounding differences above, or float32
+  contractions, rounded on).
+  Triton's interpreter (3.6) rounds to fp8 in its own way: it drops the
+  carry when rounding overflows the mantissa (storing half the value) and
+  truncates subnormals; there the store is only checked to one e4m3 step
+  or a lost carry.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ import torch
 
 from kernels.activation import silu_and_mul_ref
 from kernels.backend import HAS_TRITON
+from kernels.kv_quant import FP8_KV_DTYPE, dequantize_ref, quantize_ref
 from kernels.paged_attention import paged_attention_ref
 from kernels.rmsnorm import add_rms_norm_ref, rms_norm_ref
 from kernels.rotary import build_cos_sin_cache
@@ -41,6 +56,12 @@ pytestmark = [
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32] if INTERPRET else [torch.bfloat16, torch.float32]
 ATTN_TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
+FP8_SCALE = 0.37
+KV_CACHES = [
+    "model",
+    pytest.param("fp8", marks=pytest.mark.skipif(
+        torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9), reason="fp8 needs sm_89 or newer")),
+]
 
 
 def _rtol(dtype: torch.dtype) -> float:
@@ -87,11 +108,12 @@ def test_silu_and_mul(dtype, tokens, d):
     torch.testing.assert_close(silu_and_mul_triton(x), silu_and_mul_ref(x), rtol=_rtol(dtype), atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize("tokens", [1, 9, 100])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (9, 3, 64), (32, 8, 128)])
-def test_rotary_and_store(dtype, block_size, tokens, heads, kv_heads, head_dim):
+def test_rotary_and_store(dtype, block_size, tokens, heads, kv_heads, head_dim, kv_cache):
     """Rotated queries returned, rotated keys and the values in their cache slots, against
     the composition of the torch references; negative slots leave the cache alone."""
     from kernels.rotary_store_triton import rotary_and_store_triton
@@ -99,6 +121,10 @@ def test_rotary_and_store(dtype, block_size, tokens, heads, kv_heads, head_dim):
     cache = build_cos_sin_cache(head_dim, 4096, 500000.0, None, torch.float32, torch.device(DEVICE))
     # q, k and v as views of one fused projection, as the model passes them
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=DEVICE).to(dtype)
+    fp8 = kv_cache == "fp8"
+    cache_dtype, kv_scale = (FP8_KV_DTYPE, FP8_SCALE) if fp8 else (dtype, 1.0)
+    if fp8:  # the first token's values past 448 * scale: saturated
+        qkv[0, (heads + kv_heads) * head_dim :] *= 1000
     q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
     k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
     v = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
@@ -106,17 +132,24 @@ def test_rotary_and_store(dtype, block_size, tokens, heads, kv_heads, head_dim):
     num_blocks = tokens // block_size + 3
     slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:tokens]
     skipped = torch.rand(tokens, device=DEVICE) < 0.2  # padding rows of a graph batch
-    caches = [torch.randn(num_blocks, block_size, kv_heads, head_dim, device=DEVICE).to(dtype) for _ in range(4)]
+    caches = [torch.randn(num_blocks, block_size, kv_heads, head_dim, device=DEVICE).to(cache_dtype) for _ in range(4)]
     caches[2].copy_(caches[0])
     caches[3].copy_(caches[1])
-    q_out = rotary_and_store_triton(q, k, v, pos, cache, caches[0], caches[1], torch.where(skipped, -1, slots).to(torch.int32))
-    q_ref = rotary_and_store_ref(q, k, v, pos, cache, caches[2], caches[3], slots)
+    q_out = rotary_and_store_triton(q, k, v, pos, cache, caches[0], caches[1], torch.where(skipped, -1, slots).to(torch.int32),
+                                    kv_scale)
+    q_ref = rotary_and_store_ref(q, k, v, pos, cache, caches[2], caches[3], slots, kv_scale)
     if skipped.any():  # the reference has no padding: undo its writes of the skipped tokens
-        flat = [c.view(-1, kv_heads, head_dim) for c in caches]
+        flat = [(c.view(torch.uint8) if fp8 else c).view(-1, kv_heads, head_dim) for c in caches]
         flat[2][slots[skipped]] = flat[0][slots[skipped]]
         flat[3][slots[skipped]] = flat[1][slots[skipped]]
-    assert torch.equal(caches[1], caches[3]), "values are a copy"
-    for out, ref, x in ((q_out, q_ref, q), (caches[0], caches[2], k)):
+    if fp8:
+        _assert_fp8_close(caches[1], caches[3], 0.0)
+        _assert_fp8_close(caches[0], caches[2], 1e-3)
+        stored = caches[1].float()
+        assert not stored.isnan().any() and stored.abs().max() <= 448, "large values saturate, never NaN"
+    else:
+        assert torch.equal(caches[1], caches[3]), "values are a copy"
+    for out, ref, x in ((q_out, q_ref, q),) + (() if fp8 else ((caches[0], caches[2], k),)):
         if dtype == torch.float32:
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
             continue
@@ -125,11 +158,26 @@ def test_rotary_and_store(dtype, block_size, tokens, heads, kv_heads, head_dim):
         assert (diff > 0).float().mean() < 1e-3
 
 
+def _assert_fp8_close(out: torch.Tensor, ref: torch.Tensor, max_fraction: float) -> None:
+    """Two fp8 caches equal but for at most ``max_fraction`` of elements one e4m3 step
+    apart. The interpreter's rounding to fp8 is not IEEE (module docstring): there
+    any element may be one step off, or half the reference (a lost carry)."""
+    a, b = out.float(), ref.float()
+    differ = a != b
+    near = (a - b).abs() <= b.abs() * 2**-3 + 2**-9  # e4m3: 3 mantissa bits; subnormal step 2**-9
+    if INTERPRET:
+        assert (near | (b == 2 * a)).all()
+        return
+    assert differ.float().mean().item() <= max_fraction, f"{differ.sum().item()} of {differ.numel()} elements differ"
+    assert near[differ].all()
+
+
 # ---- attention -------------------------------------------------------------------
 
 
-def _paged_setup(ctx_lens, block_size, kv_heads, head_dim, dtype):
-    """Random caches and shuffled block tables holding each sequence's context."""
+def _paged_setup(ctx_lens, block_size, kv_heads, head_dim, dtype, kv_cache="model"):
+    """Random caches and shuffled block tables holding each sequence's context; ``kv_cache``
+    "fp8": the caches hold random values quantized with ``FP8_SCALE``."""
     needed = [(c + block_size - 1) // block_size for c in ctx_lens]
     num_blocks = sum(needed) + 5
     perm = torch.randperm(num_blocks).tolist()
@@ -139,14 +187,20 @@ def _paged_setup(ctx_lens, block_size, kv_heads, head_dim, dtype):
         at += n
     width = max(needed) + 2  # tables wider than needed, padded with garbage ids
     table = torch.tensor([t + [random.randrange(num_blocks) for _ in range(width - len(t))] for t in tables])
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device=DEVICE).to(dtype)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device=DEVICE).to(dtype)
-    return k_cache, v_cache, table.to(DEVICE)
+    k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, head_dim, device=DEVICE) for _ in range(2))
+    if kv_cache == "fp8":
+        return quantize_ref(k_cache, FP8_KV_DTYPE, FP8_SCALE), quantize_ref(v_cache, FP8_KV_DTYPE, FP8_SCALE), table.to(DEVICE)
+    return k_cache.to(dtype), v_cache.to(dtype), table.to(DEVICE)
 
 
 def _reference(q, k_cache, v_cache, table, ctx_lens, q_lens, scale):
-    """The torch reference in float32 on the same (rounded) inputs."""
-    return paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), table, ctx_lens, q_lens, scale)
+    """The torch reference in float32 on the same (rounded) inputs; an fp8 cache dequantized with ``FP8_SCALE``."""
+    k, v = (dequantize_ref(c, torch.float32, FP8_SCALE).float() for c in (k_cache, v_cache))
+    return paged_attention_ref(q.float(), k, v, table, ctx_lens, q_lens, scale)
+
+
+def _kv_scale(k_cache: torch.Tensor) -> dict:
+    return {"kv_scale": FP8_SCALE} if k_cache.dtype == FP8_KV_DTYPE else {}
 
 
 DECODE_CASES = [
@@ -161,16 +215,17 @@ DECODE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("splits", [None, 1, 4, 32])
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"bs{c[0]}-h{c[1]}/{c[2]}-d{c[3]}-n{len(c[4])}")
-def test_paged_decode(dtype, splits, case):
+def test_paged_decode(dtype, splits, case, kv_cache):
     from kernels.paged_decode_triton import paged_decode_attention
 
     block_size, heads, kv_heads, head_dim, ctx_lens = case
     if INTERPRET and max(ctx_lens) > 1100:
         pytest.skip("long contexts are too slow in the interpreter")
-    k_cache, v_cache, table = _paged_setup(ctx_lens, block_size, kv_heads, head_dim, dtype)
+    k_cache, v_cache, table = _paged_setup(ctx_lens, block_size, kv_heads, head_dim, dtype, kv_cache)
     batch = len(ctx_lens)
     # query rows of the sequences sit among other rows, in a shuffled order
     n_rows = batch + 3
@@ -179,7 +234,7 @@ def test_paged_decode(dtype, splits, case):
     out = torch.full_like(q_all, float("nan"))
     scale = head_dim**-0.5
     paged_decode_attention(q_all, k_cache, v_cache, table.to(torch.int32), torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE),
-                           rows.to(DEVICE), scale, out, splits)
+                           rows.to(DEVICE), scale, out, splits, **_kv_scale(k_cache))
     got = out[rows]
     assert not got.isnan().any(), "some output rows were not written"
     untouched = torch.ones(n_rows, dtype=torch.bool)
@@ -190,7 +245,7 @@ def test_paged_decode(dtype, splits, case):
     # the split merge's arrival counters are back at zero, and the merge order is fixed
     again = torch.full_like(q_all, float("nan"))
     paged_decode_attention(q_all, k_cache, v_cache, table.to(torch.int32), torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE),
-                           rows.to(DEVICE), scale, again, splits)
+                           rows.to(DEVICE), scale, again, splits, **_kv_scale(k_cache))
     assert torch.equal(again[rows], got)
 
 
@@ -217,15 +272,16 @@ PREFILL_CASES = [
 ]
 
 
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"bs{c[0]}-h{c[1]}/{c[2]}-d{c[3]}-n{len(c[4])}")
-def test_paged_prefill(dtype, case):
+def test_paged_prefill(dtype, case, kv_cache):
     from kernels.paged_prefill_triton import paged_prefill_attention
 
     block_size, heads, kv_heads, head_dim, seqs = case
     q_lens = [q for q, _ in seqs]
     ctx_lens = [c for _, c in seqs]
-    k_cache, v_cache, table = _paged_setup(ctx_lens, block_size, kv_heads, head_dim, dtype)
+    k_cache, v_cache, table = _paged_setup(ctx_lens, block_size, kv_heads, head_dim, dtype, kv_cache)
     total = sum(q_lens)
     q = torch.randn(total, heads, head_dim, device=DEVICE).to(dtype)
     out = torch.full_like(q, float("nan"))
@@ -233,7 +289,7 @@ def test_paged_prefill(dtype, case):
     i32 = dict(dtype=torch.int32, device=DEVICE)
     scale = head_dim**-0.5
     paged_prefill_attention(q, k_cache, v_cache, table.to(torch.int32), torch.tensor(starts, **i32), torch.tensor(q_lens, **i32),
-                            torch.tensor(ctx_lens, **i32), max(q_lens), scale, out)
+                            torch.tensor(ctx_lens, **i32), max(q_lens), scale, out, **_kv_scale(k_cache))
     assert not out.isnan().any(), "some output rows were not written"
     ref = _reference(q, k_cache, v_cache, table, ctx_lens, q_lens, scale)
     assert _rel(out, ref) < ATTN_TOL[dtype]

@@ -257,3 +257,20 @@ def test_worker_cli_flags(tiny_model_dir):
     assert config_from_args(parser.parse_args(["--model", str(tiny_model_dir)])).engine.kv_cache_dtype == "auto"
     with pytest.raises(SystemExit):
         parser.parse_args(["--kv-cache-dtype", "int8"])
+
+
+def test_launcher_cache_dtype_checks():
+    from kernels.backend import check_cache_dtype
+
+    def caches(dtype):
+        return torch.zeros(2, 4, 1, 16, dtype=dtype), torch.zeros(2, 4, 1, 16, dtype=dtype)
+
+    for act in (torch.bfloat16, torch.float16, torch.float32):
+        check_cache_dtype(act, *caches(FP8_KV_DTYPE))  # accepted (CPU tensors: no capability check)
+        check_cache_dtype(act, *caches(act))
+    with pytest.raises(ValueError, match="dtypes differ: query torch.float32, cache torch.bfloat16"):
+        check_cache_dtype(torch.float32, *caches(torch.bfloat16))
+    with pytest.raises(ValueError, match="an fp8 cache needs bfloat16, float16 or float32 activations"):
+        check_cache_dtype(torch.float64, *caches(FP8_KV_DTYPE))
+    with pytest.raises(ValueError, match="k_cache and v_cache dtypes differ"):
+        check_cache_dtype(torch.bfloat16, caches(FP8_KV_DTYPE)[0], caches(torch.bfloat16)[1])
