@@ -19,7 +19,13 @@ Measured (kvmesh in-process, no gRPC):
   with 256 new tokens (kvmesh runs that batch too), and optionally
   ``generate_batch`` on the offline workload (slow: off by default).
 
-Usage: python benchmarks/gpu_bench.py [--json out.json] [--hf none|eager|all]
+``--kv-cache-dtype fp8_e4m3`` runs the engine with an fp8 KV cache;
+``--offline-fp8`` then (after the engine above is freed) builds a second
+engine on the same weights with an fp8 KV cache and runs the same offline
+workload (``kvmesh_offline_fp8``), so one run compares the two caches.
+
+Usage: python benchmarks/gpu_bench.py [--json out.json] [--hf none|eager|all] [--kv-cache-dtype auto|fp8_e4m3]
+       [--offline-fp8]
 """
 
 from __future__ import annotations
@@ -110,6 +116,19 @@ def run_hf(model, args, rng, results: dict) -> None:
     hf_generate(model, [prompt], 4)  # warm-up
     results["hf_eager_b1"] = hf_generate(model, [prompt], args.hf_eager_new_tokens)
     print(f"transformers eager batch-1: {results['hf_eager_b1']:.1f} tok/s", flush=True)
+    if getattr(args, "sync_ab", False) and engine.async_scheduling:
+        engine.async_scheduling = False  # idle engine: nothing in flight, safe to switch
+        first, total, produced = run_requests(engine, [random_prompt(rng, 128)], 256, "b1-sync")
+        results["kvmesh_b1_sync"] = produced / total
+        results["kvmesh_b1_decode_only_sync"] = (produced - 1) / (total - first)
+        with StepStats(engine) as stats:
+            _, total, produced = run_requests(engine, workload, 256, "offline-sync")
+        results["kvmesh_offline_sync"] = produced / total
+        results["kvmesh_offline_sync_steps"] = stats
+        engine.async_scheduling = True
+        print(f"synchronous scheduling, same run: batch-1 {results['kvmesh_b1_sync']:.1f} tok/s "
+              f"({results['kvmesh_b1_decode_only_sync']:.1f} decode only); offline {results['kvmesh_offline_sync']:.0f} "
+              f"tok/s; steps {stats}", flush=True)
     batch = [random_prompt(rng, 512) for _ in range(64)]
     results["hf_static_batch64"] = hf_generate(model, batch, 256)
     print(f"transformers batch 64 x 512/256: {results['hf_static_batch64']:.1f} tok/s", flush=True)
@@ -185,30 +204,42 @@ def run_requests(engine, prompts: list[list[int]], new: int, tag: str) -> tuple[
 
 
 class StepStats:
-    """Wall time of ``runner.execute`` per kind of step (decode-only or mixed) while active."""
+    """Wall time of ``engine.step`` per kind of step (decode-only or mixed) while active.
+
+    A step call ends when the host has read a step's tokens, so the time between the
+    ends of two calls is the GPU time of the step read in the second: the one launched
+    in that call (synchronous scheduling) or in the call before (async scheduling)."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
         self.stats = {"decode_steps": 0, "decode_s": 0.0, "mixed_steps": 0, "mixed_s": 0.0}
 
     def __enter__(self):
-        runner = self.engine.runner
-        self.original = runner.execute
+        engine, runner = self.engine, self.engine.runner
+        self.originals = (engine.step, runner.launch)
+        launched: list[str | None] = [None]  # kind of each call's launch, newest last
 
-        def execute(plan):
+        def launch(plan):
+            launched[-1] = "decode" if all(s.num_new_tokens == 1 for s in plan.scheduled) else "mixed"
+            return self.originals[1](plan)
+
+        def step():
+            launched.append(None)
             start = time.perf_counter()
             try:
-                return self.original(plan)
+                return self.originals[0]()
             finally:
-                kind = "decode" if all(s.num_new_tokens == 1 for s in plan.scheduled) else "mixed"
-                self.stats[f"{kind}_steps"] += 1
-                self.stats[f"{kind}_s"] += time.perf_counter() - start
+                kind = launched[-2] if engine.async_scheduling else launched[-1]
+                if kind is not None:
+                    self.stats[f"{kind}_steps"] += 1
+                    self.stats[f"{kind}_s"] += time.perf_counter() - start
+                del launched[:-1]
 
-        runner.execute = execute
+        engine.step, runner.launch = step, launch
         return self.stats
 
     def __exit__(self, *exc) -> None:
-        self.engine.runner.execute = self.original
+        self.engine.step, self.engine.runner.launch = self.originals
 
 
 def run_kvmesh(engine, args, rng, results: dict) -> None:
@@ -234,15 +265,45 @@ def run_kvmesh(engine, args, rng, results: dict) -> None:
     results["kvmesh_offline_s"] = total
     results["kvmesh_offline_preemptions"] = engine.num_preemptions
     print(f"kvmesh offline: {results['kvmesh_offline']:.0f} output tok/s ({total:.1f} s)", flush=True)
+    if getattr(args, "sync_ab", False) and engine.async_scheduling:
+        engine.async_scheduling = False  # idle engine: nothing in flight, safe to switch
+        first, total, produced = run_requests(engine, [random_prompt(rng, 128)], 256, "b1-sync")
+        results["kvmesh_b1_sync"] = produced / total
+        results["kvmesh_b1_decode_only_sync"] = (produced - 1) / (total - first)
+        with StepStats(engine) as stats:
+            _, total, produced = run_requests(engine, workload, 256, "offline-sync")
+        results["kvmesh_offline_sync"] = produced / total
+        results["kvmesh_offline_sync_steps"] = stats
+        engine.async_scheduling = True
+        print(f"synchronous scheduling, same run: batch-1 {results['kvmesh_b1_sync']:.1f} tok/s "
+              f"({results['kvmesh_b1_decode_only_sync']:.1f} decode only); offline {results['kvmesh_offline_sync']:.0f} "
+              f"tok/s; steps {stats}", flush=True)
     batch = [random_prompt(rng, 512) for _ in range(64)]
     _, total, produced = run_requests(engine, batch, 256, "b64")
     results["kvmesh_batch64"] = produced / total
     print(f"kvmesh batch 64 x 512/256: {results['kvmesh_batch64']:.0f} tok/s", flush=True)
 
 
+def run_offline_fp8(engine, args, rng, results: dict) -> None:
+    """The offline workload again on ``engine`` (an fp8 KV cache), after the same warm-up."""
+    run_requests(engine, [random_prompt(rng, 128)], 8, "fp8-warm")
+    run_requests(engine, [random_prompt(rng, 2048)], 1, "fp8-warm-prefill")
+    workload = offline_workload(args)
+    with StepStats(engine) as stats:
+        _, total, produced = run_requests(engine, workload, 256, "fp8-offline")
+    assert produced == 256 * len(workload), produced
+    results["kvmesh_offline_fp8_steps"] = stats
+    results["kvmesh_offline_fp8"] = produced / total
+    results["kvmesh_offline_fp8_s"] = total
+    results["kvmesh_offline_fp8_preemptions"] = engine.num_preemptions
+    print(f"offline steps (fp8 KV cache): {stats}", flush=True)
+    print(f"kvmesh offline, fp8 KV cache: {results['kvmesh_offline_fp8']:.0f} output tok/s ({total:.1f} s)", flush=True)
+
+
 def profile_decode(engine, batch: int, prompt_len: int, steps: int = 30) -> dict:
-    """Per-step wall time of pure decode steps, split into the engine's three stages
-    (``execute`` includes waiting for the GPU), and torch.profiler's top GPU kernels."""
+    """Per-step wall time of pure decode steps, split into the engine's stages (``resolve``
+    includes waiting for the GPU; under async scheduling the others overlap it), and
+    torch.profiler's top GPU kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     from worker.engine.types import EngineRequest, SamplingOptions
@@ -255,8 +316,8 @@ def profile_decode(engine, batch: int, prompt_len: int, steps: int = 30) -> dict
     started: set[str] = set()
     while len(started) < batch:
         started.update(o.request_id for o in engine.step())
-    spent = {"schedule": 0.0, "execute": 0.0, "update": 0.0}
-    originals = (engine.scheduler.schedule, engine.runner.execute, engine._update)
+    spent = {"schedule": 0.0, "launch": 0.0, "resolve": 0.0, "advance": 0.0}
+    originals = (engine.scheduler.schedule, engine.runner.launch, engine._resolve, engine._advance)
 
     def clocked(name, fn):
         def run(*a, **kw):
@@ -268,13 +329,14 @@ def profile_decode(engine, batch: int, prompt_len: int, steps: int = 30) -> dict
         return run
 
     engine.scheduler.schedule = clocked("schedule", originals[0])
-    engine.runner.execute = clocked("execute", originals[1])
-    engine._update = clocked("update", originals[2])
+    engine.runner.launch = clocked("launch", originals[1])
+    engine._resolve = clocked("resolve", originals[2])
+    engine._advance = clocked("advance", originals[3])
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
     wall = (time.perf_counter() - start) / steps
-    engine.scheduler.schedule, engine.runner.execute, engine._update = originals
+    engine.scheduler.schedule, engine.runner.launch, engine._resolve, engine._advance = originals
     for k in spent:
         spent[k] = 1e3 * spent[k] / steps
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -331,6 +393,8 @@ def versions() -> dict:
 
 
 def main() -> None:
+    from worker.engine.config import KV_CACHE_DTYPES, EngineConfig
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hf", choices=("none", "eager", "all"), default="all",
                         help="transformers runs: none, eager only, or eager and static-cache compiled")
@@ -341,7 +405,13 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                        help="KV cache of the engine: auto (bf16) or fp8_e4m3 (default %(default)s)")
+    parser.add_argument("--offline-fp8", action="store_true",
+                        help="then run the offline workload again on an engine with an fp8 KV cache")
     parser.add_argument("--profile", action="store_true", help="profile decode steps at batch 1, 64 and 256 first")
+    parser.add_argument("--sync-ab", action="store_true",
+                        help="also run batch-1 and offline with async scheduling off (same engine, same run)")
     parser.add_argument("--hf-compile-timeout", type=int, default=300, help="seconds for the compiled transformers run")
     parser.add_argument("--hf-generate-batch-timeout", type=int, default=300, help="seconds for generate_batch")
     parser.add_argument("--hf-only", choices=("compiled", "generate_batch"), default=None, help=argparse.SUPPRESS)
@@ -349,7 +419,6 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from worker.engine.config import EngineConfig
     from worker.engine.engine import LLMEngine
     from worker.models.config import ModelConfig
     from worker.models.loader import load_model_from_state_dict
@@ -393,10 +462,15 @@ def main() -> None:
     del hf
     gc.collect()
     torch.cuda.empty_cache()
-    elapsed, engine = timed(lambda: LLMEngine(EngineConfig(
-        model=str(model_dir), device="cuda", dtype="bfloat16", max_model_len=4096, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
-    ), model=ours))
+
+    def build_engine(kv_cache_dtype: str) -> LLMEngine:
+        return LLMEngine(EngineConfig(
+            model=str(model_dir), device="cuda", dtype="bfloat16", max_model_len=4096, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
+            kv_cache_dtype=kv_cache_dtype,
+        ), model=ours)
+
+    elapsed, engine = timed(lambda: build_engine(args.kv_cache_dtype))
     results["kvmesh_init_s"] = elapsed
     results["kv_blocks"] = engine.runner.num_blocks
     results["kv_tokens"] = engine.runner.num_blocks * engine.config.block_size
@@ -409,6 +483,15 @@ def main() -> None:
     limit = bandwidth / step_bytes
     results["bandwidth_limit_b1_tok_s"] = limit
     save()
+    if args.offline_fp8:
+        del engine  # its KV pool and CUDA graphs go before the fp8 engine sizes its own
+        gc.collect()
+        torch.cuda.empty_cache()
+        elapsed, engine = timed(lambda: build_engine("fp8_e4m3"))
+        results["kv_blocks_fp8"] = engine.runner.num_blocks
+        print(f"kvmesh engine with fp8 KV cache ready in {elapsed:.0f} s: {results['kv_blocks_fp8']} KV blocks", flush=True)
+        run_offline_fp8(engine, args, rng, results)
+        save()
     if args.hf == "all":
         del engine, ours
         gc.collect()
@@ -436,6 +519,7 @@ def print_table(r: dict, limit: float) -> None:
          f"{limit:.0f} (kvmesh at {100 * r['kvmesh_b1'] / limit:.0f}%, decode only "
          f"{100 * r['kvmesh_b1_decode_only'] / limit:.0f}%)"),
         ("offline 256 req [128,1024]/256, output tok/s", f("kvmesh_offline", "{:.0f}"), f("hf_generate_batch", "{:.0f}"), "-", "-"),
+        ("  same, fp8 KV cache (--offline-fp8)", f("kvmesh_offline_fp8", "{:.0f}"), "-", "-", "-"),
         ("static batch 64 x 512/256, output tok/s", f("kvmesh_batch64", "{:.0f}"), f("hf_static_batch64", "{:.0f}"), "-", "-"),
         ("TTFT 2048-token prompt, ms", f("kvmesh_ttft_2048_ms"), "-", "-", "-"),
     ]
