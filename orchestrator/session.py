@@ -22,7 +22,14 @@ the worker handle opens a new one for the next request.
 Backpressure: a stream's buffer is a list the reader appends to and its
 consumer empties; a slow consumer never stops the reader, so other requests'
 tokens keep flowing. Its memory is bounded by the tokens the request
-generates (each arrives once).
+generates (each arrives once). Towards the worker, the session keeps a
+flow-control window of ``WINDOW`` updates: an update is acknowledged once the
+consumers it woke have had their turn on the event loop (they have converted
+their part and handed it to their client), so a router short of CPU falls
+behind by at most ``WINDOW`` updates, and the worker merges the steps it
+produces meanwhile into the next update: the router then relays several
+tokens per message and per client chunk, and its cost per token falls as its
+load grows instead of its backlog.
 """
 
 from __future__ import annotations
@@ -39,6 +46,10 @@ SESSION_METADATA_KEY = "kvmesh-session"
 """Initial metadata of a Session; the worker sends it at once (worker/session.py)."""
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+WINDOW = 2
+"""Updates the worker may send beyond the last one acknowledged: 2 hides the
+acknowledgement's round trip while the router keeps up."""
 
 
 class SessionError(Exception):
@@ -125,7 +136,10 @@ class RouterSession:
         self._next_id = 1
         self._submits: list[worker_pb2.SessionSubmit] = []
         self._aborts: list[int] = []
+        self._acked = 0
+        self._ack_due = False
         self._outbox = asyncio.Event()
+        self._outbox.set()              # the first message sets the window
         self.closed = False
         self.updates = 0
         """SessionUpdates read (one per engine step or less)."""
@@ -198,6 +212,11 @@ class RouterSession:
         self._call.cancel()
         self._reader.cancel()
 
+    def _ack(self) -> None:
+        self._ack_due = False
+        self._acked = self.updates
+        self._outbox.set()
+
     def _forget(self, stream_id: int) -> SessionStream | None:
         stream = self._streams.pop(stream_id, None)
         if not self._streams:
@@ -209,7 +228,8 @@ class RouterSession:
             while True:
                 await self._outbox.wait()
                 self._outbox.clear()
-                message = worker_pb2.SessionRequest(submits=self._submits, aborts=self._aborts)
+                message = worker_pb2.SessionRequest(submits=self._submits, aborts=self._aborts, window=WINDOW,
+                                                    acked_updates=self._acked)
                 self._submits, self._aborts = [], []
                 await self._call.write(message)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
@@ -240,6 +260,9 @@ class RouterSession:
                     if last:
                         self._forget(entry.stream_id)
                     stream._push(output, last)
+                if not self._ack_due:       # scheduled after the wake-ups above: runs once those consumers ran
+                    self._ack_due = True
+                    self.loop.call_soon(self._ack)
         except grpc.aio.AioRpcError as e:
             error = SessionError(e.code(), e.details())
         except asyncio.CancelledError:

@@ -4,7 +4,7 @@ One bidirectional call carries many requests: one update per engine
 delivery with an entry per stream, each stream's output in order and its
 finish last; refused submits end only their own stream; aborts and the end of
 the call free the engine's requests; outputs that queue up while a write is
-in progress go out merged.
+in progress, or while the router's flow-control window is full, go out merged.
 """
 
 from __future__ import annotations
@@ -124,6 +124,24 @@ async def test_an_abort_behind_its_submit_in_one_message_is_applied_after_it(stu
     entries, _ = await read_until_done(call, {2})
     assert set(entries) == {2} and sum(len(e.output.token_ids) for e in entries[2]) == 3
     await eventually(lambda: worker.engine.num_in_flight == 0, what="no request left")
+    call.cancel()
+
+
+async def test_a_full_window_holds_updates_back_and_merges_the_steps_behind_it(stub, worker):
+    call = stub.Session()
+    message = submits((1, submit_request("w", prompt(1), max_tokens=400)))
+    message.window = 1
+    await call.write(message)
+    first = await asyncio.wait_for(call.read(), 10)
+    assert len(first.streams[0].output.token_ids) >= 1
+    await asyncio.sleep(0.2)                        # ~40 steps of 5 ms, none sent: the window is full
+    assert [s.updates_sent for s in worker._servicer._sessions] == [1]
+    await call.write(worker_pb2.SessionRequest(acked_updates=1))
+    second = await asyncio.wait_for(call.read(), 10)
+    assert len(second.streams[0].output.token_ids) >= 10      # the steps held back, as one entry
+    await call.write(worker_pb2.SessionRequest(window=100, acked_updates=2))  # a wide window: one step each
+    sizes = [len((await asyncio.wait_for(call.read(), 10)).streams[0].output.token_ids) for _ in range(5)]
+    assert max(sizes) <= 3
     call.cancel()
 
 

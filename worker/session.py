@@ -9,10 +9,12 @@ Submit would have failed with.
 
 Out: the engine loop hands each step's outputs to ``_collect`` on the event
 loop; one writer sends everything collected as one ``SessionUpdate``, one
-entry per stream. Outputs that arrive while a write is in progress wait and
-go out merged with the next ones (``merge_outputs``), so the engine thread
-never waits for the router: a slow router costs memory for unsent tokens and
-gets fewer, larger updates, as Submit's coalescing does per request.
+entry per stream. Outputs that arrive while a write is in progress, or while
+the router's flow-control window is full (``SessionRequest.window``: at most
+that many updates beyond the last it acknowledged), wait and go out merged
+with the next ones (``merge_outputs``), so the engine thread never waits for
+the router: a slow router costs memory for unsent tokens and gets fewer,
+larger updates, as Submit's coalescing does per request.
 
 End: the session ends when the router cancels the call or goes away, when
 the router half-closes and its last stream finished, or when the worker
@@ -69,6 +71,8 @@ class WorkerSession:
         self._errors: list[worker_pb2.StreamUpdate] = []
         self._wake = asyncio.Event()
         self._closing = False
+        self._window = 0                # 0: no flow control
+        self._acked = 0
         self.updates_sent = 0
 
     @property
@@ -84,9 +88,10 @@ class WorkerSession:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                if self._pending or self._errors:
+                if (self._pending or self._errors) and (self._may_send() or reader.done()):
                     await context.write(self._take())
                     self.updates_sent += 1
+                    self._wake.set()        # more may have come, or be allowed, meanwhile
                 if reader.done() and reader.exception() is not None:
                     raise reader.exception()
                 if (reader.done() or self._closing) and not self._open and not self._pending:
@@ -94,6 +99,9 @@ class WorkerSession:
         finally:
             reader.cancel()
             self._cancel_all()
+
+    def _may_send(self) -> bool:
+        return not self._window or self.updates_sent - self._acked < self._window
 
     def close(self) -> None:
         """Refuse new submits; the call ends once the open streams finished. Idempotent."""
@@ -105,6 +113,11 @@ class WorkerSession:
     async def _read(self, requests: AsyncIterator[worker_pb2.SessionRequest]) -> None:
         try:
             async for message in requests:
+                if message.window:
+                    self._window = message.window
+                if message.acked_updates > self._acked:
+                    self._acked = message.acked_updates
+                    self._wake.set()
                 for submit in message.submits:
                     self._submit(submit.stream_id, submit.request)
                 for stream_id in message.aborts:

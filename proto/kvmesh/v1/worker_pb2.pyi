@@ -34,12 +34,16 @@ class SubmitResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.Logprob, _Mapping]]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., cached_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
-    __slots__ = ("submits", "aborts")
+    __slots__ = ("submits", "aborts", "window", "acked_updates")
     SUBMITS_FIELD_NUMBER: _ClassVar[int]
     ABORTS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    ACKED_UPDATES_FIELD_NUMBER: _ClassVar[int]
     submits: _containers.RepeatedCompositeFieldContainer[SessionSubmit]
     aborts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, submits: _Optional[_Iterable[_Union[SessionSubmit, _Mapping]]] = ..., aborts: _Optional[_Iterable[int]] = ...) -> None: ...
+    window: int
+    acked_updates: int
+    def __init__(self, submits: _Optional[_Iterable[_Union[SessionSubmit, _Mapping]]] = ..., aborts: _Optional[_Iterable[int]] = ..., window: _Optional[int] = ..., acked_updates: _Optional[int] = ...) -> None: ...
 
 class SessionSubmit(_message.Message):
     __slots__ = ("stream_id", "request")

@@ -86,7 +86,8 @@ class WorkerServicer:
         """Many requests over one long-lived stream (one per router connection):
         the caller sends submits and aborts, the worker sends one SessionUpdate
         per engine step (or per batch of outputs that queued up while the
-        previous update was being written) carrying every request of this
+        previous update was being written, or while the caller's flow-control
+        window was full: SessionRequest.window) carrying every request of this
         session that produced output. The worker sends its initial metadata at
         once, so a caller can tell a worker without this RPC (UNIMPLEMENTED)
         before it submits anything. When the call ends, however it ends, every
