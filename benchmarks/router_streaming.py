@@ -9,10 +9,16 @@ worker process (``--engine mock``, ``--max-num-seqs`` 256, every step
 ``1 / --speedup`` of the modelled Llama-3-8B-on-H100 time). The client is
 this process (``kvmesh bench``'s gRPC backend and runner).
 
+The router talks to the worker over one Session stream (worker.proto; the
+worker sends one update per engine step for all requests), or, with a
+worker or router from before that RPC, over one Submit call per request.
+
 Measured over the run (first request sent to last finished): output
 tokens/s, the router's CPU (utime + stime from ``/proc/<pid>/stat``) per
 output token, the worker's and the client's cores busy, and the chunks the
-client received per output token. ``--profile FILE`` runs the router under
+client received per output token. ``tokens_per_worker_message`` is tokens
+per per-request worker message: a Submit response, or a request's entry in
+a session update. ``--profile FILE`` runs the router under
 cProfile (written when it exits; slower, so not for the CPU figures).
 
 Loopback only; every wait is bounded (``--timeout``), and the processes are
