@@ -116,19 +116,6 @@ def run_hf(model, args, rng, results: dict) -> None:
     hf_generate(model, [prompt], 4)  # warm-up
     results["hf_eager_b1"] = hf_generate(model, [prompt], args.hf_eager_new_tokens)
     print(f"transformers eager batch-1: {results['hf_eager_b1']:.1f} tok/s", flush=True)
-    if getattr(args, "sync_ab", False) and engine.async_scheduling:
-        engine.async_scheduling = False  # idle engine: nothing in flight, safe to switch
-        first, total, produced = run_requests(engine, [random_prompt(rng, 128)], 256, "b1-sync")
-        results["kvmesh_b1_sync"] = produced / total
-        results["kvmesh_b1_decode_only_sync"] = (produced - 1) / (total - first)
-        with StepStats(engine) as stats:
-            _, total, produced = run_requests(engine, workload, 256, "offline-sync")
-        results["kvmesh_offline_sync"] = produced / total
-        results["kvmesh_offline_sync_steps"] = stats
-        engine.async_scheduling = True
-        print(f"synchronous scheduling, same run: batch-1 {results['kvmesh_b1_sync']:.1f} tok/s "
-              f"({results['kvmesh_b1_decode_only_sync']:.1f} decode only); offline {results['kvmesh_offline_sync']:.0f} "
-              f"tok/s; steps {stats}", flush=True)
     batch = [random_prompt(rng, 512) for _ in range(64)]
     results["hf_static_batch64"] = hf_generate(model, batch, 256)
     print(f"transformers batch 64 x 512/256: {results['hf_static_batch64']:.1f} tok/s", flush=True)
