@@ -252,7 +252,7 @@ def run_kvmesh(engine, args, rng, results: dict) -> None:
     results["kvmesh_offline_s"] = total
     results["kvmesh_offline_preemptions"] = engine.num_preemptions
     print(f"kvmesh offline: {results['kvmesh_offline']:.0f} output tok/s ({total:.1f} s)", flush=True)
-    if getattr(args, "sync_ab", False) and engine.async_scheduling:
+    if args.sync_ab and engine.async_scheduling:
         engine.async_scheduling = False  # idle engine: nothing in flight, safe to switch
         first, total, produced = run_requests(engine, [random_prompt(rng, 128)], 256, "b1-sync")
         results["kvmesh_b1_sync"] = produced / total
