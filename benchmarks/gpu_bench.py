@@ -257,6 +257,7 @@ def run_kvmesh(engine, args, rng, results: dict) -> None:
         first, total, produced = run_requests(engine, [random_prompt(rng, 128)], 256, "b1-sync")
         results["kvmesh_b1_sync"] = produced / total
         results["kvmesh_b1_decode_only_sync"] = (produced - 1) / (total - first)
+        assert engine.block_manager.reset_prefix_cache()  # the same prompts, cold as in the async run
         with StepStats(engine) as stats:
             _, total, produced = run_requests(engine, workload, 256, "offline-sync")
         results["kvmesh_offline_sync"] = produced / total
