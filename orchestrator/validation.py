@@ -23,7 +23,7 @@ values. Bounds (documented, OpenAI's where OpenAI has one):
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from orchestrator.errors import InvalidArgument
 from orchestrator.types import ChatPrompt, Prompt, Sampling, TextPrompt, TokenPrompt
@@ -45,56 +45,52 @@ def _type_name(value: Any) -> str:
             list: "array", dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
 
 
+def _opt(body: Mapping[str, Any], field: str, ok: Callable[[Any], bool], expected: str, show: bool = True) -> Any:
+    """``body[field]``, or None when absent or null; anything ``ok`` rejects is an
+    error naming the field, what it must be, and what came (its value when ``show``)."""
+    value = body.get(field)
+    if value is None or ok(value):
+        return value
+    raise InvalidArgument(field, f"must be {expected}, got {_type_name(value)}" + (f" {value!r}" if show else ""))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def opt_int(body: Mapping[str, Any], field: str, *, lo: int | None = None, hi: int | None = None) -> int | None:
     """An optional integer in [lo, hi]. Bounds are given here only where the
     JSON name differs from the typed field, so the error names what the client sent."""
-    value = body.get(field)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgument(field, f"must be an integer, got {_type_name(value)} {value!r}")
-    if lo is not None and value < lo or hi is not None and value > hi:
+    value = _opt(body, field, _is_int, "an integer")
+    if value is not None and (lo is not None and value < lo or hi is not None and value > hi):
         allowed = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise InvalidArgument(field, f"must be {allowed}, got {value}")
     return value
 
 
 def opt_float(body: Mapping[str, Any], field: str) -> float | None:
-    value = body.get(field)
+    value = _opt(body, field, _is_number, "a number")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidArgument(field, f"must be a number, got {_type_name(value)} {value!r}")
     if not math.isfinite(value):
         raise InvalidArgument(field, f"must be a finite number, got {value!r}")
     return float(value)
 
 
 def opt_bool(body: Mapping[str, Any], field: str) -> bool | None:
-    value = body.get(field)
-    if value is None:
-        return None
-    if not isinstance(value, bool):
-        raise InvalidArgument(field, f"must be a boolean, got {_type_name(value)} {value!r}")
-    return value
+    return _opt(body, field, lambda v: isinstance(v, bool), "a boolean")
 
 
 def opt_str(body: Mapping[str, Any], field: str) -> str | None:
-    value = body.get(field)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidArgument(field, f"must be a string, got {_type_name(value)}")
-    return value
+    return _opt(body, field, lambda v: isinstance(v, str), "a string", show=False)
 
 
 def opt_object(body: Mapping[str, Any], field: str) -> Mapping[str, Any] | None:
-    value = body.get(field)
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise InvalidArgument(field, f"must be an object, got {_type_name(value)}")
-    return value
+    return _opt(body, field, lambda v: isinstance(v, dict), "an object", show=False)
 
 
 def str_or_list(body: Mapping[str, Any], field: str) -> tuple[str, ...]:
