@@ -60,11 +60,13 @@ class RouterMetrics:
         self.chunk_tokens = Histogram(
             "kvmesh_router_chunk_tokens", "Tokens per streamed chunk.",
             ["model"], buckets=_CHUNK_TOKENS_BUCKETS, registry=r)
-        # Messages taken from workers' Submit streams (merged or not), added
-        # when their request ends however it ends: finished, failed, aborted or
-        # left by its client (messages read ahead and never taken: not counted).
+        # Per-request worker messages taken (merged or not): a request's entries
+        # in session updates, or messages of its Submit stream; added when the
+        # request ends however it ends: finished, failed, aborted or left by its
+        # client (messages read ahead and never taken: not counted).
         self.worker_messages = Counter(
-            "kvmesh_router_worker_messages", "Messages read from workers' Submit streams.",
+            "kvmesh_router_worker_messages",
+            "Per-request worker messages: a request's entries in session updates, or its Submit stream's messages.",
             ["model"], registry=r)
         # Arrival to the last chunk.
         self.e2e = Histogram(
