@@ -454,7 +454,10 @@ class Router:
                 raise self._worker_error(worker, e.code, e.details) from None
             if active.aborted:
                 raise _AbortRequested("aborted")
-            source, attempt, close = self._start(request, worker, session)
+            try:
+                source, attempt, close = self._start(request, worker, session)
+            except SessionError as e:  # the session ended between its opening and this submit
+                raise self._worker_error(worker, e.code, e.details) from None
             active.attempt = attempt
             worker.streams.add(attempt)
             watchdog = _Watchdog(timeout, lambda: attempt.fail(

@@ -194,10 +194,21 @@ class RouterSession:
         return stream
 
     def abort(self, stream_id: int) -> None:
-        """Forget ``stream_id`` here and abort its request on the worker (no-op if unknown)."""
-        if self._forget(stream_id) is not None and not self.closed:
-            self._aborts.append(stream_id)
-            self._outbox.set()
+        """Forget ``stream_id`` here and abort its request on the worker (no-op if unknown).
+
+        A submit still waiting to be written is dropped instead (nothing to abort).
+        The worker applies a message's aborts of earlier streams before its submits,
+        so an abort followed by a submit that reuses the request id (a client that
+        disconnects and retries at once) reaches the engine in that order even when
+        both travel in one message."""
+        if self._forget(stream_id) is None or self.closed:
+            return
+        unsent = [s for s in self._submits if s.stream_id != stream_id]
+        if len(unsent) < len(self._submits):
+            self._submits = unsent
+            return
+        self._aborts.append(stream_id)
+        self._outbox.set()
 
     async def wait_idle(self, timeout: float | None) -> bool:
         """Whether every stream ended within ``timeout`` seconds (None: no limit)."""

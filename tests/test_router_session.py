@@ -203,3 +203,45 @@ async def test_a_session_that_cannot_open_is_retried_on_another_worker(model_dir
             assert ids_of(chunks) == expected_tokens(tokens, prompt(i), 10)
             assert chunks[-1].worker_id == cluster.fleet.workers[1].config.worker_id
         assert cluster.metric("kvmesh_router_worker_retries_total") == 1
+
+
+class _HeldCall:
+    """A Session call whose first write blocks until released (a write in progress)."""
+
+    def __init__(self) -> None:
+        self.sent: list = []
+        self.release = asyncio.Event()
+
+    async def write(self, message) -> None:
+        self.sent.append(message)
+        if len(self.sent) == 1:
+            await self.release.wait()
+
+    async def read(self):
+        await asyncio.sleep(3600)
+
+    def cancel(self) -> None:
+        pass
+
+
+async def test_an_abort_of_an_unsent_submit_drops_it_and_aborts_keep_their_order():
+    from test_worker_service import submit_request
+
+    from orchestrator.session import RouterSession
+
+    session = RouterSession(_HeldCall(), "w")
+    call = session._call
+    s1 = session.submit(submit_request("same", prompt(1)))
+    for _ in range(3):
+        await asyncio.sleep(0)          # the first write (submit 1) is in progress, held
+    s1.abort()                          # its client left: submit 1 was sent, so an abort follows
+    s2 = session.submit(submit_request("same", prompt(2)))   # retried with the same request id
+    s3 = session.submit(submit_request("other", prompt(3)))
+    s3.abort()                          # never sent: dropped, no abort needed
+    call.release.set()
+    await wait_until(lambda: len(call.sent) == 2, timeout_s=5)
+    second = call.sent[1]
+    assert [s.stream_id for s in second.submits] == [s2.stream_id]
+    assert list(second.aborts) == [s1.stream_id]
+    session.close()
+

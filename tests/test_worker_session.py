@@ -127,6 +127,23 @@ async def test_an_abort_behind_its_submit_in_one_message_is_applied_after_it(stu
     call.cancel()
 
 
+async def test_an_abort_beside_a_submit_that_reuses_its_request_id_is_applied_first(stub, worker):
+    """What a router sends when a client disconnects and retries with the same request id
+    while the session's previous write is in progress: both in one message."""
+    call = stub.Session()
+    await call.write(submits((1, submit_request("same", prompt(1), max_tokens=400))))
+    first = await asyncio.wait_for(call.read(), 10)
+    assert [e.stream_id for e in first.streams] == [1]
+    message = submits((2, submit_request("same", prompt(2), max_tokens=3)))
+    message.aborts.append(1)
+    await call.write(message)
+    entries, _ = await read_until_done(call, {2})
+    assert all(not e.error_code for e in entries[2]), entries[2][-1].error_message
+    assert sum(len(e.output.token_ids) for e in entries[2]) == 3
+    await eventually(lambda: worker.engine.num_in_flight == 0, what="no request left")
+    call.cancel()
+
+
 async def test_a_full_window_holds_updates_back_and_merges_the_steps_behind_it(stub, worker):
     call = stub.Session()
     message = submits((1, submit_request("w", prompt(1), max_tokens=400)))

@@ -94,7 +94,7 @@ class WorkerSession:
                     self._wake.set()        # more may have come, or be allowed, meanwhile
                 if reader.done() and reader.exception() is not None:
                     raise reader.exception()
-                if (reader.done() or self._closing) and not self._open and not self._pending:
+                if (reader.done() or self._closing) and not self._open and not self._pending and not self._errors:
                     return
         finally:
             reader.cancel()
@@ -118,10 +118,17 @@ class WorkerSession:
                 if message.acked_updates > self._acked:
                     self._acked = message.acked_updates
                     self._wake.set()
-                for submit in message.submits:
-                    self._submit(submit.stream_id, submit.request)
+                # aborts of earlier streams first: a submit may reuse the request id of a
+                # stream aborted beside it (a client that disconnected and retried at once);
+                # a stream submitted and aborted in the same message never runs
+                aborted = set(message.aborts)
+                submitted = {submit.stream_id for submit in message.submits}
                 for stream_id in message.aborts:
-                    self._abort(stream_id)
+                    if stream_id not in submitted:
+                        self._abort(stream_id)
+                for submit in message.submits:
+                    if submit.stream_id not in aborted:
+                        self._submit(submit.stream_id, submit.request)
         finally:
             self._wake.set()      # the writer decides whether the session is over
 
