@@ -269,3 +269,31 @@ def test_fp8_kv_pool_holds_twice_the_blocks(model_dir):
         torch.cuda.empty_cache()
     print(f"KV blocks at utilization 0.4, bf16 / fp8 cache: {blocks['auto']} / {blocks['fp8']}")
     assert abs(blocks["fp8"] - 2 * blocks["auto"]) <= 0.02 * blocks["fp8"]
+
+
+def test_async_scheduling_equals_synchronous_with_sampling_and_logprobs(model_dir, prompts) -> None:
+    """Async scheduling on CUDA (placeholders filled in the graph, tokens and logprobs
+    copied to pinned memory) against the same engine scheduling synchronously: seeded
+    temperature / top-k / top-p sampling with logprobs, lengths capped at different
+    steps (so batches shrink mid-run). Batches are composed alike in both modes, so
+    float32 results must be identical."""
+    from worker.engine.types import EngineRequest, SamplingOptions
+
+    results = []
+    for mode in (False, True):
+        engine = LLMEngine(EngineConfig(model=str(model_dir), device="cuda", dtype="float32", num_kv_blocks=1024,
+                                        async_scheduling=mode))
+        assert engine.async_scheduling is mode
+        for i, p in enumerate(prompts):
+            engine.add_request(EngineRequest(f"s{i}", tuple(p), SamplingOptions(
+                temperature=0.0 if i % 3 == 0 else 0.8, top_k=0 if i % 2 else 50, top_p=1.0 if i % 2 else 0.9,
+                seed=i, max_tokens=4 + 3 * i, ignore_eos=True, logprobs=True, top_logprobs=2)))
+        outs = run_to_completion(engine)
+        results.append({rid: ([t for o in os for t in o.new_token_ids], [o.logprobs for o in os],
+                              [o.finish_reason for o in os]) for rid, os in outs.items()})
+        assert engine.block_manager.num_used_blocks == 0
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert results[0] == results[1]
+    assert all(len(toks) == 4 + 3 * int(rid[1:]) for rid, (toks, _, _) in results[1].items())

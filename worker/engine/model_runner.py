@@ -25,7 +25,7 @@ import torch
 
 from worker.engine.config import EngineConfig
 from worker.engine.cuda_graph import DecodeGraphs
-from worker.engine.sampler import PendingSample, SamplerResult, fill_placeholders, sample_async
+from worker.engine.sampler import PendingSample, SamplerResult, fill_placeholders, sample_async, to_device
 from worker.engine.scheduler import SchedulerOutput
 from worker.models.attention import AttentionMetadata, DecodeBatch, PrefillBatch, set_kv_cache_scale
 from worker.models.config import ModelConfig
@@ -235,7 +235,7 @@ class ModelRunner:
             # every sequence has one new token: replay the decode graph (it fills placeholders itself)
             logits = self.graphs.run(input_ids, positions, slots, context_lens, tables)
             if len(logit_rows) < len(input_ids):
-                logits = logits[torch.tensor(logit_rows, device=self.device)] if logit_rows else None
+                logits = logits[to_device(logit_rows, torch.int64, self.device)] if logit_rows else None
         else:
             logits = self._forward_gpu(input_ids, positions, slots, context_lens, query_lens, tables, logit_rows)
         if logits is None:

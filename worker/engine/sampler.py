@@ -38,8 +38,11 @@ class PendingSample:
         self._logprob_parts = logprob_parts
         self._host = host
         self._ready: torch.cuda.Event | None = None
-        if host is not None:  # start the copy now; result() waits only for it
+        if host is not None:  # start the copies now; result() waits only for them
             host[: tokens.numel()].copy_(tokens, non_blocking=True)
+            if logprob_parts is not None:
+                wants, *tensors = logprob_parts
+                self._logprob_parts = (wants, *(_to_pinned(t) for t in tensors))
             self._ready = torch.cuda.Event()
             self._ready.record()
 
@@ -73,6 +76,16 @@ class ReadySample:
         return self._result
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on ``device`` without waiting for the device: a plain
+    ``torch.tensor(..., device=cuda)`` copies from pageable memory and synchronizes the
+    stream, which would stall the host behind the step just launched."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def placeholder(row: int) -> int:
     """The stand-in a sequence holds for a token its in-flight step sampled into ``row``."""
     return -(row + 1)
@@ -83,6 +96,14 @@ def fill_placeholders(ids: torch.Tensor, previous: torch.Tensor) -> torch.Tensor
     step sampled into that row (``previous``: those tokens, by row)."""
     rows = (-ids - 1).clamp(min=0)
     return torch.where(ids < 0, previous.index_select(0, rows).to(ids.dtype), ids)
+
+
+def _to_pinned(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A non-blocking copy of ``t`` to pinned host memory (ready once the stream reaches it)."""
+    if t is None:
+        return None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
 
 
 def sample(
@@ -108,12 +129,12 @@ def sample_async(
     else:
         tokens = _sample_random(logits, options, generators)
         if any(greedy_rows):
-            greedy = torch.tensor(greedy_rows, device=logits.device)
+            greedy = to_device(greedy_rows, torch.bool, logits.device)
             tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
     parts = None
     wants = [i for i, o in enumerate(options) if o.logprobs or o.top_logprobs]
     if wants:
-        rows = torch.tensor(wants, device=logits.device)
+        rows = to_device(wants, torch.int64, logits.device)
         lp = torch.log_softmax(logits.index_select(0, rows), dim=-1)
         chosen = lp.gather(1, tokens.index_select(0, rows)[:, None]).squeeze(1)
         k = max(options[i].top_logprobs for i in wants)
@@ -125,7 +146,7 @@ def sample_async(
 def _sample_random(
     logits: torch.Tensor, options: list[SamplingOptions], generators: list[torch.Generator | None]
 ) -> torch.Tensor:
-    temps = torch.tensor([o.temperature if o.temperature > 0 else 1.0 for o in options], device=logits.device)
+    temps = to_device([o.temperature if o.temperature > 0 else 1.0 for o in options], torch.float32, logits.device)
     scaled = logits / temps[:, None]
     top_k = [o.top_k for o in options]
     top_p = [o.top_p for o in options]
@@ -143,10 +164,10 @@ def _sample_random(
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     vocab = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=logits.device)
+    ks = to_device([k if 0 < k < vocab else vocab for k in top_k], torch.int64, logits.device)
     ranks = torch.arange(vocab, device=logits.device)[None, :]
     drop = ranks >= ks[:, None]
-    ps = torch.tensor(top_p, device=logits.device, dtype=torch.float32)
+    ps = to_device(top_p, torch.float32, logits.device)
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     # drop a token when the mass before it already reaches top_p (the top token always stays);
     # rows with top_p == 1 keep everything: their float32 cumsum can reach 1.0 before the tail
