@@ -136,6 +136,8 @@ async def test_a_gap_in_event_ids_triggers_a_resync():
         await eventually(lambda: index.blocks_of("s1") == {12, 13, 15, 16}, what="resync after the gap")
         assert servicer.snapshot_calls == 2
         assert router.metrics.kv_resyncs.labels("gap")._value.get() == 1
+        # the follower reopens the event stream after applying the snapshot: wait for that call
+        await eventually(lambda: len(servicer.stream_requests) >= 2, what="the event stream reopened")
         last = servicer.stream_requests[-1]
         assert (last.after_event_id, last.epoch) == (6, "epoch-1")      # resumed right after the snapshot
         servicer.push(stored(7, 17))

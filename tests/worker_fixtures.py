@@ -114,8 +114,10 @@ class FakeEngine:
         if sampling.logprobs:
             top = tuple((token + i, -0.25 - i) for i in range(sampling.top_logprobs))
             logprobs = (TokenLogprob(token, -0.25, top),)
+        first = len(seq.generated) == 1  # prompt accounting on a request's first output only, as LLMEngine does
         return RequestOutput(req.request_id, (token,), logprobs, finish,
-                             num_prompt_tokens=len(req.prompt_token_ids), num_cached_tokens=cached)
+                             num_prompt_tokens=len(req.prompt_token_ids) if first else 0,
+                             num_cached_tokens=cached if first else 0)
 
     def load(self) -> LoadSnapshot:
         bs = self.model_summary.block_size
