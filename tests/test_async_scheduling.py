@@ -171,3 +171,28 @@ def test_abort_while_the_last_token_is_in_flight(tiny_model_dir) -> None:
     assert engine.abort_request("a") is True
     assert engine.step() == [] and not engine.has_unfinished()
     assert engine.abort_request("a") is False
+
+
+def test_a_failed_step_is_not_read_again(tiny_model_dir) -> None:
+    """After reading a step's tokens raises (a device error), the worker aborts every
+    request (engine_loop) and the engine must serve new ones: the failed step is not
+    waited for again."""
+    engine = _engine(tiny_model_dir, True)
+    engine.add_request(EngineRequest("a", (5, 6, 7), greedy(8, ignore_eos=True)))
+    engine.step()
+    original = engine.runner.launch
+
+    class Lost:
+        def result(self):
+            raise RuntimeError("device lost")
+
+    engine.runner.launch = lambda plan: (original(plan), Lost())[1]
+    engine.step()                       # launched; its tokens are read by the next step
+    engine.runner.launch = original
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.step()
+    assert engine.abort_request("a")
+    engine.add_request(EngineRequest("b", (9, 10), greedy(3, ignore_eos=True)))
+    outs = run_to_completion(engine)
+    assert len(tokens(outs["b"])) == 3 and "a" not in outs
+    assert engine.block_manager.num_used_blocks == 0

@@ -175,8 +175,9 @@ class LLMEngine:
         """Runs one step; returns the tokens the host learned in it: this step's when
         scheduling is synchronous, the previous step's under async scheduling."""
         plan = self.scheduler.schedule()               # who advances, by how many tokens
+        previous, self._in_flight = self._in_flight, None  # a step that raises is not read twice
         launched = self.runner.launch(plan)            # enqueued on the device, not waited for
-        outputs = self._resolve(self._in_flight)       # the previous step's tokens (async only)
+        outputs = self._resolve(previous)              # the previous step's tokens (async only)
         self._in_flight = self._advance(plan, launched)
         if not self.async_scheduling:
             outputs = self._resolve(self._in_flight)
