@@ -157,11 +157,9 @@ def grpc_status(err: RouterError) -> tuple[grpc.StatusCode, str]:
 
 def http_error_body(err: RouterError) -> dict[str, Any]:
     """OpenAI's error JSON: ``{"error": {"message", "type", "param", "code"}}``."""
-    return {
-        "error": {
-            "message": err.message,
-            "type": err.error_type,
-            "param": err.param,
-            "code": err.code,
-        }
-    }
+    return error_body(err.message, err.error_type, err.param, err.code)
+
+
+def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The same JSON for an error that is not a ``RouterError`` (aiohttp's own 404/405/413, a bug)."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}

@@ -31,7 +31,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from orchestrator.errors import InvalidArgument, RequestTooLarge, RouterError, http_error_body
+from orchestrator.errors import InvalidArgument, RequestTooLarge, RouterError, error_body, http_error_body
 from orchestrator.metrics import CONTENT_TYPE, RouterMetrics
 from orchestrator.openai_protocol import ApiRequest, ChatFormat, CompletionFormat, parse_chat, parse_completion
 from orchestrator.router import PreparedRequest, Router
@@ -85,18 +85,14 @@ class HttpApi:
             response = await handler(request)
         except RouterError as e:
             response = _error_response(e)
-        except web.HTTPException as e:
-            response = web.json_response(
-                {"error": {"message": e.reason, "type": "invalid_request_error", "param": None, "code": None}},
-                status=e.status)
+        except web.HTTPException as e:  # aiohttp's own: no route, wrong method, body too large
+            response = web.json_response(error_body(e.reason, "invalid_request_error"), status=e.status)
         except asyncio.CancelledError:
             self.metrics.requests.labels(endpoint, str(_CLIENT_CLOSED)).inc()
             raise
         except Exception:
             logger.exception("%s %s failed", request.method, request.path)
-            response = web.json_response(
-                {"error": {"message": "internal error", "type": "internal_error", "param": None, "code": None}},
-                status=500)
+            response = web.json_response(error_body("internal error", "internal_error"), status=500)
         self.metrics.requests.labels(endpoint, str(request.get(_STATUS_KEY, response.status))).inc()
         return response
 
