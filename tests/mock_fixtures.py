@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
+import pytest
+
 from router_fixtures import model_files, start_router, wait_until
 
 from orchestrator.server import RouterServer
@@ -60,6 +62,18 @@ def token_function(model_dir: Path) -> TokenFunction:
     from worker.engine.mock_runner import build_mock_engine
 
     return build_mock_engine(EngineConfig(model=str(model_dir), num_kv_blocks=2)).runner.tokens
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A mock model directory per test module (import this fixture where it is used)."""
+    return make_mock_model_dir(tmp_path_factory.mktemp("mock-model"))
+
+
+@pytest.fixture(scope="module")
+def tokens(model_dir) -> TokenFunction:
+    """The module's mock model as its workers run it."""
+    return token_function(model_dir)
 
 
 def expected_tokens(tokens: TokenFunction, prompt: list[int], n: int, seed: int = 0) -> list[int]:

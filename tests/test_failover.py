@@ -16,8 +16,7 @@ import time
 import aiohttp
 import grpc
 import pytest
-from mock_fixtures import (WorkerProcesses, expected_tokens, make_mock_model_dir, mock_cluster,
-                           token_function)
+from mock_fixtures import WorkerProcesses, expected_tokens, mock_cluster, model_dir, tokens  # noqa: F401 (fixtures)
 from router_fixtures import model_files, start_router, wait_until
 
 from orchestrator.client import AsyncKvmeshClient
@@ -28,16 +27,6 @@ pytestmark = pytest.mark.timeout(60)
 
 PROMPT = list(range(300, 364))                      # 64 tokens
 MIGRATIONS = "kvmesh_router_request_migrations_total"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_mock_model_dir(tmp_path_factory.mktemp("mock-model"))
-
-
-@pytest.fixture(scope="module")
-def tokens(model_dir):
-    return token_function(model_dir)
 
 
 def ids_of(chunks) -> list[int]:

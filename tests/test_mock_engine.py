@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from mock_fixtures import REPO, expected_tokens, make_mock_model_dir, mock_cluster, token_function
+from mock_fixtures import REPO, expected_tokens, mock_cluster, model_dir, token_function  # noqa: F401 (fixture)
 from router_fixtures import start_router, wait_until
 
 from kvstore.hashing import HashNamespace, block_hashes
@@ -29,11 +29,6 @@ pytestmark = pytest.mark.timeout(60)
 
 A, B, C, D = 1e-3, 5e-3, 2e-4, 1e-5           # round timing terms, to check the formula
 TIMING = TimingModel(prefill_s_per_token=A, decode_base_s=B, decode_s_per_seq=C, decode_s_per_context_token=D)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_mock_model_dir(tmp_path_factory.mktemp("mock-model"))
 
 
 def engine_with(model_dir, timing: TimingModel = TIMING, steps: list[float] | None = None, **config):

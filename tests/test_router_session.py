@@ -13,7 +13,7 @@ import time
 
 import grpc
 import pytest
-from mock_fixtures import WorkerProcesses, expected_tokens, make_mock_model_dir, mock_cluster, token_function
+from mock_fixtures import WorkerProcesses, expected_tokens, mock_cluster, model_dir, tokens  # noqa: F401 (fixtures)
 from router_fixtures import start_fake_worker, start_router, wait_until
 
 from orchestrator.client import AsyncKvmeshClient
@@ -24,16 +24,6 @@ pytestmark = pytest.mark.timeout(90)
 
 STEADY = TimingModel(prefill_s_per_token=1e-6, decode_base_s=10e-3, decode_s_per_seq=0,
                      decode_s_per_context_token=0)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_mock_model_dir(tmp_path_factory.mktemp("mock-model"))
-
-
-@pytest.fixture(scope="module")
-def tokens(model_dir):
-    return token_function(model_dir)
 
 
 def prompt(i: int) -> list[int]:

@@ -13,10 +13,10 @@ import asyncio
 
 import grpc
 import pytest
-from test_worker_service import _config, prompt, submit_request
+from test_worker_service import _config, prompt, stub, submit_request  # noqa: F401 (stub: a fixture over this module's worker)
 from worker_fixtures import FakeEngine, eventually
 
-from kvmesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from kvmesh.v1 import common_pb2, worker_pb2
 from worker.engine.types import FinishReason, RequestOutput
 from worker.service import WorkerServer
 from worker.session import SESSION_METADATA_KEY, WorkerSession
@@ -32,12 +32,6 @@ async def worker():
     await server.start()
     yield server
     await server.stop(grace=0)
-
-
-@pytest.fixture
-async def stub(worker):
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
-        yield worker_pb2_grpc.WorkerStub(channel)
 
 
 def submits(*pairs: tuple[int, worker_pb2.SubmitRequest]) -> worker_pb2.SessionRequest:

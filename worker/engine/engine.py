@@ -64,7 +64,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, model: LlamaForCausalLM | None = None,
                  runner: ModelRunner | MockRunner | None = None) -> None:
         """``model``: already built weights (benchmarks, tests); default: load ``config.model``.
-        ``runner``: replaces the model runner (``mock_runner.MockRunner``: same ``execute``
+        ``runner``: replaces the model runner (``mock_runner.MockRunner``: same ``launch``
         contract, plus ``num_blocks``, ``max_model_len`` and ``device``)."""
         self.config = config
         model_dir = Path(config.model)

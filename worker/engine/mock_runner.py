@@ -1,7 +1,8 @@
 """A model runner with no model: a timing model and a deterministic token function.
 
-``MockRunner`` keeps ``ModelRunner``'s contract (``execute(plan)`` returns the
-sampled tokens of the sequences that sample this step, or None) so the real
+``MockRunner`` keeps ``ModelRunner``'s contract (``launch(plan)`` gives the
+sampled tokens of the sequences that sample this step, or None; here already
+on the host, so the engine never schedules ahead of it) so the real
 scheduler, block manager, prefix cache and KV events run unchanged around
 it. What it replaces:
 
@@ -92,7 +93,7 @@ class TokenFunction:
 
 
 class MockRunner:
-    """Stands in for ``ModelRunner``: same ``execute`` contract, no model, no KV tensor.
+    """Stands in for ``ModelRunner``: same ``launch`` contract, no model, no KV tensor.
 
     ``sleep`` is injectable so tests can record step times instead of waiting.
     """
@@ -140,11 +141,8 @@ class MockRunner:
     before the previous step's tokens are read (``LLMEngine.async_scheduling``)."""
 
     def launch(self, plan: SchedulerOutput) -> ReadySample | None:
-        result = self.execute(plan)
-        return ReadySample(result) if result is not None else None
-
-    def execute(self, plan: SchedulerOutput) -> SamplerResult | None:
-        """Sleeps for the modelled step time; samples for sequences whose known tokens are all computed."""
+        """Sleeps for the modelled step time; samples for sequences whose known tokens are all
+        computed (``ModelRunner.launch``'s contract, already resolved)."""
         if not plan.scheduled:
             return None
         seconds = self.timing.step_seconds(plan)
@@ -156,7 +154,7 @@ class MockRunner:
         remaining = seconds - (time.monotonic() - started)
         if remaining > 0:
             self._sleep(remaining)
-        return SamplerResult(token_ids, logprobs) if sampling else None
+        return ReadySample(SamplerResult(token_ids, logprobs)) if sampling else None
 
     def _next_token(self, seq: Sequence) -> int:
         hashed, digest = self._digests.get(seq, (0, 0))

@@ -25,7 +25,7 @@ import torch
 
 from worker.engine.config import EngineConfig
 from worker.engine.cuda_graph import DecodeGraphs
-from worker.engine.sampler import PendingSample, SamplerResult, fill_placeholders, sample_async, to_device
+from worker.engine.sampler import PendingSample, fill_placeholders, sample_async, to_device
 from worker.engine.scheduler import SchedulerOutput
 from worker.models.attention import AttentionMetadata, DecodeBatch, PrefillBatch, set_kv_cache_scale
 from worker.models.config import ModelConfig
@@ -190,11 +190,6 @@ class ModelRunner:
         return budget
 
     # ---- the step ------------------------------------------------------------
-    def execute(self, plan: SchedulerOutput) -> SamplerResult | None:
-        """Runs the forward pass of ``plan``; samples for sequences whose known tokens are all computed."""
-        pending = self.launch(plan)
-        return pending.result() if pending is not None else None
-
     @torch.inference_mode()
     def launch(self, plan: SchedulerOutput) -> PendingSample | None:
         """Enqueues the forward pass and sampling of ``plan`` without waiting for the device.
