@@ -3,9 +3,11 @@
 Prints one table: time (median of ``triton.testing.do_bench``) and achieved
 bandwidth (bytes each kernel must move at least, over its time) or TFLOP/s,
 next to the torch reference and, for prefill attention, SDPA's flash kernel.
-Also sweeps the decode kernel's launch parameters (``DecodeTuning``) and the
-matmul shapes of a decode step (cuBLAS through ``F.linear``) at batch 1, 64
-and 256, whose bandwidth bounds batch-1 decode.
+Decode attention runs over a bf16 and an fp8 cache (``--sweep``: over a grid of
+its launch parameters, ``DecodeTuning``, too). The matmul shapes of a step
+(cuBLAS through ``F.linear``) run at 1, 64 and 256 rows (decode: bandwidth
+bounds batch 1) and at 2048 and 8192 rows (prefill: compute-bound; the
+TFLOP/s an engine's prefill can reach at most).
 
 Usage: python benchmarks/gpu_kernels.py [--sweep] [--json out.json]
 """
@@ -24,7 +26,7 @@ from triton.testing import do_bench
 from kernels.activation import silu_and_mul_ref
 from kernels.activation_triton import silu_and_mul_triton
 from kernels.paged_attention import paged_attention_ref
-from kernels.paged_decode_triton import DecodeTuning, paged_decode_attention
+from kernels.paged_decode_triton import DEFAULT_TUNING, FP8_TUNING, DecodeTuning, paged_decode_attention
 from kernels.paged_prefill_triton import paged_prefill_attention
 from kernels.rmsnorm import add_rms_norm_ref
 from kernels.rmsnorm_triton import rms_norm_triton
@@ -54,14 +56,17 @@ def row(kernel: str, shape: str, t: float, *, nbytes: float = 0, flops: float = 
 def bench_gemm() -> None:
     shapes = {"qkv": (6144, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * FFN, HIDDEN), "down": (HIDDEN, FFN),
               "lm_head": (VOCAB, HIDDEN)}
-    for m in (1, 64, 256):
+    for m in (1, 64, 256, 2048, 8192):
         for name, (n, k) in shapes.items():
+            if m > 256 and name == "lm_head":
+                continue  # prefill computes logits for the last token of each prompt only
             copies = max(1, (200 << 20) // (n * k * 2))  # rotate weights so that L2 cannot hold them
             ws = [torch.randn(n, k, device=DEV, dtype=BF16) for _ in range(min(copies, 4))]
             x = torch.randn(m, k, device=DEV, dtype=BF16)
             it = iter(range(1 << 30))
             t = ms(lambda: F.linear(x, ws[next(it) % len(ws)]))
-            row("F.linear (cuBLAS)", f"M={m} {name} {n}x{k}", t, nbytes=n * k * 2 + m * (n + k) * 2, flops=0 if m == 1 else 2 * m * n * k)
+            row("F.linear (cuBLAS)", f"M={m} {name} {n}x{k}", t, nbytes=n * k * 2 + m * (n + k) * 2 if m <= 256 else 0,
+                flops=0 if m == 1 else 2 * m * n * k)
             del ws
 
 
@@ -75,32 +80,40 @@ def paged_setup(batch: int, ctx: int):
 
 
 def bench_decode(sweep: bool) -> None:
-    cases = [(1, 256), (1, 4096), (16, 1024), (64, 640), (256, 700)]
-    tunings = [DecodeTuning()]
-    if sweep:
-        tunings = [DecodeTuning(b, w, s, waves) for b in (32, 64, 128) for w in (4, 8) for s in (2, 3) for waves in (2,)]
-        tunings += [DecodeTuning(64, 4, 2, 4), DecodeTuning(64, 4, 2, 8)]
-    for batch, ctx in cases:
-        k, v, table = paged_setup(batch, ctx)
-        q = torch.randn(batch, HQ, D, device=DEV, dtype=BF16)
-        out = torch.empty_like(q)
-        lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
-        rows = torch.arange(batch, device=DEV, dtype=torch.int32)
-        nbytes = batch * ctx * HK * D * 2 * 2
-        ref = None
-        if batch * ctx <= 64 * 1024:
-            ref = ms(lambda: paged_attention_ref(q, k, v, table.long(), [ctx] * batch, [1] * batch, D**-0.5))
-        results = []
-        for tuning in tunings:
-            t = ms(lambda: paged_decode_attention(q, k, v, table, lens, rows, D**-0.5, out, tuning=tuning))
-            results.append((t, tuning))
-        results.sort(key=lambda x: x[0])
-        for t, tuning in results[: 3 if sweep else 1]:
-            row("paged decode (Triton)", f"B={batch} ctx={ctx}", t, nbytes=nbytes, ref=ref,
-                note=f"block_n={tuning.block_n} warps={tuning.num_warps} stages={tuning.num_stages} waves={tuning.waves}")
+    """Decode attention over a bf16 and an fp8 (e4m3) cache, each with its default tuning
+    (``--sweep``: the best three of a grid, and the default)."""
+    cases = [(1, 256), (1, 4096), (16, 1024), (64, 640), (64, 2048), (256, 700)]
+    for cache_dtype in (BF16, torch.float8_e4m3fn):
+        fp8 = cache_dtype != BF16
+        default = FP8_TUNING if fp8 else DEFAULT_TUNING
+        tunings = [default]
         if sweep:
-            default = next(t for t, tu in results if tu == DecodeTuning())
-            row("paged decode (Triton)", f"B={batch} ctx={ctx}", default, nbytes=nbytes, note="default tuning")
+            tunings = [DecodeTuning(b, w, s) for b in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
+            tunings += [DecodeTuning(default.block_n, default.num_warps, default.num_stages, waves) for waves in (4, 8)]
+        for batch, ctx in cases:
+            k, v, table = paged_setup(batch, ctx)
+            k, v = k.to(cache_dtype), v.to(cache_dtype)
+            q = torch.randn(batch, HQ, D, device=DEV, dtype=BF16)
+            out = torch.empty_like(q)
+            lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+            rows = torch.arange(batch, device=DEV, dtype=torch.int32)
+            nbytes = batch * ctx * HK * D * 2 * k.element_size()
+            ref = None
+            if batch * ctx <= 64 * 1024 and not fp8:
+                ref = ms(lambda: paged_attention_ref(q, k, v, table.long(), [ctx] * batch, [1] * batch, D**-0.5))
+            results = []
+            for tuning in tunings:
+                t = ms(lambda: paged_decode_attention(q, k, v, table, lens, rows, D**-0.5, out, tuning=tuning))
+                results.append((t, tuning))
+            results.sort(key=lambda x: x[0])
+            name = f"paged decode {'fp8' if fp8 else 'bf16'}"
+            for t, tuning in results[: 3 if sweep else 1]:
+                row(name, f"B={batch} ctx={ctx}", t, nbytes=nbytes, ref=ref,
+                    note=f"block_n={tuning.block_n} warps={tuning.num_warps} stages={tuning.num_stages} waves={tuning.waves}")
+            if sweep:
+                row(name, f"B={batch} ctx={ctx}", next(t for t, tu in results if tu == default), nbytes=nbytes,
+                    note="default tuning")
+            del k, v
 
 
 def bench_prefill() -> None:

@@ -44,3 +44,23 @@ def dot_query(q):
         q = tl.minimum(tl.maximum(q, -_F16_MAX, propagate_nan=tl.PropagateNan.ALL), _F16_MAX,
                        propagate_nan=tl.PropagateNan.ALL)
         return q.to(tl.float16)
+
+
+@triton.jit
+def fp8_words_to_f16(words, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """A ``[ROWS, COLS // 4]`` int32 tile, each word four e4m3 elements of a row (lowest
+    byte first), as the ``[ROWS, COLS]`` float16 tile they hold (exact).
+
+    Why not ``load(fp8).to(float16)``: Triton moves that conversion behind the shared
+    memory read of the dot operand, and an 8-bit operand whose reduction runs along the
+    rows (V in ``p @ v``) has no transposing ``ldmatrix``: it is read a byte per
+    instruction (128 ``LDS.U8`` per thread per 128-key tile of decode attention).
+    Converted in registers, the tile goes to shared memory as float16 and is read back
+    with ``ldmatrix.trans``. An inline-asm op with a join after it is not moved.
+    Needs sm_89+ (``cvt.rn.f16x2.e4m3x2``), as the fp8 cache does."""
+    e0, e1, e2, e3 = tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; .reg .b32 r0, r1; mov.b32 {lo, hi}, $4; cvt.rn.f16x2.e4m3x2 r0, lo; "
+        "cvt.rn.f16x2.e4m3x2 r1, hi; mov.b32 {$0, $1}, r0; mov.b32 {$2, $3}, r1; }",
+        "=h,=h,=h,=h,r", [words], dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)
+    # join(join(e0, e2), join(e1, e3))[..., i, j] is element 2 * i + j of the word
+    return tl.reshape(tl.join(tl.join(e0, e2), tl.join(e1, e3)), (ROWS, COLS))

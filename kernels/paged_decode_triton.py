@@ -31,7 +31,7 @@ import triton.language as tl
 
 from kernels.backend import check_paged_inputs, next_pow2, num_sms, pdl_launch, require, require_device
 from kernels.kv_quant import is_fp8
-from kernels.kv_quant_triton import dot_query
+from kernels.kv_quant_triton import dot_query, fp8_words_to_f16
 from kernels.pdl_triton import pdl_prologue
 
 MAX_SPLITS = 32
@@ -51,12 +51,11 @@ class DecodeTuning:
 
 
 DEFAULT_TUNING = DecodeTuning()
-FP8_TUNING = DecodeTuning(block_n=128, num_stages=3)
-"""An fp8 cache's default: a 64-key fp8 tile is half the bytes in flight of a bf16 one. Swept on
-an H200 (Llama-3-8B layer, 32/8 heads, d 128): batch 256 x 700 tokens 181 us a layer (bf16 cache
-with DEFAULT_TUNING: 188), batch 64 x 2048 tokens 121 us (bf16: 138); the fp8 cache with
-DEFAULT_TUNING: 190 and 174 us. Not the 2x fewer bytes would give: converting the tiles, not
-memory, bounds it so far."""
+FP8_TUNING = DecodeTuning(block_n=64, num_stages=2)
+"""An fp8 cache's default (``benchmarks/gpu_kernels.py --sweep`` has the fp8 rows). Swept on an
+H100 once V was converted in registers (Llama-3-8B layer, 32/8 heads, d 128): batch 256 x 700
+tokens 162 us a layer against 172 us with 128-key tiles (the bf16 cache: 262 us; before the
+change 190 us), batch 64 x 2048 119 against 123 us (before: 130)."""
 
 
 @triton.jit
@@ -66,7 +65,7 @@ def _paged_decode_kernel(
     n_q_heads, n_kv_heads, scale_log2, v_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr, USE_PDL: tl.constexpr,
+    KV_FP8: tl.constexpr, USE_PDL: tl.constexpr, OFFSETS_I32: tl.constexpr, V_WORDS: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
@@ -99,11 +98,15 @@ def _paged_decode_kernel(
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < end
-        block = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        offset = (n % BLOCK_SIZE).to(tl.int64)
+        block = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0)
+        offset = n % BLOCK_SIZE
+        if not OFFSETS_I32:
+            block = block.to(tl.int64)
+            offset = offset.to(tl.int64)
+        k_row = block * kc_sb + offset * kc_st + kh * kc_sh
+        v_row = block * vc_sb + offset * vc_st + kh * vc_sh
         kv_mask = n_mask[:, None] & (d < HEAD_DIM)[None, :]
-        k = tl.load(kc_ptr + block[:, None] * kc_sb + offset[:, None] * kc_st + kh * kc_sh + d[None, :],
-                    mask=kv_mask, other=0.0)
+        k = tl.load(kc_ptr + k_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
         if KV_FP8:
             k = k.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
@@ -112,10 +115,15 @@ def _paged_decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vc_ptr + block[:, None] * vc_sb + offset[:, None] * vc_st + kh * vc_sh + d[None, :],
-                    mask=kv_mask, other=0.0)
-        if KV_FP8:
-            v = v.to(q.dtype)
+        if V_WORDS:  # fp8 V read as int32 words, converted in registers (fp8_words_to_f16 says why)
+            w = tl.arange(0, BLOCK_D // 4)
+            words = tl.load(vc_ptr.to(tl.pointer_type(tl.int32)) + (v_row // 4)[:, None] + w[None, :],
+                            mask=n_mask[:, None], other=0)
+            v = fp8_words_to_f16(words, BLOCK_N, BLOCK_D)
+        else:
+            v = tl.load(vc_ptr + v_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            if KV_FP8:
+                v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -179,6 +187,18 @@ def _split_locks(device: torch.device) -> torch.Tensor:
     return _locks[device]
 
 
+def offsets_fit_int32(cache: torch.Tensor) -> bool:
+    """Whether every element offset within ``cache`` fits int32: the kernel then computes
+    its gather addresses in 32-bit arithmetic (fewer instructions per key; the fp8 kernel
+    is bound by instructions, not memory)."""
+    return sum((size - 1) * stride for size, stride in zip(cache.shape, cache.stride())) < 2**31
+
+
+def readable_as_words(cache: torch.Tensor) -> bool:
+    """Whether an fp8 cache can be read as int32 words: 4-byte aligned rows."""
+    return cache.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in cache.stride()[:3]) and cache.shape[3] % 4 == 0
+
+
 def choose_num_splits(
     batch: int, kv_heads: int, max_context_len: int, device: torch.device, tuning: DecodeTuning = DEFAULT_TUNING
 ) -> int:
@@ -232,6 +252,7 @@ def paged_decode_attention(
     require(splits == next_pow2(splits) and splits <= MAX_SPLITS, f"num_splits must be a power of two <= {MAX_SPLITS}, got {splits}")
     require(kv_scale > 0, f"kv_scale must be > 0, got {kv_scale}")
     group = hq // hk
+    block_d = next_pow2(dim)
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     k_scale = kv_scale if fp8 else 1.0
     if splits > 1:
@@ -249,8 +270,10 @@ def paged_decode_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         hq, hk, scale * k_scale * _LOG2E, kv_scale,
-        GROUP=group, BLOCK_G=max(16, next_pow2(group)), HEAD_DIM=dim, BLOCK_D=next_pow2(dim),
+        GROUP=group, BLOCK_G=max(16, next_pow2(group)), HEAD_DIM=dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=tuning.block_n, NUM_SPLITS=splits, PRECISION=precision, KV_FP8=fp8,
+        OFFSETS_I32=offsets_fit_int32(k_cache) and offsets_fit_int32(v_cache),
+        V_WORDS=fp8 and query.dtype != torch.float32 and block_d == dim and readable_as_words(v_cache),
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_launch(query.device),
     )
     return out
