@@ -9,7 +9,8 @@ its launch parameters, ``DecodeTuning``, too). The matmul shapes of a step
 bounds batch 1) and at 2048 and 8192 rows (prefill: compute-bound; the
 TFLOP/s an engine's prefill can reach at most).
 
-Usage: python benchmarks/gpu_kernels.py [--sweep] [--json out.json]
+Usage: python benchmarks/gpu_kernels.py [--sweep] [--only gemm,decode,prefill,elementwise]
+       [--decode-cases 256x700,64x2048] [--json out.json]
 """
 
 from __future__ import annotations
@@ -79,10 +80,13 @@ def paged_setup(batch: int, ctx: int):
     return k, v, perm.to(DEV, torch.int32)
 
 
-def bench_decode(sweep: bool) -> None:
+DECODE_CASES = "1x256,1x4096,16x1024,64x640,64x2048,256x700"
+
+
+def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES) -> None:
     """Decode attention over a bf16 and an fp8 (e4m3) cache, each with its default tuning
     (``--sweep``: the best three of a grid, and the default)."""
-    cases = [(1, 256), (1, 4096), (16, 1024), (64, 640), (64, 2048), (256, 700)]
+    cases = [tuple(int(x) for x in case.split("x")) for case in cases_arg.split(",")]
     for cache_dtype in (BF16, torch.float8_e4m3fn):
         fp8 = cache_dtype != BF16
         default = FP8_TUNING if fp8 else DEFAULT_TUNING
@@ -159,12 +163,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="sweep the decode kernel's launch parameters")
     parser.add_argument("--only", default="gemm,decode,prefill,elementwise")
+    parser.add_argument("--decode-cases", default=DECODE_CASES, help="batch x context of the decode rows")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     random.seed(0)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    parts = {"gemm": bench_gemm, "decode": lambda: bench_decode(args.sweep), "prefill": bench_prefill,
+    parts = {"gemm": bench_gemm, "decode": lambda: bench_decode(args.sweep, args.decode_cases), "prefill": bench_prefill,
              "elementwise": bench_elementwise}
     for name in args.only.split(","):
         parts[name]()
