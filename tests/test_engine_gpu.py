@@ -21,14 +21,16 @@ token, where both sides saw the same tokens):
   tokens equal for every prompt, ``max|logit diff| <= GRAPH_LOGIT_RTOL * max|logit|``.
 * fp8 (e4m3) KV cache (``kv_cache_dtype="fp8"``, CUDA graphs) against the CPU
   float32 engine with the same fp8 cache, so the cache's own rounding is on
-  both sides. Measured on an H200 with the random-weight stand-in: float32
-  8/9 prompts equal, worst ``max|logit diff| / max|logit|`` 5.6e-3 (summation
-  order, and the K elements whose fp8 rounding that order flips); bfloat16
-  7.2e-2 (bf16 rounding of K moves many more fp8 roundings). Asserted:
-  float32 ``FP8_FP32_MIN_EQUAL`` of the prompts equal and ``FP8_FP32_LOGIT_RTOL``;
-  bfloat16 ``FP8_BF16_LOGIT_RTOL`` and, with the real weights only,
-  ``FP8_BF16_MIN_EQUAL`` prompts equal (not yet measured on real weights: the
-  GPU runs so far had only the stand-in). The fp8 pool holds twice the
+  both sides. An fp8 cache turns any summation-order difference into whole
+  rounding steps of some K/V elements, so the bound is measured, not fixed:
+  the CPU engine against itself (one-step against chunked prefill), times
+  ``FP8_NOISE_FACTOR``, plus ``FP8_FP32_LOGIT_RTOL`` (float32) or
+  ``FP8_BF16_LOGIT_RTOL`` (bfloat16). Measured with the real weights: the CPU
+  noise floor 3.5e-2 (a float32 cache: 2.4e-6); H100 float32 9/9 prompts
+  equal, 6.7e-2; bfloat16 4/9 equal, 1.44e-1 (the random-weight stand-in on
+  an H200: 5.6e-3 and 7.2e-2). Also asserted: float32 ``FP8_FP32_MIN_EQUAL`` of
+  the prompts equal; bfloat16, with the real weights only,
+  ``FP8_BF16_MIN_EQUAL``. The fp8 pool holds twice the
   blocks of the bf16 pool in the same memory (measured 159,457 / 318,915).
 With the random-weight stand-in, bf16 greedy tokens are not compared (its
 near-ties flip on any rounding difference); the logit checks still apply.
@@ -56,9 +58,10 @@ BF16_MIN_EQUAL = 0.6
 HF_BF16_RTOL = 8e-2
 GRAPH_LOGIT_RTOL = 2e-2
 FP8_FP32_MIN_EQUAL = 0.7
-FP8_FP32_LOGIT_RTOL = 2e-2
 FP8_BF16_MIN_EQUAL = 0.4
-FP8_BF16_LOGIT_RTOL = 1.5e-1
+FP8_NOISE_FACTOR = 3.0  # times the CPU engine's own fp8 noise floor (module docstring)
+FP8_FP32_LOGIT_RTOL = 1e-2
+FP8_BF16_LOGIT_RTOL = BF16_LOGIT_RTOL
 LM_HEAD_SCALE = 8.0
 
 RANDOM_LENGTHS = [1, 3, 16, 17, 31, 64, 100, 129, 300]
@@ -238,23 +241,35 @@ def cpu_fp8_reference(model_dir, prompts):
     return _run(model_dir, prompts, "cpu", dtype="float32", kv_cache_dtype="fp8")
 
 
+@pytest.fixture(scope="module")
+def fp8_noise_floor(model_dir, prompts, cpu_fp8_reference) -> float:
+    """How far the CPU engine's fp8-cache logits move when only the summation order changes
+    (prefill in chunks of 8 tokens instead of one step)."""
+    tokens, logits = _run(model_dir, prompts, "cpu", dtype="float32", kv_cache_dtype="fp8", max_num_batched_tokens=8)
+    ref_tokens, ref_logits = cpu_fp8_reference
+    floor = _worst_relative(tokens, logits, ref_tokens, ref_logits)
+    print(f"fp8 KV cache noise floor (CPU one-step vs chunked prefill): {floor:.3e}")
+    return floor
+
+
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9),
                     reason="an fp8 KV cache needs sm_89 or newer")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fp8_kv_cache_matches_cpu_engine(model_dir, prompts, cpu_fp8_reference, real_weights, dtype):
+def test_fp8_kv_cache_matches_cpu_engine(model_dir, prompts, cpu_fp8_reference, fp8_noise_floor, real_weights, dtype):
     ref_tokens, ref_logits = cpu_fp8_reference
     got_tokens, got_logits = _run(model_dir, prompts, "cuda", dtype=dtype, kv_cache_dtype="fp8")
     equal = sum(g == r for g, r in zip(got_tokens, ref_tokens))
     worst = _worst_relative(got_tokens, got_logits, ref_tokens, ref_logits)
     print(f"fp8 KV cache, {dtype} GPU (CUDA graphs) vs fp32 CPU (fp8 cache): {equal}/{len(prompts)} prompts equal, "
           f"worst max|logit diff|/max|logit| {worst:.3e}")
+    noise = FP8_NOISE_FACTOR * fp8_noise_floor
     if dtype == "float32":
         assert equal >= FP8_FP32_MIN_EQUAL * len(prompts)
-        assert worst < FP8_FP32_LOGIT_RTOL
+        assert worst < FP8_FP32_LOGIT_RTOL + noise
     else:
         if real_weights:
             assert equal >= FP8_BF16_MIN_EQUAL * len(prompts)
-        assert worst < FP8_BF16_LOGIT_RTOL
+        assert worst < FP8_BF16_LOGIT_RTOL + noise
 
 
 def test_fp8_kv_pool_holds_twice_the_blocks(model_dir):
