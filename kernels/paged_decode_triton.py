@@ -16,7 +16,8 @@ launch can be captured in a CUDA graph.
 An fp8 (e4m3) cache (``kv_quant.py``; a compile-time branch, so 16/32-bit
 caches run the same code as before) is converted tile by tile to the dot
 products' dtype, float16 for 16-bit queries (``kv_quant_triton.py`` says why),
-which is exact, and the scale is applied outside the dot products:
+which is exact; V is loaded as int32 words and converted in registers
+(``fp8_words_to_f16`` says why), and the scale is applied outside the dot products:
 ``q.(s k) = s (q.k)`` joins the softmax scale, ``p.(s v) = s (p.v)`` the final
 normalisation.
 """
@@ -54,8 +55,8 @@ DEFAULT_TUNING = DecodeTuning()
 FP8_TUNING = DecodeTuning(block_n=64, num_stages=2)
 """An fp8 cache's default (``benchmarks/gpu_kernels.py --sweep`` has the fp8 rows). Swept on an
 H100 once V was converted in registers (Llama-3-8B layer, 32/8 heads, d 128): batch 256 x 700
-tokens 162 us a layer against 172 us with 128-key tiles (the bf16 cache: 262 us; before the
-change 190 us), batch 64 x 2048 119 against 123 us (before: 130)."""
+tokens 162 us a layer (128-key tiles: 172; the bf16 cache: 262; before the change: 190), batch
+64 x 2048 119 us (3 stages: 124; before: 130)."""
 
 
 @triton.jit
