@@ -83,3 +83,25 @@ def test_processes_are_stopped_when_the_worker_is_not_ready_in_time(tmp_path) ->
     assert "TimeoutError" in done.stderr and "no worker registered" in done.stderr
     assert len(pids) == 2
     assert_gone(pids)
+
+
+def test_gpu_bench_batch1_reports_medians_of_three_runs(tmp_path) -> None:
+    """gpu_bench's batch-1 figures are medians over fresh prompts, with every run kept
+    (run here on the CPU engine with gpu_serving's tiny shape and dummy weights)."""
+    import random
+
+    from worker.engine.config import EngineConfig
+    from worker.engine.engine import LLMEngine
+
+    gpu_serving.write_model_dir(tmp_path, gpu_serving.TINY)
+    engine = LLMEngine(EngineConfig(model=str(tmp_path), load_format="dummy", dtype="float32", num_kv_blocks=256))
+    results: dict = {}
+    gpu_bench.batch1(engine, random.Random(0), "t-", results, suffix="_x")
+    runs = results["kvmesh_b1_runs_x"]
+    assert len(runs) == gpu_bench.BATCH1_RUNS
+    for key, field in (("kvmesh_b1_x", "tok_s"), ("kvmesh_b1_decode_only_x", "decode_only_tok_s"),
+                       ("kvmesh_ttft_128_ms_x", "first_token_ms")):
+        values = sorted(run[field] for run in runs)
+        assert results[key] == pytest.approx(values[1], abs=0.01)  # the middle one of three
+    assert all(run["decode_only_tok_s"] > 0 and run["first_token_ms"] > 0 for run in runs)
+    assert not engine.has_unfinished()
