@@ -172,8 +172,11 @@ def offline_workload(args) -> list[list[int]]:
     return [random_prompt(rng, rng.randint(128, 1024)) for _ in range(args.offline_requests)]
 
 
-def run_requests(engine, prompts: list[list[int]], new: int, tag: str) -> tuple[float, float, int]:
-    """(seconds to the first token of the first request, total seconds, output tokens)."""
+def run_requests(
+    engine, prompts: list[list[int]], new: int, tag: str, step_ms: list[float] | None = None
+) -> tuple[float, float, int]:
+    """(seconds to the first token of the first request, total seconds, output tokens).
+    ``step_ms``, when given, receives the wall time of each of the first three steps."""
     from worker.engine.types import EngineRequest, SamplingOptions
 
     opts = SamplingOptions(temperature=0.0, max_tokens=new, ignore_eos=True)
@@ -182,8 +185,13 @@ def run_requests(engine, prompts: list[list[int]], new: int, tag: str) -> tuple[
         engine.add_request(EngineRequest(f"{tag}-{i}", tuple(p), opts))
     first = None
     produced = 0
+    steps = 0
     while engine.has_unfinished():
+        began = time.perf_counter()
         outs = engine.step()
+        if step_ms is not None and steps < 3:
+            step_ms.append(round(1e3 * (time.perf_counter() - began), 2))
+        steps += 1
         if outs and first is None:
             first = time.perf_counter() - start
         produced += sum(len(o.new_token_ids) for o in outs)
@@ -236,15 +244,16 @@ def batch1(engine, rng, tag: str, results: dict, suffix: str = "") -> None:
     """Batch-1 decode (128-token prompt, 256 new tokens) ``BATCH1_RUNS`` times, fresh prompts:
     the medians of overall tok/s, decode-only tok/s and the first token's latency (one slow
     first token, e.g. a GC pause, moves a single run's overall rate by several percent)."""
-    runs = [run_requests(engine, [random_prompt(rng, 128)], 256, f"{tag}{i}") for i in range(BATCH1_RUNS)]
+    first_steps: list[list[float]] = [[] for _ in range(BATCH1_RUNS)]
+    runs = [run_requests(engine, [random_prompt(rng, 128)], 256, f"{tag}{i}", first_steps[i]) for i in range(BATCH1_RUNS)]
     overall = [produced / total for _, total, produced in runs]
     decode_only = [(produced - 1) / (total - first) for first, total, produced in runs]
     results[f"kvmesh_b1{suffix}"] = statistics.median(overall)
     results[f"kvmesh_b1_decode_only{suffix}"] = statistics.median(decode_only)
     results[f"kvmesh_ttft_128_ms{suffix}"] = 1e3 * statistics.median(first for first, _, _ in runs)
     results[f"kvmesh_b1_runs{suffix}"] = [
-        {"tok_s": round(o, 2), "decode_only_tok_s": round(d, 2), "first_token_ms": round(1e3 * r[0], 2)}
-        for o, d, r in zip(overall, decode_only, runs)]
+        {"tok_s": round(o, 2), "decode_only_tok_s": round(d, 2), "first_token_ms": round(1e3 * r[0], 2),
+         "first_steps_ms": steps} for o, d, r, steps in zip(overall, decode_only, runs, first_steps)]
 
 
 def run_kvmesh(engine, args, rng, results: dict) -> None:
@@ -417,6 +426,8 @@ def main() -> None:
     parser.add_argument("--hf-compile-timeout", type=int, default=300, help="seconds for the compiled transformers run")
     parser.add_argument("--hf-generate-batch-timeout", type=int, default=300, help="seconds for generate_batch")
     parser.add_argument("--hf-only", choices=("compiled", "generate_batch"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-gc-freeze", action="store_true",
+                        help="leave the startup heap to the garbage collector (a worker process freezes it)")
     parser.add_argument("--json", default=None, help="write all results here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -424,6 +435,7 @@ def main() -> None:
     from worker.engine.engine import LLMEngine
     from worker.models.config import ModelConfig
     from worker.models.loader import load_model_from_state_dict
+    from worker.service import freeze_startup_heap
 
     if args.hf_only:
         results = {}
@@ -473,6 +485,8 @@ def main() -> None:
         ), model=ours)
 
     elapsed, engine = timed(lambda: build_engine(args.kv_cache_dtype))
+    if not args.no_gc_freeze:
+        freeze_startup_heap()  # as a worker process does once its engine is up
     results["kvmesh_init_s"] = elapsed
     results["kv_blocks"] = engine.runner.num_blocks
     results["kv_tokens"] = engine.runner.num_blocks * engine.config.block_size
@@ -486,14 +500,18 @@ def main() -> None:
     results["bandwidth_limit_b1_tok_s"] = limit
     save()
     if args.offline_fp8:
+        gc.unfreeze()  # frozen objects in cycles are never freed
         del engine  # its KV pool and CUDA graphs go before the fp8 engine sizes its own
         gc.collect()
         torch.cuda.empty_cache()
         elapsed, engine = timed(lambda: build_engine("fp8_e4m3"))
+        if not args.no_gc_freeze:
+            freeze_startup_heap()
         results["kv_blocks_fp8"] = engine.runner.num_blocks
         print(f"kvmesh engine with fp8 KV cache ready in {elapsed:.0f} s: {results['kv_blocks_fp8']} KV blocks", flush=True)
         run_offline_fp8(engine, args, rng, results)
         save()
+    gc.unfreeze()
     if args.hf == "all":
         del engine, ours
         gc.collect()

@@ -159,10 +159,12 @@ def run_in_process(model_dir: Path, args) -> dict:
 
     from worker.engine.config import EngineConfig
     from worker.engine.engine import LLMEngine
+    from worker.service import freeze_startup_heap
 
     config = EngineConfig(model=str(model_dir), load_format="dummy",
                           **{name: getattr(args, name) for name in ENGINE_FLAGS})
     engine = LLMEngine(config)
+    freeze_startup_heap()  # as the served worker process does (worker.service.serve_worker)
     warm, prompts = workloads(args)
     if warm:
         engine_run(engine, warm, WARMUP_OUTPUT_LEN, "warm")
