@@ -54,9 +54,9 @@ class DecodeTuning:
 DEFAULT_TUNING = DecodeTuning()
 FP8_TUNING = DEFAULT_TUNING
 """An fp8 cache's default: the same as a 16-bit cache's since V is converted in registers
-(``benchmarks/gpu_kernels.py --sweep`` has the fp8 rows). Swept on an H100 (Llama-3-8B layer, 32/8 heads, d 128): batch 256 x 700
-tokens 162 us a layer (128-key tiles: 172; the bf16 cache: 262; before the change: 190), batch
-64 x 2048 119 us (3 stages: 124; before: 130)."""
+(``benchmarks/gpu_kernels.py --sweep`` has the fp8 rows). Swept on an H100 (Llama-3-8B layer,
+32/8 heads, d 128): batch 256 x 700 tokens 162 us a layer (128-key tiles: 172; the bf16 cache:
+262; before the change: 190), batch 64 x 2048 119 us (3 stages: 124; before: 130)."""
 
 
 @triton.jit

@@ -396,9 +396,10 @@ def freeze_startup_heap() -> None:
     """Moves every object alive now (the model, its CUDA graphs, the tokenizer: they live
     as long as the process) out of the cyclic garbage collector's view.
 
-    A full collection traverses every tracked object; with a model loaded that is a pause of
-    tens of milliseconds inside whatever engine step triggers it. Frozen, a collection scans
-    only what requests create. For a process's one long-lived engine only: frozen objects in
+    A full collection traverses every tracked object; with a model loaded that can be a pause
+    of tens of milliseconds inside whatever engine step triggers it (batch-1 first tokens of
+    17-35 ms against 17-19 frozen on an H100: docs/PERFORMANCE.md). Frozen, a collection
+    scans only what requests create. For a process's one long-lived engine only: frozen objects in
     reference cycles are never freed, so an engine that is dropped and rebuilt in the same
     process (tests, benchmarks comparing engines) must ``gc.unfreeze()`` first."""
     gc.collect()
