@@ -38,8 +38,14 @@ def submits(*pairs: tuple[int, worker_pb2.SubmitRequest]) -> worker_pb2.SessionR
     return worker_pb2.SessionRequest(submits=[worker_pb2.SessionSubmit(stream_id=i, request=r) for i, r in pairs])
 
 
-async def read_until_done(call, stream_ids: set[int]) -> tuple[dict[int, list[worker_pb2.StreamUpdate]], int]:
-    """Every entry per stream until each of ``stream_ids`` finished or failed; and the number of updates."""
+async def read_until_done(
+    call, stream_ids: set[int], aborted: frozenset[int] = frozenset(), seen_in: dict[int, list[int]] | None = None
+) -> tuple[dict[int, list[worker_pb2.StreamUpdate]], int]:
+    """Every entry per stream until each of ``stream_ids`` finished or failed; and the number of updates.
+
+    Streams in ``aborted`` were aborted while running: tokens computed before the abort
+    arrived may still come (collected, never waited for), but no entry ends them (no ABORT
+    entry is sent). ``seen_in`` receives, per stream, the numbers of the updates it was in."""
     entries: dict[int, list[worker_pb2.StreamUpdate]] = {}
     open_ids, updates = set(stream_ids), 0
     while open_ids:
@@ -49,8 +55,13 @@ async def read_until_done(call, stream_ids: set[int]) -> tuple[dict[int, list[wo
         ids = [e.stream_id for e in update.streams]
         assert len(ids) == len(set(ids))                     # at most one entry per stream per update
         for entry in update.streams:
-            assert entry.stream_id in open_ids               # nothing after a stream's last entry
+            if entry.stream_id in aborted:
+                assert not entry.error_code and not entry.output.finish_reason
+            else:
+                assert entry.stream_id in open_ids           # nothing after a stream's last entry
             entries.setdefault(entry.stream_id, []).append(entry)
+            if seen_in is not None:
+                seen_in.setdefault(entry.stream_id, []).append(updates)
             if entry.error_code or entry.output.finish_reason:
                 open_ids.discard(entry.stream_id)
     return entries, updates
@@ -102,8 +113,8 @@ async def test_an_abort_frees_the_request_and_nothing_follows_it(stub, worker):
     first = await asyncio.wait_for(call.read(), 10)
     assert {e.stream_id for e in first.streams} == {1, 2}
     await call.write(worker_pb2.SessionRequest(aborts=[1, 99]))              # 99: unknown, ignored
-    entries, _ = await read_until_done(call, {2})
-    assert 1 not in entries or not entries[1][-1].output.finish_reason      # no ABORT entry is sent
+    # tokens of 1 already on their way may still come; none ends it (no ABORT entry is sent)
+    entries, _ = await read_until_done(call, {2}, aborted=frozenset({1}))
     await eventually(lambda: worker.engine.num_in_flight == 0 and worker.engine.load().kv_blocks_used == 0,
                      what="the aborted request's blocks to be freed")
     call.cancel()
@@ -131,9 +142,13 @@ async def test_an_abort_beside_a_submit_that_reuses_its_request_id_is_applied_fi
     message = submits((2, submit_request("same", prompt(2), max_tokens=3)))
     message.aborts.append(1)
     await call.write(message)
-    entries, _ = await read_until_done(call, {2})
+    seen: dict[int, list[int]] = {}
+    entries, _ = await read_until_done(call, {2}, aborted=frozenset({1}), seen_in=seen)
     assert all(not e.error_code for e in entries[2]), entries[2][-1].error_message
     assert sum(len(e.output.token_ids) for e in entries[2]) == 3
+    # 1's tokens computed before the abort may still arrive (an update can merge them with
+    # 2's first), never after an update that carried 2: the abort was applied first
+    assert max(seen.get(1, [0])) <= min(seen[2])
     await eventually(lambda: worker.engine.num_in_flight == 0, what="no request left")
     call.cancel()
 

@@ -1,0 +1,107 @@
+"""Static instruction counts of the decode attention kernel, compiled for Hopper without a GPU.
+
+Triton compiles for any target it has a backend for: with the target given
+(``sm_90``) and the integer arguments' divisibility by 16 stated, as the JIT
+specialises them on a real launch, ``triton.compile`` runs its passes, ptxas
+and nvdisasm on a machine with no GPU. The SASS then shows what a change does
+to the instruction stream: the fp8 kernel's byte-wise shared-memory reads of V
+(``LDS.U8``) and the 64-bit gather arithmetic were found this way, and the
+instruction counts quoted in docs/PERFORMANCE.md come from this script.
+
+Needs a Triton with its NVIDIA backend (ptxas, nvdisasm), e.g. the wheel that
+CUDA builds of torch install; the CPU build of torch does not bring one.
+
+Usage: python benchmarks/decode_sass.py [--cache bf16|fp8] [--block-n 64] [--warps 4] [--stages 2]
+       [--offsets-i64] [--no-v-words] [--sass out.sass]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import inspect
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from kernels.paged_decode_triton import _paged_decode_kernel
+
+POINTERS = {"q_ptr": "*bf16", "bt_ptr": "*i32", "ctx_ptr": "*i32", "rows_ptr": "*i32", "out_ptr": "*bf16",
+            "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "lock_ptr": "*i32"}
+FLOATS = ("scale_log2", "v_scale")
+NOT_MULTIPLE_OF_16 = ("bt_sb", "n_q_heads", "n_kv_heads")
+"""Integer arguments not assumed divisible by 16 (everything else, strides and pointers, is at
+Llama-3-8B shapes, and the engine aligns its step metadata so that it stays so)."""
+
+
+def compile_decode(cache: str, block_n: int, warps: int, stages: int, offsets_i32: bool, v_words: bool):
+    """The kernel compiled for sm_90 at Llama-3-8B's decode shape (32/8 heads, d 128, 16-token
+    blocks, one split)."""
+    names = list(inspect.signature(_paged_decode_kernel.fn).parameters)
+    fp8 = cache == "fp8"
+    constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=block_n, NUM_SPLITS=1,
+                      PRECISION="tf32", KV_FP8=fp8, USE_PDL=False, OFFSETS_I32=offsets_i32, V_WORDS=fp8 and v_words)
+    cache_type = "*fp8e4nv" if fp8 else "*bf16"
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ("kc_ptr", "vc_ptr"):
+            signature[name] = cache_type
+        elif name in POINTERS:
+            signature[name] = POINTERS[name]
+        elif name in FLOATS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
+               if signature[name] not in ("constexpr", "fp32") and name not in NOT_MULTIPLE_OF_16}
+    source = triton.compiler.ASTSource(fn=_paged_decode_kernel, signature=signature, constexprs=constexprs,
+                                       attrs=aligned)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def sass(cubin: bytes) -> str:
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def histogram(text: str) -> collections.Counter:
+    """Instructions by opcode (modifiers dropped, predicates skipped)."""
+    ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", text, flags=re.M)
+    return collections.Counter(ops)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", choices=("bf16", "fp8"), default="fp8")
+    parser.add_argument("--block-n", type=int, default=64)
+    parser.add_argument("--warps", type=int, default=4)
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--offsets-i64", action="store_true", help="64-bit gather offsets (a cache over 2**31 elements)")
+    parser.add_argument("--no-v-words", action="store_true", help="fp8: convert V after its shared-memory read")
+    parser.add_argument("--sass", default=None, help="also write the SASS here")
+    args = parser.parse_args()
+    compiled = compile_decode(args.cache, args.block_n, args.warps, args.stages, not args.offsets_i64,
+                              not args.no_v_words)
+    text = sass(compiled.asm["cubin"])
+    if args.sass:
+        Path(args.sass).write_text(text)
+    counts = histogram(text)
+    shared_loads = collections.Counter(re.findall(r"\b(LDS(?:\.[A-Z0-9]+)*|LDSM(?:\.[A-Z0-9]+)*)\b", text))
+    print(f"{args.cache} cache, {args.block_n}-key tiles, {args.warps} warps, {args.stages} stages, "
+          f"{'64' if args.offsets_i64 else '32'}-bit offsets: {sum(counts.values())} instructions, "
+          f"{compiled.metadata.shared} bytes of shared memory")
+    print("  " + ", ".join(f"{op} {n}" for op, n in counts.most_common(12)))
+    print("  shared-memory reads: " + ", ".join(f"{op} {n}" for op, n in sorted(shared_loads.items())))
+
+
+if __name__ == "__main__":
+    main()
