@@ -274,7 +274,7 @@ def paged_decode_attention(
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), HEAD_DIM=dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=tuning.block_n, NUM_SPLITS=splits, PRECISION=precision, KV_FP8=fp8,
         OFFSETS_I32=offsets_fit_int32(k_cache) and offsets_fit_int32(v_cache),
-        V_WORDS=fp8 and query.dtype != torch.float32 and block_d == dim and readable_as_words(v_cache),
+        V_WORDS=fp8 and query.is_cuda and query.dtype != torch.float32 and block_d == dim and readable_as_words(v_cache),
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_launch(query.device),
     )
     return out

@@ -10,10 +10,11 @@ Grid ``(query tiles, query heads, sequences)``; a flash-attention loop over
 key tiles with an online softmax. Key tiles wholly below the diagonal run
 without the causal mask; only the tiles crossing it pay for it.
 
-An fp8 (e4m3) cache is read as in ``paged_decode_triton.py``: tiles converted
-to the dot products' dtype (float16 for 16-bit queries; exact), the scale
-folded into the softmax scale and the final normalisation (a compile-time
-branch).
+An fp8 (e4m3) cache: tiles converted to the dot products' dtype (float16 for
+16-bit queries; exact), the scale folded into the softmax scale and the final
+normalisation (a compile-time branch). Unlike ``paged_decode_triton.py``, V is
+converted after its shared-memory read (read back a byte per instruction; the
+decode kernel's word-wise load would apply here too: not measured yet).
 """
 
 from __future__ import annotations

@@ -220,6 +220,22 @@ DECODE_CASES = [
 @pytest.mark.parametrize("splits", [None, 1, 4, 32])
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"bs{c[0]}-h{c[1]}/{c[2]}-d{c[3]}-n{len(c[4])}")
 def test_paged_decode(dtype, splits, case, kv_cache):
+    _check_decode(dtype, splits, case, kv_cache)
+
+
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
+@pytest.mark.parametrize("fallback", ["offsets_fit_int32", "readable_as_words"])
+def test_paged_decode_fallback_paths(monkeypatch, kv_cache, fallback):
+    """The launcher's other paths, which the caches above never take: 64-bit gather offsets (a
+    cache of more than 2**31 elements) and an fp8 V read as fp8 tiles (not 4-byte aligned)."""
+    import kernels.paged_decode_triton as decode
+
+    monkeypatch.setattr(decode, fallback, lambda cache: False)
+    for splits in (1, 4):
+        _check_decode(DTYPES[0], splits, (16, 8, 2, 128, [1, 17, 300]), kv_cache)
+
+
+def _check_decode(dtype, splits, case, kv_cache):
     from kernels.paged_decode_triton import paged_decode_attention
 
     block_size, heads, kv_heads, head_dim, ctx_lens = case
