@@ -412,3 +412,31 @@ def test_outputs_waiting_behind_one_are_sent_as_one_delta():
         assert _coalesce(alone, asyncio.Queue()) == alone
 
     asyncio.run(run())
+
+
+
+async def test_a_process_worker_freezes_its_startup_heap_before_serving(engine, monkeypatch):
+    """serve_worker's WorkerServer (freeze_heap=True) moves the heap out of the collector's
+    view once the engine is up and before its gRPC server exists; other WorkerServers do not."""
+    import gc
+
+    import worker.service as service
+
+    calls: list[bool] = []  # per call: was the gRPC server still absent?
+    servers: list[WorkerServer] = []
+
+    def freeze() -> None:
+        calls.append(servers[-1]._server is None)
+        service.gc.freeze()
+
+    monkeypatch.setattr(service, "freeze_startup_heap", freeze)
+    for freeze_heap in (False, True):
+        servers.append(WorkerServer(_config(engine), engine_factory=lambda: engine, freeze_heap=freeze_heap))
+        try:
+            await servers[-1].start()
+            frozen = gc.get_freeze_count()
+        finally:
+            await servers[-1].stop(grace=0)
+            gc.unfreeze()  # this test process builds and drops engines
+        assert (frozen > 0) is freeze_heap
+    assert calls == [True]

@@ -281,8 +281,12 @@ class WorkerServer:
     reflection. ``engine_factory`` replaces the real engine (tests).
     """
 
-    def __init__(self, config: WorkerConfig, engine_factory: Callable[[], Engine] | None = None) -> None:
+    def __init__(self, config: WorkerConfig, engine_factory: Callable[[], Engine] | None = None,
+                 freeze_heap: bool = False) -> None:
+        """``freeze_heap``: freeze the garbage collector's view of the heap once the engine is
+        up, before serving (``freeze_startup_heap``; for a process's one worker only)."""
         self.config = config
+        self._freeze_heap = freeze_heap
         self.events = KvEventPublisher(config.kv_event_buffer)
         self.engine = EngineLoop(engine_factory or functools.partial(_build_engine, config.engine),
                                  self.events.publish)
@@ -304,6 +308,8 @@ class WorkerServer:
     async def _start(self) -> None:
         cfg = self.config
         model = await self.engine.start()
+        if self._freeze_heap:
+            freeze_startup_heap()  # before the first request can exist
         self._server = grpc.aio.server(options=[
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -412,14 +418,13 @@ async def serve_worker(config: WorkerConfig, engine_factory: Callable[[], Engine
     Raises RuntimeError if the engine thread dies, so the process exits
     non-zero and a supervisor restarts it.
     """
-    server = WorkerServer(config, engine_factory)
+    server = WorkerServer(config, engine_factory, freeze_heap=True)
     loop = asyncio.get_running_loop()
     signalled = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # before loading: a signal then stops right after
         loop.add_signal_handler(sig, signalled.set)
     try:
         await server.start()
-        freeze_startup_heap()
         waits = [asyncio.ensure_future(signalled.wait()), asyncio.ensure_future(server.engine.wait_exited())]
         done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
