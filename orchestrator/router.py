@@ -450,13 +450,10 @@ class Router:
         try:
             try:
                 session = await worker.session(timeout)
-            except SessionError as e:
-                raise self._worker_error(worker, e.code, e.details) from None
-            if active.aborted:
-                raise _AbortRequested("aborted")
-            try:
+                if active.aborted:
+                    raise _AbortRequested("aborted")
                 source, attempt, close = self._start(request, worker, session)
-            except SessionError as e:  # the session ended between its opening and this submit
+            except SessionError as e:  # unreachable, or the session ended between its opening and this submit
                 raise self._worker_error(worker, e.code, e.details) from None
             active.attempt = attempt
             worker.streams.add(attempt)
@@ -511,7 +508,7 @@ class Router:
         except grpc.aio.AioRpcError as e:
             raise attempt.failure or self._worker_error(worker, e.code(), e.details()) from None
         if resp is grpc.aio.EOF:
-            raise WorkerFailed(f"worker {worker.worker_id} ended the stream without a finish reason")
+            raise self._worker_error(worker, None, "")
         return resp
 
     def _worker_error(self, worker: WorkerHandle, code: grpc.StatusCode | None, details: str) -> RouterError:

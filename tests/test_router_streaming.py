@@ -48,13 +48,20 @@ class Source:
         return self.sent - 1
 
 
-async def test_read_ahead_gives_every_message_once_in_order_merging_what_queued_up():
-    source = Source(40)
-    ahead = ReadAhead(source.read, lambda m: m == 39)
+async def take_all(ahead: ReadAhead, pause: float = 0.0) -> list[list[int]]:
+    """Every batch ``ahead`` gives until the last one, sleeping ``pause`` after each (a busy consumer)."""
     batches = []
     while batch := await ahead.take():
         batches.append(batch)
-        await asyncio.sleep(0.002)            # a busy consumer: the pump reads on meanwhile
+        if pause:
+            await asyncio.sleep(pause)
+    return batches
+
+
+async def test_read_ahead_gives_every_message_once_in_order_merging_what_queued_up():
+    source = Source(40)
+    ahead = ReadAhead(source.read, lambda m: m == 39)
+    batches = await take_all(ahead, pause=0.002)  # the pump reads on meanwhile
     assert [m for b in batches for m in b] == list(range(40))
     assert len(batches) < 40                  # some were merged
     assert await ahead.take() == []           # after the last one
@@ -63,10 +70,7 @@ async def test_read_ahead_gives_every_message_once_in_order_merging_what_queued_
 async def test_read_ahead_keeping_up_takes_one_message_at_a_time():
     source = Source(5)
     ahead = ReadAhead(source.read, lambda m: m == 4)
-    batches = []
-    while batch := await ahead.take():
-        batches.append(batch)
-    assert batches == [[0], [1], [2], [3], [4]]
+    assert await take_all(ahead) == [[0], [1], [2], [3], [4]]
 
 
 async def test_read_ahead_raises_the_error_after_the_messages_before_it():

@@ -72,19 +72,22 @@ _STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
 )
 
 
+def _known_status(exc: Exception) -> grpc.StatusCode | None:
+    """The status the table above gives ``exc``; None for an error it does not list (a bug)."""
+    return next((code for error_type, code in _STATUS_BY_ERROR if isinstance(exc, error_type)), None)
+
+
 def status_for(exc: Exception) -> grpc.StatusCode:
     """The status ``exc`` is reported with (the table above); INTERNAL for anything else."""
-    for error_type, code in _STATUS_BY_ERROR:
-        if isinstance(exc, error_type):
-            return code
-    return grpc.StatusCode.INTERNAL
+    return _known_status(exc) or grpc.StatusCode.INTERNAL
 
 
 async def _abort_for(exc: Exception, context: grpc.aio.ServicerContext, rpc: str) -> None:
     if isinstance(exc, grpc.aio.AbortError):  # context.abort() already chose the status
         raise exc
-    if any(isinstance(exc, error_type) for error_type, _ in _STATUS_BY_ERROR):
-        await context.abort(status_for(exc), str(exc))
+    code = _known_status(exc)
+    if code is not None:
+        await context.abort(code, str(exc))
     logger.error("unexpected error in %s", rpc, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {rpc}: {type(exc).__name__}: {exc}")
 
