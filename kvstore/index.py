@@ -156,19 +156,22 @@ def _anchor_depths(holders: dict[int, int], block_hashes: Sequence[int], dense: 
     if seen:
         slots.depths(seen, n, result)
     first = dense + (-(dense + 1)) % stride          # the first anchor past the dense head
-    masks = list(map(get, block_hashes[first::stride], repeat(0)))
-    for i in range(len(masks) - 1, -1, -1):
-        fresh = masks[i] & ~seen
-        if fresh:
-            slots.depths(fresh, first + i * stride + 1, result)
-            seen |= fresh
-    masks = list(map(get, block_hashes[:dense], repeat(0)))
-    for i in range(len(masks) - 1, -1, -1):
-        fresh = masks[i] & ~seen
-        if fresh:
-            slots.depths(fresh, i + 1, result)
-            seen |= fresh
+    seen = _credit_deepest(get, block_hashes, first, None, stride, seen, slots, result)
+    _credit_deepest(get, block_hashes, 0, dense, 1, seen, slots, result)
     return result
+
+
+def _credit_deepest(get: Callable[[int, int], int], block_hashes: Sequence[int], start: int, stop: int | None,
+                    step: int, seen: int, slots: WorkerSlots, result: dict[str, int]) -> int:
+    """Walks the anchors ``block_hashes[start:stop:step]`` from the deepest and credits each
+    worker not in ``seen`` with the depth of the deepest one it holds; returns ``seen`` with them."""
+    masks = list(map(get, block_hashes[start:stop:step], repeat(0)))
+    for i in range(len(masks) - 1, -1, -1):
+        fresh = masks[i] & ~seen
+        if fresh:
+            slots.depths(fresh, start + i * step + 1, result)
+            seen |= fresh
+    return seen
 
 
 class _Masks(dict):
