@@ -256,9 +256,27 @@ def batch1(engine, rng, tag: str, results: dict, suffix: str = "") -> None:
          "first_steps_ms": steps} for o, d, r, steps in zip(overall, decode_only, runs, first_steps)]
 
 
+def warm_up(engine, rng, tag: str) -> None:
+    """A short decode and a long prefill, so that nothing a measurement runs is a first time."""
+    run_requests(engine, [random_prompt(rng, 128)], 8, f"{tag}warm")
+    run_requests(engine, [random_prompt(rng, 2048)], 1, f"{tag}warm-prefill")
+
+
+def offline(engine, workload: list[list[int]], tag: str, results: dict, suffix: str = "") -> None:
+    """The offline workload (256 new tokens each) on ``engine``: output tok/s, seconds, step
+    stats and preemptions into ``results`` as ``kvmesh_offline{suffix}``, ``..._s`` and so on."""
+    with StepStats(engine) as stats:
+        _, total, produced = run_requests(engine, workload, 256, tag)
+    assert produced == 256 * len(workload), produced
+    results[f"kvmesh_offline{suffix}"] = produced / total
+    results[f"kvmesh_offline{suffix}_s"] = total
+    results[f"kvmesh_offline{suffix}_steps"] = stats
+    results[f"kvmesh_offline{suffix}_preemptions"] = engine.num_preemptions
+    print(f"kvmesh offline{suffix}: {produced / total:.0f} output tok/s ({total:.1f} s); steps {stats}", flush=True)
+
+
 def run_kvmesh(engine, args, rng, results: dict) -> None:
-    run_requests(engine, [random_prompt(rng, 128)], 8, "warm")
-    run_requests(engine, [random_prompt(rng, 2048)], 1, "warm-ttft")
+    warm_up(engine, rng, "")
     batch1(engine, rng, "b1-", results)
     print(f"kvmesh batch-1 (median of {BATCH1_RUNS}): {results['kvmesh_b1']:.1f} tok/s "
           f"({results['kvmesh_b1_decode_only']:.1f} decode only, first token {results['kvmesh_ttft_128_ms']:.1f} ms); "
@@ -268,27 +286,15 @@ def run_kvmesh(engine, args, rng, results: dict) -> None:
     results["kvmesh_ttft_runs_ms"] = [round(1e3 * t, 2) for t in ttfts]
     print(f"kvmesh TTFT 2048: {results['kvmesh_ttft_2048_ms']:.1f} ms", flush=True)
     workload = offline_workload(args)
-    with StepStats(engine) as stats:
-        _, total, produced = run_requests(engine, workload, 256, "offline")
-    results["kvmesh_offline_steps"] = stats
-    print(f"offline steps: {stats}", flush=True)
-    assert produced == 256 * len(workload), produced
-    results["kvmesh_offline"] = produced / total
-    results["kvmesh_offline_s"] = total
-    results["kvmesh_offline_preemptions"] = engine.num_preemptions
-    print(f"kvmesh offline: {results['kvmesh_offline']:.0f} output tok/s ({total:.1f} s)", flush=True)
+    offline(engine, workload, "offline", results)
     if args.sync_ab and engine.async_scheduling:
         engine.async_scheduling = False  # idle engine: nothing in flight, safe to switch
         batch1(engine, rng, "b1-sync-", results, suffix="_sync")
         assert engine.block_manager.reset_prefix_cache()  # the same prompts, cold as in the async run
-        with StepStats(engine) as stats:
-            _, total, produced = run_requests(engine, workload, 256, "offline-sync")
-        results["kvmesh_offline_sync"] = produced / total
-        results["kvmesh_offline_sync_steps"] = stats
+        offline(engine, workload, "offline-sync", results, suffix="_sync")
         engine.async_scheduling = True
         print(f"synchronous scheduling, same run: batch-1 {results['kvmesh_b1_sync']:.1f} tok/s "
-              f"({results['kvmesh_b1_decode_only_sync']:.1f} decode only); offline {results['kvmesh_offline_sync']:.0f} "
-              f"tok/s; steps {stats}", flush=True)
+              f"({results['kvmesh_b1_decode_only_sync']:.1f} decode only)", flush=True)
     batch = [random_prompt(rng, 512) for _ in range(64)]
     _, total, produced = run_requests(engine, batch, 256, "b64")
     results["kvmesh_batch64"] = produced / total
@@ -297,18 +303,8 @@ def run_kvmesh(engine, args, rng, results: dict) -> None:
 
 def run_offline_fp8(engine, args, rng, results: dict) -> None:
     """The offline workload again on ``engine`` (an fp8 KV cache), after the same warm-up."""
-    run_requests(engine, [random_prompt(rng, 128)], 8, "fp8-warm")
-    run_requests(engine, [random_prompt(rng, 2048)], 1, "fp8-warm-prefill")
-    workload = offline_workload(args)
-    with StepStats(engine) as stats:
-        _, total, produced = run_requests(engine, workload, 256, "fp8-offline")
-    assert produced == 256 * len(workload), produced
-    results["kvmesh_offline_fp8_steps"] = stats
-    results["kvmesh_offline_fp8"] = produced / total
-    results["kvmesh_offline_fp8_s"] = total
-    results["kvmesh_offline_fp8_preemptions"] = engine.num_preemptions
-    print(f"offline steps (fp8 KV cache): {stats}", flush=True)
-    print(f"kvmesh offline, fp8 KV cache: {results['kvmesh_offline_fp8']:.0f} output tok/s ({total:.1f} s)", flush=True)
+    warm_up(engine, rng, "fp8-")
+    offline(engine, offline_workload(args), "fp8-offline", results, suffix="_fp8")
 
 
 def profile_decode(engine, batch: int, prompt_len: int, steps: int = 30) -> dict:

@@ -85,9 +85,10 @@ def test_processes_are_stopped_when_the_worker_is_not_ready_in_time(tmp_path) ->
     assert_gone(pids)
 
 
-def test_gpu_bench_batch1_reports_medians_of_three_runs(tmp_path) -> None:
-    """gpu_bench's batch-1 figures are medians over fresh prompts, with every run kept
-    (run here on the CPU engine with gpu_serving's tiny shape and dummy weights)."""
+def test_gpu_bench_batch1_medians_and_offline_run_on_an_engine(tmp_path) -> None:
+    """gpu_bench's batch-1 figures are medians over fresh prompts, with every run kept, and
+    its offline run counts every output token (run here on the CPU engine with
+    gpu_serving's tiny shape and dummy weights)."""
     import random
 
     from worker.engine.config import EngineConfig
@@ -104,4 +105,10 @@ def test_gpu_bench_batch1_reports_medians_of_three_runs(tmp_path) -> None:
         values = sorted(run[field] for run in runs)
         assert results[key] == pytest.approx(values[1], abs=0.01)  # the middle one of three
     assert all(run["decode_only_tok_s"] > 0 and run["first_token_ms"] > 0 for run in runs)
+    assert all(len(run["first_steps_ms"]) == 3 for run in runs)
     assert not engine.has_unfinished()
+    workload = [gpu_bench.random_prompt(random.Random(1), n) for n in (5, 9)]
+    gpu_bench.offline(engine, workload, "o-", results, suffix="_x")
+    assert results["kvmesh_offline_x"] == pytest.approx(2 * 256 / results["kvmesh_offline_x_s"])
+    steps = results["kvmesh_offline_x_steps"]
+    assert steps["decode_steps"] + steps["mixed_steps"] >= 256
