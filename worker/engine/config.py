@@ -9,7 +9,8 @@ LOAD_FORMATS = ("auto", "dummy")
 """How weights are loaded: "auto" reads the checkpoint's *.safetensors; "dummy"
 builds the model from config.json alone with seeded random weights."""
 
-KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "fp8")
+FP8_KV_CACHE_DTYPES = ("fp8_e4m3", "fp8")
+KV_CACHE_DTYPES = ("auto", *FP8_KV_CACHE_DTYPES)
 """What the KV cache stores: "auto" the model's dtype; "fp8_e4m3" (or its alias
 "fp8", as vLLM and SGLang spell it) float8_e4m3fn with ``kv_cache_scale``."""
 
@@ -85,7 +86,7 @@ class EngineConfig:
     @property
     def kv_cache_fp8(self) -> bool:
         """The cache stores float8_e4m3fn (one byte an element)."""
-        return self.kv_cache_dtype in ("fp8_e4m3", "fp8")
+        return self.kv_cache_dtype in FP8_KV_CACHE_DTYPES
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -106,7 +107,7 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
         if not (math.isfinite(self.kv_cache_scale) and self.kv_cache_scale > 0):
             raise ValueError(f"kv_cache_scale must be a finite number > 0, got {self.kv_cache_scale}")
-        if self.kv_cache_scale != 1.0 and self.kv_cache_dtype == "auto":
+        if self.kv_cache_scale != 1.0 and not self.kv_cache_fp8:
             raise ValueError(
                 f"kv_cache_scale {self.kv_cache_scale} applies only to an fp8 cache; set kv_cache_dtype "
                 "fp8_e4m3 or leave kv_cache_scale at 1.0"

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from kernels.kv_quant import FP8_KV_DTYPE
 from worker.engine.config import EngineConfig
 from worker.engine.cuda_graph import DecodeGraphs
 from worker.engine.sampler import PendingSample, fill_placeholders, sample_async, to_device
@@ -35,7 +36,6 @@ from worker.models.loader import load_dummy_model, load_model
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_KV_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8": torch.float8_e4m3fn}  # "auto": the model's dtype
 DEFAULT_CPU_KV_BYTES = 1 << 30
 MAX_GRAPH_BATCH = 512
 _GIB = 2**30
@@ -62,7 +62,7 @@ class ModelRunner:
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
             self.dtype = _DTYPES[config.dtype]
-        self.kv_dtype = _KV_DTYPES.get(config.kv_cache_dtype, self.dtype)
+        self.kv_dtype = FP8_KV_DTYPE if config.kv_cache_fp8 else self.dtype
         """The KV pool's dtype: the model's, or float8_e4m3fn (``kernels/kv_quant.py``)."""
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
         if model is None and config.load_format == "dummy":
