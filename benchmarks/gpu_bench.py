@@ -376,6 +376,40 @@ def profile_prefill(engine, prompt_len: int, runs: int = 5) -> dict:
     return {"prompt": prompt_len, "first_token_ms": 1e3 * statistics.median(walls), "gpu_kernel_ms": gpu_ms}
 
 
+def profile_offline(engine, workload: list[list[int]], steps: int) -> dict:
+    """The offline workload's first ``steps`` steps (all mixed: prefill chunks with the
+    decode rows of the prompts before them) under torch.profiler: wall time per step,
+    GPU kernel time per step and the kernels that take it, grouped by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from worker.engine.types import EngineRequest, SamplingOptions
+
+    opts = SamplingOptions(temperature=0.0, max_tokens=256, ignore_eos=True)
+    ids = [f"profmix-{i}" for i in range(len(workload))]
+    for rid, p in zip(ids, workload):
+        engine.add_request(EngineRequest(rid, tuple(p), opts))
+    engine.step()  # the first step outside the profile: it has no decode rows yet
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / steps
+    for rid in ids:
+        engine.abort_request(rid)
+    while engine.has_unfinished():
+        engine.step()
+    kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    gpu_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:20]
+    print(f"offline mixed steps: {1e3 * wall:.1f} ms/step wall, {gpu_ms:.1f} ms/step GPU kernels", flush=True)
+    for e in top:
+        print(f"  {e.self_device_time_total / 1e3 / steps:8.2f} ms/step {e.count // steps:5d}x  {e.key[:90]}", flush=True)
+    return {"steps": steps, "wall_ms": 1e3 * wall, "gpu_kernel_ms": gpu_ms,
+            "top": [{"name": e.key[:120], "ms_per_step": e.self_device_time_total / 1e3 / steps,
+                     "calls_per_step": e.count / steps} for e in top]}
+
+
 def decode_bytes_per_step(weights: int, embed: int, cfg, context: int) -> int:
     """Bytes a batch-1 decode step must read: every weight but the embedding table
     (one row of it), plus the K/V of ``context`` cached tokens."""
@@ -417,6 +451,8 @@ def main() -> None:
     parser.add_argument("--offline-fp8", action="store_true",
                         help="then run the offline workload again on an engine with an fp8 KV cache")
     parser.add_argument("--profile", action="store_true", help="profile decode steps at batch 1, 64 and 256 first")
+    parser.add_argument("--profile-mixed", type=int, default=0, metavar="STEPS",
+                        help="profile the first STEPS mixed steps of the offline workload first")
     parser.add_argument("--sync-ab", action="store_true",
                         help="also run batch-1 and offline with async scheduling off (same engine, same run)")
     parser.add_argument("--hf-compile-timeout", type=int, default=300, help="seconds for the compiled transformers run")
@@ -490,6 +526,11 @@ def main() -> None:
     if args.profile:
         results["profile"] = [profile_decode(engine, b, p) for b, p in ((1, 128), (64, 512), (256, 640))]
         results["profile_prefill"] = profile_prefill(engine, 128)
+    if args.profile_mixed:
+        warm_up(engine, random.Random(5), "profmix-")
+        rng_mix = random.Random(7)  # not the offline workload's prompts: they would be cached for it
+        mix = [random_prompt(rng_mix, rng_mix.randint(128, 1024)) for _ in range(args.offline_requests)]
+        results["profile_mixed"] = profile_offline(engine, mix, args.profile_mixed)
     run_kvmesh(engine, args, rng, results)
     step_bytes = decode_bytes_per_step(weights, embed, hf_cfg, 128 + 128)
     limit = bandwidth / step_bytes

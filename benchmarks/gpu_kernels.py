@@ -10,12 +10,14 @@ bounds batch 1) and at 2048 and 8192 rows (prefill: compute-bound; the
 TFLOP/s an engine's prefill can reach at most).
 
 Usage: python benchmarks/gpu_kernels.py [--sweep] [--only gemm,decode,prefill,elementwise]
-       [--decode-cases 256x700,64x2048] [--json out.json]
+       [--decode-cases 256x700,256x256-1152,64x2048] [--decode-splits 1,2,4] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import random
 from pathlib import Path
@@ -28,7 +30,7 @@ from kernels.activation import silu_and_mul_ref
 from kernels.activation_triton import silu_and_mul_triton
 from kernels.paged_attention import paged_attention_ref
 from kernels.paged_decode_triton import DEFAULT_TUNING, FP8_TUNING, DecodeTuning, paged_decode_attention
-from kernels.paged_prefill_triton import paged_prefill_attention
+from kernels.paged_prefill_triton import PrefillTuning, default_prefill_tuning, paged_prefill_attention
 from kernels.rmsnorm import add_rms_norm_ref
 from kernels.rmsnorm_triton import rms_norm_triton
 from kernels.rotary import build_cos_sin_cache
@@ -71,6 +73,14 @@ def bench_gemm() -> None:
             del ws
 
 
+def parse_case(case: str) -> tuple[int, int, int]:
+    """``BxC`` (every context C tokens) or ``BxLO-HI`` (contexts uniform in [LO, HI], seeded):
+    (batch, shortest, longest)."""
+    batch, ctx = case.split("x")
+    lo, _, hi = ctx.partition("-")
+    return int(batch), int(lo), int(hi or lo)
+
+
 def paged_setup(batch: int, ctx: int):
     blocks_per = -(-ctx // BS)
     num_blocks = max(batch * blocks_per + 8, 4096)
@@ -83,10 +93,12 @@ def paged_setup(batch: int, ctx: int):
 DECODE_CASES = "1x256,1x4096,16x1024,64x640,64x2048,256x700"
 
 
-def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES) -> None:
+def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "") -> None:
     """Decode attention over a bf16 and an fp8 (e4m3) cache, each with its default tuning
-    (``--sweep``: the best three of a grid, and the default)."""
-    cases = [tuple(int(x) for x in case.split("x")) for case in cases_arg.split(",")]
+    (``--sweep``: the best three of a grid, and the default; ``--decode-splits``: the default
+    tuning at each of these split counts too)."""
+    cases = [parse_case(case) for case in cases_arg.split(",")]
+    split_counts = [int(x) for x in splits_arg.split(",") if x]
     for cache_dtype in (BF16, torch.float8_e4m3fn):
         fp8 = cache_dtype != BF16
         default = FP8_TUNING if fp8 else DEFAULT_TUNING
@@ -94,17 +106,20 @@ def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES) -> None:
         if sweep:
             tunings = [DecodeTuning(b, w, s) for b in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
             tunings += [DecodeTuning(default.block_n, default.num_warps, default.num_stages, waves) for waves in (4, 8)]
-        for batch, ctx in cases:
+        for batch, lo, ctx in cases:
             k, v, table = paged_setup(batch, ctx)
             k, v = k.to(cache_dtype), v.to(cache_dtype)
             q = torch.randn(batch, HQ, D, device=DEV, dtype=BF16)
             out = torch.empty_like(q)
-            lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+            rng = random.Random(batch)
+            ctx_list = [rng.randint(lo, ctx) for _ in range(batch)]
+            lens = torch.tensor(ctx_list, dtype=torch.int32, device=DEV)
             rows = torch.arange(batch, device=DEV, dtype=torch.int32)
-            nbytes = batch * ctx * HK * D * 2 * k.element_size()
+            nbytes = sum(ctx_list) * HK * D * 2 * k.element_size()
+            shape = f"B={batch} ctx={ctx}" if lo == ctx else f"B={batch} ctx={lo}-{ctx}"
             ref = None
             if batch * ctx <= 64 * 1024 and not fp8:
-                ref = ms(lambda: paged_attention_ref(q, k, v, table.long(), [ctx] * batch, [1] * batch, D**-0.5))
+                ref = ms(lambda: paged_attention_ref(q, k, v, table.long(), ctx_list, [1] * batch, D**-0.5))
             results = []
             for tuning in tunings:
                 t = ms(lambda: paged_decode_attention(q, k, v, table, lens, rows, D**-0.5, out, tuning=tuning))
@@ -112,15 +127,20 @@ def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES) -> None:
             results.sort(key=lambda x: x[0])
             name = f"paged decode {'fp8' if fp8 else 'bf16'}"
             for t, tuning in results[: 3 if sweep else 1]:
-                row(name, f"B={batch} ctx={ctx}", t, nbytes=nbytes, ref=ref,
+                row(name, shape, t, nbytes=nbytes, ref=ref,
                     note=f"block_n={tuning.block_n} warps={tuning.num_warps} stages={tuning.num_stages} waves={tuning.waves}")
             if sweep:
-                row(name, f"B={batch} ctx={ctx}", next(t for t, tu in results if tu == default), nbytes=nbytes,
-                    note="default tuning")
+                row(name, shape, next(t for t, tu in results if tu == default), nbytes=nbytes, note="default tuning")
+            for splits in split_counts:
+                t = ms(lambda: paged_decode_attention(q, k, v, table, lens, rows, D**-0.5, out, num_splits=splits))
+                row(name, shape, t, nbytes=nbytes, note=f"default tuning, {splits} splits")
             del k, v
 
 
-def bench_prefill() -> None:
+def bench_prefill(sweep: bool) -> None:
+    """One prompt of 512 and of 2,048 tokens against SDPA; then a mixed step's prefill (14
+    prompts uniform in [128, 1024], ~8k tokens, as the offline benchmark's steps) over a
+    bf16 and an fp8 cache, default tuning and heavy-first (``--sweep``: a grid, best three)."""
     for n in (512, 2048):
         k, v, table = paged_setup(1, n)
         q = torch.randn(n, HQ, D, device=DEV, dtype=BF16)
@@ -134,6 +154,52 @@ def bench_prefill() -> None:
         vs = torch.randn_like(ks)
         sdpa = ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True))
         row("paged prefill (Triton)", f"1 x {n} causal", t, flops=flops, ref=sdpa, note="ref = SDPA (contiguous K/V, no paging)")
+    rng = random.Random(14)
+    lens = [rng.randint(128, 1024) for _ in range(14)]
+    total = sum(lens)
+    k, v, table = paged_setup(len(lens), max(lens))
+    q = torch.randn(total, HQ, D, device=DEV, dtype=BF16)
+    out = torch.empty_like(q)
+    i32 = dict(dtype=torch.int32, device=DEV)
+    starts = torch.tensor([sum(lens[:i]) for i in range(len(lens))], **i32)
+    q_lens = torch.tensor(lens, **i32)
+    flops = sum(4 * n * n * HQ * D / 2 for n in lens)
+    # PyTorch's flash attention (varlen, GQA) on the same prompts with contiguous K/V: what a
+    # cache-free prefill could run instead of reading its own K/V back from the paged cache
+    kf, vf = torch.randn(total, HK, D, device=DEV, dtype=BF16), torch.randn(total, HK, D, device=DEV, dtype=BF16)
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), **i32)
+    try:
+        t = ms(lambda: torch.ops.aten._flash_attention_forward(q, kf, vf, cu, cu, max(lens), max(lens), 0.0, True, False,
+                                                               scale=D**-0.5))
+        row("flash varlen (torch)", f"{len(lens)} x 128-1024 ({total} tok)", t, flops=flops,
+            note="aten._flash_attention_forward, contiguous K/V")
+    except Exception as e:  # not in every PyTorch build
+        print(f"flash varlen (torch): {type(e).__name__}: {str(e)[:200]}", flush=True)
+    for cache_dtype in (BF16, torch.float8_e4m3fn):
+        fp8 = cache_dtype != BF16
+        kc, vc = k.to(cache_dtype), v.to(cache_dtype)
+        default = default_prefill_tuning(BF16, fp8, D)
+        tunings = [default, dataclasses.replace(default, heavy_first=True)]
+        if fp8:
+            tunings += [dataclasses.replace(t, v_words=False) for t in tunings]
+        named = len(tunings)
+        if sweep:
+            tunings += [PrefillTuning(bm, bn, w, st, hf) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8)
+                        for st in (2, 3) for hf in (False, True) if not (bm == 128 and bn == 128 and st == 3)]
+        results = []
+        for i, tuning in enumerate(tunings):
+            try:
+                t = ms(lambda: paged_prefill_attention(q, kc, vc, table, starts, q_lens, q_lens, max(lens), D**-0.5, out,
+                                                       tuning=tuning))
+            except Exception as e:  # out of shared memory, say
+                print(f"prefill tuning {tuning}: {type(e).__name__}", flush=True)
+                continue
+            results.append((t, tuning, i < named))
+        keep = [r for r in results if r[2]] + sorted((r for r in results if not r[2]), key=lambda r: r[0])[:3]
+        for t, tuning, _ in keep:
+            row(f"paged prefill {'fp8' if fp8 else 'bf16'}", f"{len(lens)} x 128-1024 ({total} tok)", t, flops=flops,
+                note=f"bm={tuning.block_m} bn={tuning.block_n} w={tuning.num_warps} st={tuning.num_stages} "
+                     f"heavy_first={tuning.heavy_first} v_words={tuning.v_words}" + (" (default)" if tuning == default else ""))
 
 
 def bench_elementwise() -> None:
@@ -163,13 +229,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="sweep the decode kernel's launch parameters")
     parser.add_argument("--only", default="gemm,decode,prefill,elementwise")
-    parser.add_argument("--decode-cases", default=DECODE_CASES, help="batch x context of the decode rows")
+    parser.add_argument("--decode-cases", default=DECODE_CASES,
+                        help="batch x context of the decode rows: BxC, or BxLO-HI for contexts uniform in [LO, HI]")
+    parser.add_argument("--decode-splits", default="", help="also time the default tuning at these split counts")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     random.seed(0)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    parts = {"gemm": bench_gemm, "decode": lambda: bench_decode(args.sweep, args.decode_cases), "prefill": bench_prefill,
+    parts = {"gemm": bench_gemm, "decode": lambda: bench_decode(args.sweep, args.decode_cases, args.decode_splits), "prefill": lambda: bench_prefill(args.sweep),
              "elementwise": bench_elementwise}
     for name in args.only.split(","):
         parts[name]()

@@ -8,16 +8,23 @@ causally to itself, the same rule as the torch reference.
 
 Grid ``(query tiles, query heads, sequences)``; a flash-attention loop over
 key tiles with an online softmax. Key tiles wholly below the diagonal run
-without the causal mask; only the tiles crossing it pay for it.
+without the causal mask; only the tiles crossing it pay for it. With
+``PrefillTuning.heavy_first`` the grid is ``(heads, sequences, tiles)`` and
+the tiles go last tile first (the GPU starts programs in grid order): a causal
+tile's work grows with its index, so the long tiles of every sequence start
+first and the short ones fill in behind them instead of one long tile
+running alone at the end of the launch.
 
 An fp8 (e4m3) cache: tiles converted to the dot products' dtype (float16 for
 16-bit queries; exact), the scale folded into the softmax scale and the final
-normalisation (a compile-time branch). Unlike ``paged_decode_triton.py``, V is
-converted after its shared-memory read (read back a byte per instruction; the
-decode kernel's word-wise load would apply here too: not measured yet).
+normalisation (a compile-time branch). V is loaded as int32 words and
+converted in registers where the cache allows it (``fp8_words_to_f16`` says
+why), as in ``paged_decode_triton.py``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -25,16 +32,42 @@ import triton.language as tl
 
 from kernels.backend import check_paged_inputs, next_pow2, require, require_device
 from kernels.kv_quant import is_fp8
-from kernels.kv_quant_triton import dot_query
+from kernels.kv_quant_triton import dot_query, fp8_words_to_f16
+from kernels.paged_decode_triton import readable_as_words
 
 _LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class PrefillTuning:
+    """Launch parameters of the prefill kernel (``benchmarks/gpu_kernels.py --sweep`` times them)."""
+
+    block_m: int = 128
+    """Query rows per program."""
+    block_n: int = 64
+    """Keys per loop iteration."""
+    num_warps: int = 8
+    num_stages: int = 2
+    heavy_first: bool = False
+    """Launch each sequence's last (longest) query tile first."""
+    v_words: bool = True
+    """An fp8 cache's V loaded as int32 words and converted in registers (where the cache
+    allows it); off: converted after its shared-memory read (the A/B of the two)."""
+
+
+def default_prefill_tuning(query_dtype: torch.dtype, kv_fp8: bool, head_dim: int) -> PrefillTuning:
+    if query_dtype == torch.float32:
+        return PrefillTuning(64, 32, 4, 2)
+    if kv_fp8:  # swept on an H200, 8 x 1024-token prompts, d 128: 314 us a layer (bf16 cache: 321; fp8 with the bf16 settings: 378)
+        return PrefillTuning(128, 64, 4, 3)
+    return PrefillTuning(128, 64, 8 if head_dim >= 128 else 4, 2)
 
 
 @triton.jit
 def _attend(q, m_i, l_i, acc, n0, pos, hi, table, kc_ptr, vc_ptr, kh,
             kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, scale_log2,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-            MASKED: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
+            MASKED: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr, V_WORDS: tl.constexpr):
     n = n0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     if MASKED:
@@ -55,9 +88,20 @@ def _attend(q, m_i, l_i, acc, n0, pos, hi, table, kc_ptr, vc_ptr, kh,
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(vc_ptr + block[:, None] * vc_sb + offset[:, None] * vc_st + kh * vc_sh + d[None, :], mask=kv_mask, other=0.0)
-    if KV_FP8:
-        v = v.to(q.dtype)
+    if V_WORDS:  # fp8 V as int32 words, converted in registers
+        w = tl.arange(0, BLOCK_D // 4)
+        v_row = block * vc_sb + offset * vc_st + kh * vc_sh
+        word_ptrs = vc_ptr.to(tl.pointer_type(tl.int32)) + (v_row // 4)[:, None] + w[None, :]
+        if MASKED:
+            words = tl.load(word_ptrs, mask=n_mask[:, None], other=0)
+        else:
+            words = tl.load(word_ptrs)
+        v = fp8_words_to_f16(words, BLOCK_N, BLOCK_D)
+    else:
+        v = tl.load(vc_ptr + block[:, None] * vc_sb + offset[:, None] * vc_st + kh * vc_sh + d[None, :], mask=kv_mask,
+                    other=0.0)
+        if KV_FP8:
+            v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
@@ -69,10 +113,16 @@ def _paged_prefill_kernel(
     scale_log2, v_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    V_WORDS: tl.constexpr, HEAVY_FIRST: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    if HEAVY_FIRST:  # grid (heads, sequences, tiles), the last tile first
+        h = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        tile = tl.num_programs(2) - 1 - tl.program_id(2)
+    else:  # grid (tiles, heads, sequences)
+        tile = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
     q_len = tl.load(ql_ptr + b)
     if tile * BLOCK_M >= q_len:
         return
@@ -97,11 +147,11 @@ def _paged_prefill_kernel(
     for n0 in range(0, full, BLOCK_N):
         m_i, l_i, acc = _attend(q, m_i, l_i, acc, n0, pos, hi, table, kc_ptr, vc_ptr, kh,
                                 kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, scale_log2,
-                                HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, PRECISION, KV_FP8)
+                                HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, PRECISION, KV_FP8, V_WORDS)
     for n0 in range(full, hi, BLOCK_N):
         m_i, l_i, acc = _attend(q, m_i, l_i, acc, n0, pos, hi, table, kc_ptr, vc_ptr, kh,
                                 kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, scale_log2,
-                                HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, PRECISION, KV_FP8)
+                                HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, PRECISION, KV_FP8, V_WORDS)
     out = acc / l_i[:, None]
     if KV_FP8:
         out = out * v_scale
@@ -120,6 +170,7 @@ def paged_prefill_attention(
     scale: float,
     out: torch.Tensor,
     kv_scale: float = 1.0,
+    tuning: PrefillTuning | None = None,
 ) -> torch.Tensor:
     """Causal attention of the query rows of ``B`` sequences over their paged contexts.
 
@@ -128,6 +179,7 @@ def paged_prefill_attention(
     ``1 <= query_lens[i] <= context_lens[i]``; ``max_query_len`` bounds
     ``query_lens`` (it sizes the grid). Writes the sequences' rows of ``out``. The
     caches hold the query's dtype, or float8_e4m3fn read as ``stored * kv_scale``.
+    ``tuning`` defaults to ``default_prefill_tuning``.
     """
     hq, dim, block_size, hk, batch = check_paged_inputs(query, k_cache, v_cache, block_tables)
     for name, t in (("query_start", query_start), ("query_lens", query_lens), ("context_lens", context_lens)):
@@ -140,15 +192,12 @@ def paged_prefill_attention(
     if batch == 0:
         return out
     fp8 = is_fp8(k_cache.dtype)
-    stages = 2
-    if query.dtype == torch.float32:
-        block_m, block_n, warps, precision = 64, 32, 4, "ieee"
-    elif fp8:  # swept on an H200, 8 x 1024-token prompts, d 128: 314 us a layer (bf16 cache: 321; fp8 with the bf16 settings: 378)
-        block_m, block_n, warps, precision, stages = 128, 64, 4, "tf32", 3
-    else:
-        block_m, block_n, warps, precision = 128, 64, (8 if dim >= 128 else 4), "tf32"
+    tuning = tuning or default_prefill_tuning(query.dtype, fp8, dim)
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    block_d = next_pow2(dim)
     k_scale = kv_scale if fp8 else 1.0
-    grid = (triton.cdiv(max_query_len, block_m), hq, batch)
+    tiles = triton.cdiv(max_query_len, tuning.block_m)
+    grid = (hq, batch, tiles) if tuning.heavy_first else (tiles, hq, batch)
     _paged_prefill_kernel[grid](
         query, k_cache, v_cache, block_tables, query_start, query_lens, context_lens, out,
         query.stride(0), query.stride(1),
@@ -156,8 +205,9 @@ def paged_prefill_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         scale * k_scale * _LOG2E, kv_scale,
-        GROUP=hq // hk, HEAD_DIM=dim, BLOCK_D=next_pow2(dim), BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, KV_FP8=fp8,
-        num_warps=warps, num_stages=stages,
+        GROUP=hq // hk, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+        BLOCK_M=tuning.block_m, BLOCK_N=tuning.block_n, PRECISION=precision, KV_FP8=fp8,
+        V_WORDS=tuning.v_words and fp8 and query.is_cuda and query.dtype != torch.float32 and block_d == dim and readable_as_words(v_cache),
+        HEAVY_FIRST=tuning.heavy_first, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     return out

@@ -292,6 +292,27 @@ PREFILL_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"bs{c[0]}-h{c[1]}/{c[2]}-d{c[3]}-n{len(c[4])}")
 def test_paged_prefill(dtype, case, kv_cache):
+    _check_prefill(dtype, case, kv_cache)
+
+
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
+@pytest.mark.parametrize("variant", ["heavy_first", "v_bytes", "small_tiles"])
+def test_paged_prefill_tunings(kv_cache, variant):
+    """Launch parameters and paths other than the defaults: the heavy-first grid order, an fp8
+    V converted after its shared-memory read, and smaller tiles with other warps and stages."""
+    import dataclasses
+
+    from kernels.paged_prefill_triton import PrefillTuning, default_prefill_tuning
+
+    dtype = DTYPES[0]
+    default = default_prefill_tuning(dtype, kv_cache == "fp8", 128)
+    tuning = {"heavy_first": dataclasses.replace(default, heavy_first=True),
+              "v_bytes": dataclasses.replace(default, v_words=False),
+              "small_tiles": PrefillTuning(64, 32, 4, 3, heavy_first=True)}[variant]
+    _check_prefill(dtype, (16, 32, 8, 128, [(200, 333), (2, 2), (64, 100), (129, 129)]), kv_cache, tuning)
+
+
+def _check_prefill(dtype, case, kv_cache, tuning=None):
     from kernels.paged_prefill_triton import paged_prefill_attention
 
     block_size, heads, kv_heads, head_dim, seqs = case
@@ -305,7 +326,7 @@ def test_paged_prefill(dtype, case, kv_cache):
     i32 = dict(dtype=torch.int32, device=DEVICE)
     scale = head_dim**-0.5
     paged_prefill_attention(q, k_cache, v_cache, table.to(torch.int32), torch.tensor(starts, **i32), torch.tensor(q_lens, **i32),
-                            torch.tensor(ctx_lens, **i32), max(q_lens), scale, out, **_kv_scale(k_cache))
+                            torch.tensor(ctx_lens, **i32), max(q_lens), scale, out, **_kv_scale(k_cache), tuning=tuning)
     assert not out.isnan().any(), "some output rows were not written"
     ref = _reference(q, k_cache, v_cache, table, ctx_lens, q_lens, scale)
     assert _rel(out, ref) < ATTN_TOL[dtype]

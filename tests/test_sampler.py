@@ -221,6 +221,22 @@ def test_logprobs_are_those_of_the_raw_logits(temperature):
             assert lp.top[0][0] == logits[row].argmax().item()
 
 
+def test_bf16_logits_greedy_sampled_and_logprobs():
+    """The model hands the sampler its logits in bf16 (GPU): greedy rows are the argmax of
+    those values, sampled rows and logprobs are computed from their float32 widening."""
+    logits = random_logits(4, 64, seed=7).to(torch.bfloat16)
+    wide = logits.float()
+    greedy = sample(logits, [GREEDY] * 4, [None] * 4)
+    assert greedy.token_ids == wide.argmax(-1).tolist()
+    opts = [GREEDY, SamplingOptions(temperature=0.8, logprobs=True, top_logprobs=2), SamplingOptions(top_k=3), GREEDY]
+    got = sample(logits, opts, [None, gen(1), gen(2), None])
+    same = sample(wide, opts, [None, gen(1), gen(2), None])
+    assert got.token_ids == same.token_ids
+    assert got.logprobs[1].logprob == pytest.approx(same.logprobs[1].logprob, abs=1e-6)
+    assert got.logprobs[1].top == same.logprobs[1].top
+    assert (got.token_ids[0], got.token_ids[3]) == (wide[0].argmax().item(), wide[3].argmax().item())
+
+
 def test_options_are_validated():
     with pytest.raises(ValueError, match="temperature"):
         SamplingOptions(temperature=-0.1)

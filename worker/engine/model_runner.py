@@ -76,7 +76,7 @@ class ModelRunner:
         self.on_gpu = self.device.type == "cuda"
         self.num_blocks = self._num_kv_blocks()
         self.logits_observer: Callable[[list[str], torch.Tensor], None] | None = None
-        """Sees each step's sampling logits (request ids, ``[S, V]``): for parity tests and debugging."""
+        """Sees each step's sampling logits (request ids, ``[S, V]`` float32): for parity tests and debugging."""
         mc = model_config
         self.kv_cache = torch.zeros(
             (mc.num_layers, 2, self.num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim),
@@ -237,7 +237,7 @@ class ModelRunner:
             return None
         sampling = [item for item in plan.scheduled if item.samples]
         if self.logits_observer is not None:
-            self.logits_observer([item.seq.request_id for item in sampling], logits)
+            self.logits_observer([item.seq.request_id for item in sampling], logits.float())
         host = None
         if self._token_host is not None:
             host = self._token_host[self._launches % 2]  # two steps are unresolved at most

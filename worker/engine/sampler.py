@@ -111,7 +111,7 @@ def sample(
     options: list[SamplingOptions],
     generators: list[torch.Generator | None],
 ) -> SamplerResult:
-    """``logits``: ``[S, V]`` float32, one row per sequence that samples this step."""
+    """``logits``: ``[S, V]``, one row per sequence that samples this step (``sample_async``)."""
     return sample_async(logits, options, generators).result()
 
 
@@ -122,11 +122,15 @@ def sample_async(
     host: torch.Tensor | None = None,
 ) -> PendingSample:
     """Enqueues the sampling of ``logits`` without waiting for the device; ``host``: a
-    pinned int64 buffer of at least ``S`` elements to receive the tokens (CUDA)."""
+    pinned int64 buffer of at least ``S`` elements to receive the tokens (CUDA).
+
+    ``logits`` may be 16-bit (the model's dtype): greedy rows take their argmax as is,
+    everything else is computed in float32."""
     greedy_rows = [o.greedy for o in options]  # decided on the host: no device sync
     if all(greedy_rows):
         tokens = logits.argmax(dim=-1)
     else:
+        logits = logits.float()
         tokens = _sample_random(logits, options, generators)
         if any(greedy_rows):
             greedy = to_device(greedy_rows, torch.bool, logits.device)
@@ -135,7 +139,7 @@ def sample_async(
     wants = [i for i, o in enumerate(options) if o.logprobs or o.top_logprobs]
     if wants:
         rows = to_device(wants, torch.int64, logits.device)
-        lp = torch.log_softmax(logits.index_select(0, rows), dim=-1)
+        lp = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)
         chosen = lp.gather(1, tokens.index_select(0, rows)[:, None]).squeeze(1)
         k = max(options[i].top_logprobs for i in wants)
         top_v, top_i = (lp.topk(k, dim=-1) if k else (None, None))
