@@ -30,7 +30,7 @@ from triton.backends.compiler import GPUTarget
 
 from kernels.paged_decode_triton import _paged_decode_kernel
 
-POINTERS = {"q_ptr": "*bf16", "bt_ptr": "*i32", "ctx_ptr": "*i32", "rows_ptr": "*i32", "out_ptr": "*bf16",
+POINTERS = {"q_ptr": "*bf16", "bt_ptr": "*i32", "ctx_ptr": "*i32", "rows_ptr": "*i32", "order_ptr": "*i32", "out_ptr": "*bf16",
             "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "lock_ptr": "*i32"}
 FLOATS = ("scale_log2", "v_scale")
 NOT_MULTIPLE_OF_16 = ("bt_sb", "n_q_heads", "n_kv_heads")
@@ -44,7 +44,8 @@ def compile_decode(cache: str, block_n: int, warps: int, stages: int, offsets_i3
     names = list(inspect.signature(_paged_decode_kernel.fn).parameters)
     fp8 = cache == "fp8"
     constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=block_n, NUM_SPLITS=1,
-                      PRECISION="tf32", KV_FP8=fp8, USE_PDL=False, OFFSETS_I32=offsets_i32, V_WORDS=fp8 and v_words)
+                      PRECISION="tf32", KV_FP8=fp8, USE_PDL=False, OFFSETS_I32=offsets_i32, V_WORDS=fp8 and v_words,
+                      ORDERED=True)
     cache_type = "*fp8e4nv" if fp8 else "*bf16"
     signature = {}
     for name in names:

@@ -30,12 +30,13 @@ from kernels.activation import silu_and_mul_ref
 from kernels.activation_triton import silu_and_mul_triton
 from kernels.paged_attention import paged_attention_ref
 from kernels.paged_decode_triton import DEFAULT_TUNING, FP8_TUNING, DecodeTuning, paged_decode_attention
-from kernels.paged_prefill_triton import PrefillTuning, default_prefill_tuning, paged_prefill_attention
+from kernels.paged_prefill_triton import LONG_QUERY, PrefillTuning, default_prefill_tuning, paged_prefill_attention
 from kernels.rmsnorm import add_rms_norm_ref
 from kernels.rmsnorm_triton import rms_norm_triton
 from kernels.rotary import build_cos_sin_cache
 from kernels.rotary_store import rotary_and_store_ref
 from kernels.rotary_store_triton import rotary_and_store_triton
+from worker.models.attention import longest_first
 
 HQ, HK, D, HIDDEN, FFN, VOCAB, BS = 32, 8, 128, 4096, 14336, 128256, 16
 DEV = "cuda"
@@ -131,6 +132,10 @@ def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "
                     note=f"block_n={tuning.block_n} warps={tuning.num_warps} stages={tuning.num_stages} waves={tuning.waves}")
             if sweep:
                 row(name, shape, next(t for t, tu in results if tu == default), nbytes=nbytes, note="default tuning")
+            if lo < ctx:  # what the engine's launch order gains over batch order
+                order = torch.from_numpy(longest_first(ctx_list)).to(DEV)
+                t = ms(lambda: paged_decode_attention(q, k, v, table, lens, rows, D**-0.5, out, order=order))
+                row(name, shape, t, nbytes=nbytes, note="default tuning, launched longest first")
             for splits in split_counts:
                 t = ms(lambda: paged_decode_attention(q, k, v, table, lens, rows, D**-0.5, out, num_splits=splits))
                 row(name, shape, t, nbytes=nbytes, note=f"default tuning, {splits} splits")
@@ -139,8 +144,9 @@ def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "
 
 def bench_prefill(sweep: bool) -> None:
     """One prompt of 512 and of 2,048 tokens against SDPA; then a mixed step's prefill (14
-    prompts uniform in [128, 1024], ~8k tokens, as the offline benchmark's steps) over a
-    bf16 and an fp8 cache, default tuning and heavy-first (``--sweep``: a grid, best three)."""
+    prompts uniform in [128, 1024], ~8k tokens, as the offline benchmark's steps) and one
+    2,048-token prompt over a bf16 and an fp8 cache, against PyTorch's varlen flash attention,
+    at a few tunings (``--sweep``: a grid too, its best three)."""
     for n in (512, 2048):
         k, v, table = paged_setup(1, n)
         q = torch.randn(n, HQ, D, device=DEV, dtype=BF16)
@@ -155,8 +161,14 @@ def bench_prefill(sweep: bool) -> None:
         sdpa = ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True))
         row("paged prefill (Triton)", f"1 x {n} causal", t, flops=flops, ref=sdpa, note="ref = SDPA (contiguous K/V, no paging)")
     rng = random.Random(14)
-    lens = [rng.randint(128, 1024) for _ in range(14)]
+    mixed = [rng.randint(128, 1024) for _ in range(14)]
+    for lens in (mixed, [2048]):
+        prefill_tunings(lens, sweep)
+
+
+def prefill_tunings(lens: list[int], sweep: bool) -> None:
     total = sum(lens)
+    shape = f"{len(lens)} x 128-1024 ({total} tok)" if len(lens) > 1 else f"1 x {total}"
     k, v, table = paged_setup(len(lens), max(lens))
     q = torch.randn(total, HQ, D, device=DEV, dtype=BF16)
     out = torch.empty_like(q)
@@ -171,17 +183,21 @@ def bench_prefill(sweep: bool) -> None:
     try:
         t = ms(lambda: torch.ops.aten._flash_attention_forward(q, kf, vf, cu, cu, max(lens), max(lens), 0.0, True, False,
                                                                scale=D**-0.5))
-        row("flash varlen (torch)", f"{len(lens)} x 128-1024 ({total} tok)", t, flops=flops,
+        row("flash varlen (torch)", shape, t, flops=flops,
             note="aten._flash_attention_forward, contiguous K/V")
     except Exception as e:  # not in every PyTorch build
         print(f"flash varlen (torch): {type(e).__name__}: {str(e)[:200]}", flush=True)
     for cache_dtype in (BF16, torch.float8_e4m3fn):
         fp8 = cache_dtype != BF16
         kc, vc = k.to(cache_dtype), v.to(cache_dtype)
-        default = default_prefill_tuning(BF16, fp8, D)
-        tunings = [default, dataclasses.replace(default, heavy_first=True)]
+        default = default_prefill_tuning(BF16, fp8, D, max(lens))
+        other = default_prefill_tuning(BF16, fp8, D, 1 if max(lens) >= LONG_QUERY else LONG_QUERY)
+        tunings = [default, other, dataclasses.replace(default, heavy_first=not default.heavy_first),
+                   PrefillTuning(64, 64, 4, 3), PrefillTuning(64, 64, 4, 2), PrefillTuning(128, 64, 8, 2),
+                   PrefillTuning(128, 64, 4, 3)]
         if fp8:
-            tunings += [dataclasses.replace(t, v_words=False) for t in tunings]
+            tunings += [dataclasses.replace(t, v_words=True) for t in tunings]
+        tunings = list(dict.fromkeys(tunings))
         named = len(tunings)
         if sweep:
             tunings += [PrefillTuning(bm, bn, w, st, hf) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8)
@@ -197,7 +213,7 @@ def bench_prefill(sweep: bool) -> None:
             results.append((t, tuning, i < named))
         keep = [r for r in results if r[2]] + sorted((r for r in results if not r[2]), key=lambda r: r[0])[:3]
         for t, tuning, _ in keep:
-            row(f"paged prefill {'fp8' if fp8 else 'bf16'}", f"{len(lens)} x 128-1024 ({total} tok)", t, flops=flops,
+            row(f"paged prefill {'fp8' if fp8 else 'bf16'}", shape, t, flops=flops,
                 note=f"bm={tuning.block_m} bn={tuning.block_n} w={tuning.num_warps} st={tuning.num_stages} "
                      f"heavy_first={tuning.heavy_first} v_words={tuning.v_words}" + (" (default)" if tuning == default else ""))
 

@@ -61,15 +61,19 @@ FP8_TUNING = DEFAULT_TUNING
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, rows_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, lock_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, rows_ptr, order_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, lock_ptr,
     q_st, q_sh, kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, bt_sb, o_st, o_sh,
     n_q_heads, n_kv_heads, scale_log2, v_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr, USE_PDL: tl.constexpr, OFFSETS_I32: tl.constexpr, V_WORDS: tl.constexpr,
+    ORDERED: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
-    b = tl.program_id(0).to(tl.int64)
+    if ORDERED:  # the programs start in grid order: the longest sequences first
+        b = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
+    else:
+        b = tl.program_id(0).to(tl.int64)
     kh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
@@ -225,6 +229,7 @@ def paged_decode_attention(
     num_splits: int | None = None,
     tuning: DecodeTuning | None = None,
     kv_scale: float = 1.0,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of query row ``rows[i]`` of ``query`` ``[N, Hq, D]`` over the first
     ``context_lens[i]`` cached tokens of sequence ``i`` (its new token already
@@ -236,6 +241,13 @@ def paged_decode_attention(
     ``num_splits`` defaults to ``choose_num_splits(B, Hk, W * block_size)``. The caches
     hold the query's dtype, or float8_e4m3fn read as ``stored * kv_scale``. ``tuning``
     defaults to ``DEFAULT_TUNING``, ``FP8_TUNING`` for an fp8 cache.
+
+    ``order`` ``[B]`` int32, a permutation of ``0..B-1``: the order in which the
+    sequences' programs are launched (``worker.models.attention.longest_first`` gives the
+    one that pays). The GPU
+    starts programs in grid order and a program's time grows with its context, so
+    launched in batch order a long sequence that happens to come last runs alone at the
+    end; longest first, the short ones fill in behind the long ones.
     """
     hq, dim, block_size, hk, batch = check_paged_inputs(query, k_cache, v_cache, block_tables)
     require(context_lens.shape == (batch,) and context_lens.dtype == torch.int32,
@@ -245,6 +257,10 @@ def paged_decode_attention(
     require(out.shape == query.shape and out.dtype == query.dtype and out.stride(2) == 1,
             f"out must match query {tuple(query.shape)} {query.dtype}, got {tuple(out.shape)} {out.dtype}")
     require_device(query, k_cache, v_cache, block_tables, context_lens, rows, out)
+    if order is not None:
+        require(order.shape == (batch,) and order.dtype == torch.int32,
+                f"order must be [{batch}] int32, got {tuple(order.shape)} {order.dtype}")
+        require_device(query, order)
     if batch == 0:
         return out
     fp8 = is_fp8(k_cache.dtype)
@@ -265,7 +281,8 @@ def paged_decode_attention(
     else:
         m = l = acc = locks = out  # unused
     _paged_decode_kernel[(batch, hk, splits)](
-        query, k_cache, v_cache, block_tables, context_lens, rows, out, m, l, acc, locks,
+        query, k_cache, v_cache, block_tables, context_lens, rows, rows if order is None else order, out, m, l, acc,
+        locks,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -275,6 +292,7 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size, BLOCK_N=tuning.block_n, NUM_SPLITS=splits, PRECISION=precision, KV_FP8=fp8,
         OFFSETS_I32=offsets_fit_int32(k_cache) and offsets_fit_int32(v_cache),
         V_WORDS=fp8 and query.is_cuda and query.dtype != torch.float32 and block_d == dim and readable_as_words(v_cache),
-        num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_launch(query.device),
+        ORDERED=order is not None, num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_launch(query.device),
     )
     return out
+

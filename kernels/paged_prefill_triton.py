@@ -40,7 +40,7 @@ _LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class PrefillTuning:
-    """Launch parameters of the prefill kernel (``benchmarks/gpu_kernels.py --sweep`` times them)."""
+    """Launch parameters of the prefill kernel (``benchmarks/gpu_kernels.py`` times them)."""
 
     block_m: int = 128
     """Query rows per program."""
@@ -50,17 +50,31 @@ class PrefillTuning:
     num_stages: int = 2
     heavy_first: bool = False
     """Launch each sequence's last (longest) query tile first."""
-    v_words: bool = True
+    v_words: bool = False
     """An fp8 cache's V loaded as int32 words and converted in registers (where the cache
-    allows it); off: converted after its shared-memory read (the A/B of the two)."""
+    allows it) instead of after its shared-memory read. It pays in the decode kernel
+    (``mma.sync`` reads fp8 V a byte at a time) but not here, where Triton feeds the
+    dot products with ``wgmma`` from shared memory: 14 prompts of 128-1024 tokens 280 ->
+    277 us a layer, one of 2,048 tokens 140 -> 132 us with words off (H100)."""
 
 
-def default_prefill_tuning(query_dtype: torch.dtype, kv_fp8: bool, head_dim: int) -> PrefillTuning:
+LONG_QUERY = 1536
+"""From this many query rows in the longest sequence, launches take the long-prompt
+tuning: bigger tiles, last tile first. Below, several shorter prompts fill the card with
+smaller tiles. Measured on an H100 (``gpu_kernels.py --only prefill``, Llama-3-8B layer):
+14 prompts uniform in 128-1024 tokens (8,568) 305 -> 253 us (bf16 cache) and 316 -> 277
+us (fp8) with the short tuning; one 2,048-token prompt 162 -> 135 us and 196 -> 132 us
+with the long one (before: one tuning for both)."""
+
+
+def default_prefill_tuning(query_dtype: torch.dtype, kv_fp8: bool, head_dim: int, max_query_len: int) -> PrefillTuning:
     if query_dtype == torch.float32:
         return PrefillTuning(64, 32, 4, 2)
-    if kv_fp8:  # swept on an H200, 8 x 1024-token prompts, d 128: 314 us a layer (bf16 cache: 321; fp8 with the bf16 settings: 378)
-        return PrefillTuning(128, 64, 4, 3)
-    return PrefillTuning(128, 64, 8 if head_dim >= 128 else 4, 2)
+    if max_query_len >= LONG_QUERY:
+        if kv_fp8:
+            return PrefillTuning(128, 64, 4, 3, heavy_first=True)
+        return PrefillTuning(128, 64, 8 if head_dim >= 128 else 4, 2, heavy_first=True)
+    return PrefillTuning(64, 64, 4, 2 if kv_fp8 else 3)
 
 
 @triton.jit
@@ -179,7 +193,7 @@ def paged_prefill_attention(
     ``1 <= query_lens[i] <= context_lens[i]``; ``max_query_len`` bounds
     ``query_lens`` (it sizes the grid). Writes the sequences' rows of ``out``. The
     caches hold the query's dtype, or float8_e4m3fn read as ``stored * kv_scale``.
-    ``tuning`` defaults to ``default_prefill_tuning``.
+    ``tuning`` defaults to ``default_prefill_tuning`` (which depends on ``max_query_len``).
     """
     hq, dim, block_size, hk, batch = check_paged_inputs(query, k_cache, v_cache, block_tables)
     for name, t in (("query_start", query_start), ("query_lens", query_lens), ("context_lens", context_lens)):
@@ -192,7 +206,7 @@ def paged_prefill_attention(
     if batch == 0:
         return out
     fp8 = is_fp8(k_cache.dtype)
-    tuning = tuning or default_prefill_tuning(query.dtype, fp8, dim)
+    tuning = tuning or default_prefill_tuning(query.dtype, fp8, dim, max_query_len)
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     block_d = next_pow2(dim)
     k_scale = kv_scale if fp8 else 1.0

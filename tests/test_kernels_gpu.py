@@ -265,6 +265,29 @@ def _check_decode(dtype, splits, case, kv_cache):
     assert torch.equal(again[rows], got)
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+def test_paged_decode_launch_order_changes_nothing(splits):
+    """The engine launches the decode kernel's sequences longest first (``order``): every
+    sequence's output is bit for bit what batch order gives, padding rows included."""
+    from kernels.paged_decode_triton import paged_decode_attention
+    from worker.models.attention import longest_first
+
+    ctx_lens = [17, 300, 0, 64, 129, 1]
+    k_cache, v_cache, table = _paged_setup([max(c, 1) for c in ctx_lens], 16, 2, 128, DTYPES[0])
+    q = torch.randn(len(ctx_lens), 8, 128, device=DEVICE).to(DTYPES[0])
+    lens = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
+    rows = torch.arange(len(ctx_lens), device=DEVICE)
+    plain = paged_decode_attention(q, k_cache, v_cache, table.to(torch.int32), lens, rows, 0.1, torch.full_like(q, float("nan")), splits)
+    order = longest_first(ctx_lens)
+    assert order.tolist() == [1, 4, 3, 0, 5, 2]
+    ordered = paged_decode_attention(q, k_cache, v_cache, table.to(torch.int32), lens, rows, 0.1, torch.full_like(q, float("nan")),
+                                     splits, order=torch.from_numpy(order).to(DEVICE))
+    assert torch.equal(plain, ordered)
+    with pytest.raises(ValueError, match="order must be"):
+        paged_decode_attention(q, k_cache, v_cache, table.to(torch.int32), lens, rows, 0.1, torch.empty_like(q), splits,
+                               order=torch.from_numpy(order).long().to(DEVICE))
+
+
 def test_paged_decode_empty_context_gives_zeros():
     from kernels.paged_decode_triton import paged_decode_attention
 
@@ -296,18 +319,23 @@ def test_paged_prefill(dtype, case, kv_cache):
 
 
 @pytest.mark.parametrize("kv_cache", KV_CACHES)
-@pytest.mark.parametrize("variant", ["heavy_first", "v_bytes", "small_tiles"])
+@pytest.mark.parametrize("variant", ["short", "long", "heavy_first", "v_words", "small_tiles"])
 def test_paged_prefill_tunings(kv_cache, variant):
-    """Launch parameters and paths other than the defaults: the heavy-first grid order, an fp8
-    V converted after its shared-memory read, and smaller tiles with other warps and stages."""
+    """Every launch configuration the engine can pick (the 16-bit short- and long-prompt
+    tunings, whatever the dtype under test) and the other paths: the heavy-first grid order
+    alone, an fp8 V loaded as words, smaller tiles with other warps and stages."""
     import dataclasses
 
-    from kernels.paged_prefill_triton import PrefillTuning, default_prefill_tuning
+    from kernels.paged_prefill_triton import LONG_QUERY, PrefillTuning, default_prefill_tuning
 
     dtype = DTYPES[0]
-    default = default_prefill_tuning(dtype, kv_cache == "fp8", 128)
-    tuning = {"heavy_first": dataclasses.replace(default, heavy_first=True),
-              "v_bytes": dataclasses.replace(default, v_words=False),
+    fp8 = kv_cache == "fp8"
+    short = default_prefill_tuning(torch.bfloat16, fp8, 128, 1)
+    long = default_prefill_tuning(torch.bfloat16, fp8, 128, LONG_QUERY)
+    assert long != short
+    tuning = {"short": short, "long": long,
+              "heavy_first": dataclasses.replace(short, heavy_first=True),
+              "v_words": dataclasses.replace(long, v_words=True),
               "small_tiles": PrefillTuning(64, 32, 4, 3, heavy_first=True)}[variant]
     _check_prefill(dtype, (16, 32, 8, 128, [(200, 333), (2, 2), (64, 100), (129, 129)]), kv_cache, tuning)
 

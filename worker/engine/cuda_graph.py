@@ -7,8 +7,8 @@ memory pool; a batch is padded up to the next bucket. Padding rows carry slot
 -1 (the K/V store skips them) and context length 0 (attention writes zeros),
 so they touch no sequence's cache and their logits are never read.
 
-Every input lives in two static tensors: ``[4, max_bs]`` int32 (token ids,
-positions, slots, context lengths) and ``[max_bs, max_blocks]`` int32 block
+Every input lives in two static tensors: ``[5, max_bs]`` int32 (token ids,
+positions, slots, context lengths, the attention's launch order) and ``[max_bs, max_blocks]`` int32 block
 tables, filled through pinned host mirrors with one copy each per step. A
 token id may be a placeholder for a token the previous step sampled but the
 host has not read yet (async scheduling): the graph's first op takes it from
@@ -30,12 +30,12 @@ import time
 import torch
 
 from worker.engine.sampler import fill_placeholders
-from worker.models.attention import AttentionMetadata, DecodeBatch
+from worker.models.attention import AttentionMetadata, DecodeBatch, longest_first
 from worker.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
-_IDS, _POS, _SLOTS, _CTX = range(4)
+_IDS, _POS, _SLOTS, _CTX, _ORDER = range(5)
 
 
 def capture_sizes(max_batch_size: int) -> list[int]:
@@ -57,11 +57,11 @@ class DecodeGraphs:
         self.max_batch_size = self.sizes[-1]
         n, width = -(-self.max_batch_size // 4) * 4, -(-max_blocks_per_seq // 16) * 16  # aligned rows
         device = kv_cache.device
-        self._host = torch.zeros((4, n), dtype=torch.int32).pin_memory()
+        self._host = torch.zeros((5, n), dtype=torch.int32).pin_memory()
         self._host_tables = torch.zeros((n, width), dtype=torch.int32).pin_memory()
         self._np = self._host.numpy()
         self._np_tables = self._host_tables.numpy()
-        self._inputs = torch.zeros((4, n), dtype=torch.int32, device=device)
+        self._inputs = torch.zeros((5, n), dtype=torch.int32, device=device)
         self._tables = torch.zeros((n, width), dtype=torch.int32, device=device)
         self._rows = torch.arange(n, dtype=torch.int32, device=device)
         self._copied = torch.cuda.Event()
@@ -78,13 +78,14 @@ class DecodeGraphs:
             context_lens=[],
             query_lens=[],
             decode=DecodeBatch(rows=self._rows[:size], block_tables=self._tables[:size],
-                               context_lens=self._inputs[_CTX, :size]),
+                               context_lens=self._inputs[_CTX, :size], order=self._inputs[_ORDER, :size]),
         )
 
     @torch.inference_mode()
     def _capture(self, model: LlamaForCausalLM, kv_cache: torch.Tensor) -> None:
         start = time.perf_counter()
         self._inputs[_SLOTS].fill_(-1)  # nothing is written to the cache while capturing
+        self._inputs[_ORDER] = self._rows  # any permutation will do: every context is empty
         pool = None
         for size in reversed(self.sizes):
             meta = self._metadata(size)
@@ -131,6 +132,7 @@ class DecodeGraphs:
         host[_CTX, :batch] = context_lens
         host[:, batch:size] = 0
         host[_SLOTS, batch:size] = -1
+        host[_ORDER, :size] = longest_first(host[_CTX, :size])
         for i, table in enumerate(block_tables):
             have = self._row_len[i] if self._row_source[i] is table else 0
             if have != len(table):

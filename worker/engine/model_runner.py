@@ -28,7 +28,7 @@ from worker.engine.config import EngineConfig
 from worker.engine.cuda_graph import DecodeGraphs
 from worker.engine.sampler import PendingSample, fill_placeholders, sample_async, to_device
 from worker.engine.scheduler import SchedulerOutput
-from worker.models.attention import AttentionMetadata, DecodeBatch, PrefillBatch, set_kv_cache_scale
+from worker.models.attention import AttentionMetadata, DecodeBatch, PrefillBatch, longest_first, set_kv_cache_scale
 from worker.models.config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
 from worker.models.loader import load_dummy_model, load_model
@@ -96,28 +96,36 @@ class ModelRunner:
         self._launches = 0
         self.graphs: DecodeGraphs | None = None
         if self.on_gpu:
-            self._compile_decode_variants()
+            self._compile_attention_variants()
         if self.on_gpu and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self._graph_batch_size(), self._blocks_per_seq(),
                                        self._previous_tokens)
 
     @torch.inference_mode()
-    def _compile_decode_variants(self) -> None:
-        """Launch the decode kernel once per split count it can choose, on empty
-        contexts (nothing is read), so no step ever waits for Triton's compiler."""
+    def _compile_attention_variants(self) -> None:
+        """Launch the decode kernel once per split count it can choose (on empty contexts:
+        nothing is read) and the prefill kernel once per tuning it can choose (a two-token
+        prompt), so no step ever waits for Triton's compiler."""
         from kernels.paged_decode_triton import MAX_SPLITS  # CUDA only: CPU machines need no Triton
+        from kernels.paged_prefill_triton import LONG_QUERY
 
         mc, dev = self.model_config, self.device
         q = torch.zeros((4, mc.num_heads, mc.head_dim), dtype=self.dtype, device=dev)
         i32 = dict(dtype=torch.int32, device=dev)
+        attn = self.model.layers[0].self_attn.attn
         splits = 1
         while splits <= MAX_SPLITS:
             decode = DecodeBatch(rows=torch.arange(4, **i32), block_tables=torch.zeros((4, 16), **i32),
-                                 context_lens=torch.zeros(4, **i32), num_splits=splits)
+                                 context_lens=torch.zeros(4, **i32), num_splits=splits, order=torch.arange(4, **i32))
             meta = AttentionMetadata(torch.full((4,), -1, **i32), decode.block_tables, [], [], decode=decode)
-            attn = self.model.layers[0].self_attn.attn
             attn(q, self.kv_cache[0, 0], self.kv_cache[0, 1], meta)
             splits *= 2
+        for max_query_len in (2, LONG_QUERY):  # the short- and the long-prompt tuning
+            two = torch.tensor([2], **i32)
+            prefill = PrefillBatch(query_start=torch.zeros(1, **i32), query_lens=two, context_lens=two,
+                                   block_tables=torch.zeros((1, 16), **i32), max_query_len=max_query_len)
+            meta = AttentionMetadata(torch.full((2,), -1, **i32), prefill.block_tables, [], [], prefill=prefill)
+            attn(q[:2], self.kv_cache[0, 0], self.kv_cache[0, 1], meta)
         torch.cuda.synchronize(dev)
 
     def bytes_per_block(self) -> int:
@@ -313,6 +321,7 @@ class ModelRunner:
             "dec_rows": starts[dec],
             "dec_ctx": ctx[dec],
             "dec_tables": table[dec].ravel(),
+            "dec_order": longest_first(ctx[dec]),
             "pre_start": starts[pre],
             "pre_len": q_lens[pre],
             "pre_ctx": ctx[pre],
@@ -329,7 +338,7 @@ class ModelRunner:
         decode = prefill = None
         if dec.size:
             decode = DecodeBatch(rows=out["dec_rows"], block_tables=out["dec_tables"].view(dec.size, width),
-                                 context_lens=out["dec_ctx"])
+                                 context_lens=out["dec_ctx"], order=out["dec_order"])
         if pre.size:
             prefill = PrefillBatch(query_start=out["pre_start"], query_lens=out["pre_len"], context_lens=out["pre_ctx"],
                                    block_tables=out["pre_tables"].view(pre.size, width),

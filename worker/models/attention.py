@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kernels.backend import HAS_TRITON
@@ -42,6 +43,20 @@ class DecodeBatch:
     context_lens: torch.Tensor    # [Bd] int32; 0 marks a padding row (output zeros)
     num_splits: int | None = None
     """Context splits of the decode kernel; None: chosen from the batch shape."""
+    order: torch.Tensor | None = None
+    """[Bd] int32: the order in which the kernel takes the sequences (``longest_first``); None: batch order."""
+
+
+def longest_first(context_lens) -> np.ndarray:
+    """The decode kernel's launch order: indices of ``context_lens`` by decreasing length
+    (ties in batch order; padding rows, length 0, last), int32. The GPU starts programs
+    in grid order and a program's time grows with its context, so in batch order a long
+    sequence that comes last runs alone at the end of the launch; longest first, the
+    short ones fill in behind the long ones. Measured on an H100 (``gpu_kernels.py
+    --only decode``, 256 sequences, Llama-3-8B layer): contexts uniform in 256-1152
+    tokens 178.2 -> 171.6 us (fp8 cache), 264.8 -> 262.7 (bf16); in 128-2048,
+    262.5 -> 254.0 (fp8)."""
+    return np.argsort(-np.asarray(context_lens, dtype=np.int64), kind="stable").astype(np.int32)
 
 
 @dataclass
@@ -100,7 +115,7 @@ class PagedAttention(torch.nn.Module):
         if meta.decode is not None:
             d = meta.decode
             paged_decode_attention(q, k_cache, v_cache, d.block_tables, d.context_lens, d.rows, self.scale, out,
-                                   d.num_splits, kv_scale=self.kv_scale)
+                                   d.num_splits, kv_scale=self.kv_scale, order=d.order)
         return out
 
 
