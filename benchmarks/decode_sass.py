@@ -28,7 +28,7 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 
-from kernels.paged_decode_triton import _paged_decode_kernel
+from kernels.paged_decode_triton import DEFAULT_TUNING, FP8_TUNING, _paged_decode_kernel
 
 POINTERS = {"q_ptr": "*bf16", "bt_ptr": "*i32", "ctx_ptr": "*i32", "rows_ptr": "*i32", "order_ptr": "*i32", "out_ptr": "*bf16",
             "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "lock_ptr": "*i32"}
@@ -38,14 +38,15 @@ NOT_MULTIPLE_OF_16 = ("bt_sb", "n_q_heads", "n_kv_heads")
 Llama-3-8B shapes, and the engine aligns its step metadata so that it stays so)."""
 
 
-def compile_decode(cache: str, block_n: int, warps: int, stages: int, offsets_i32: bool, v_words: bool):
+def compile_decode(cache: str, block_n: int, warps: int, stages: int, offsets_i32: bool, v_words: bool,
+                   table_ahead: int = 0):
     """The kernel compiled for sm_90 at Llama-3-8B's decode shape (32/8 heads, d 128, 16-token
     blocks, one split)."""
     names = list(inspect.signature(_paged_decode_kernel.fn).parameters)
     fp8 = cache == "fp8"
     constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=block_n, NUM_SPLITS=1,
                       PRECISION="tf32", KV_FP8=fp8, USE_PDL=False, OFFSETS_I32=offsets_i32, V_WORDS=fp8 and v_words,
-                      ORDERED=True)
+                      ORDERED=True, TABLE_AHEAD=table_ahead)
     cache_type = "*fp8e4nv" if fp8 else "*bf16"
     signature = {}
     for name in names:
@@ -83,15 +84,21 @@ def histogram(text: str) -> collections.Counter:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", choices=("bf16", "fp8"), default="fp8")
-    parser.add_argument("--block-n", type=int, default=64)
-    parser.add_argument("--warps", type=int, default=4)
-    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--block-n", type=int, default=None, help="default: the cache's default tuning (also below)")
+    parser.add_argument("--warps", type=int, default=None)
+    parser.add_argument("--stages", type=int, default=None)
     parser.add_argument("--offsets-i64", action="store_true", help="64-bit gather offsets (a cache over 2**31 elements)")
     parser.add_argument("--no-v-words", action="store_true", help="fp8: convert V after its shared-memory read")
+    parser.add_argument("--table-ahead", type=int, default=None, help="block-table loads this many tiles ahead")
     parser.add_argument("--sass", default=None, help="also write the SASS here")
     args = parser.parse_args()
+    tuning = FP8_TUNING if args.cache == "fp8" else DEFAULT_TUNING
+    for name in ("block_n", "num_stages", "num_warps", "table_ahead"):
+        arg = {"num_stages": "stages", "num_warps": "warps"}.get(name, name)
+        if getattr(args, arg) is None:
+            setattr(args, arg, getattr(tuning, name))
     compiled = compile_decode(args.cache, args.block_n, args.warps, args.stages, not args.offsets_i64,
-                              not args.no_v_words)
+                              not args.no_v_words, args.table_ahead)
     text = sass(compiled.asm["cubin"])
     if args.sass:
         Path(args.sass).write_text(text)

@@ -9,7 +9,7 @@ its launch parameters, ``DecodeTuning``, too). The matmul shapes of a step
 bounds batch 1) and at 2048 and 8192 rows (prefill: compute-bound; the
 TFLOP/s an engine's prefill can reach at most).
 
-Usage: python benchmarks/gpu_kernels.py [--sweep] [--only gemm,decode,prefill,elementwise]
+Usage: python benchmarks/gpu_kernels.py [--sweep] [--only gemm,decode,decode_graph,prefill,elementwise]
        [--decode-cases 256x700,256x256-1152,64x2048] [--decode-splits 1,2,4] [--json out.json]
 """
 
@@ -94,12 +94,14 @@ def paged_setup(batch: int, ctx: int):
 DECODE_CASES = "1x256,1x4096,16x1024,64x640,64x2048,256x700"
 
 
-def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "") -> None:
+def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "", ahead_arg: str = "") -> None:
     """Decode attention over a bf16 and an fp8 (e4m3) cache, each with its default tuning
     (``--sweep``: the best three of a grid, and the default; ``--decode-splits``: the default
-    tuning at each of these split counts too)."""
+    tuning at each of these split counts too; ``--decode-ahead``: with its block-table loads
+    this many tiles ahead, at 2 and 3 stages)."""
     cases = [parse_case(case) for case in cases_arg.split(",")]
     split_counts = [int(x) for x in splits_arg.split(",") if x]
+    ahead_counts = [int(x) for x in ahead_arg.split(",") if x]
     for cache_dtype in (BF16, torch.float8_e4m3fn):
         fp8 = cache_dtype != BF16
         default = FP8_TUNING if fp8 else DEFAULT_TUNING
@@ -136,10 +138,60 @@ def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "
                 order = torch.from_numpy(longest_first(ctx_list)).to(DEV)
                 t = ms(lambda: paged_decode_attention(q, k, v, table, lens, rows, D**-0.5, out, order=order))
                 row(name, shape, t, nbytes=nbytes, note="default tuning, launched longest first")
+            for ahead in ahead_counts:
+                for stages in (2, 3):
+                    tuning = dataclasses.replace(default, table_ahead=ahead, num_stages=stages)
+                    t = ms(lambda: paged_decode_attention(q, k, v, table, lens, rows, D**-0.5, out, tuning=tuning))
+                    row(name, shape, t, nbytes=nbytes, note=f"table_ahead={ahead} stages={stages}")
             for splits in split_counts:
                 t = ms(lambda: paged_decode_attention(q, k, v, table, lens, rows, D**-0.5, out, num_splits=splits))
                 row(name, shape, t, nbytes=nbytes, note=f"default tuning, {splits} splits")
             del k, v
+
+
+def bench_decode_graph(cases_arg: str, ahead_arg: str) -> None:
+    """Decode attention as the engine runs it: 32 launches, one per layer's own cache, inside
+    one CUDA graph (no launch overhead, nothing left in L2), median of 20 replays per
+    launch; default tuning, and with the block table read ahead (``--decode-ahead``) at 2
+    and 3 stages."""
+    for batch, lo, ctx in (parse_case(c) for c in cases_arg.split(",")):
+        rng = random.Random(batch)
+        ctx_list = [rng.randint(lo, ctx) for _ in range(batch)]
+        lens = torch.tensor(ctx_list, dtype=torch.int32, device=DEV)
+        rows = torch.arange(batch, device=DEV, dtype=torch.int32)
+        order = torch.from_numpy(longest_first(ctx_list)).to(DEV)
+        shape = f"B={batch} ctx={ctx}" if lo == ctx else f"B={batch} ctx={lo}-{ctx}"
+        for cache_dtype in (BF16, torch.float8_e4m3fn):
+            fp8 = cache_dtype != BF16
+            layers = [paged_setup(batch, ctx) for _ in range(32)]
+            layers = [(k.to(cache_dtype), v.to(cache_dtype), t) for k, v, t in layers]
+            q = torch.randn(batch, HQ, D, device=DEV, dtype=BF16)
+            out = torch.empty_like(q)
+            default = FP8_TUNING if fp8 else DEFAULT_TUNING
+            tunings = list(dict.fromkeys([default] + [dataclasses.replace(default, table_ahead=int(a), num_stages=st)
+                                                      for a in ahead_arg.split(",") if a for st in (2, 3)]))
+            for tuning in tunings:
+                def step():
+                    for k, v, t in layers:
+                        paged_decode_attention(q, k, v, t, lens, rows, D**-0.5, out, tuning=tuning, order=order)
+                step()
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                times = []
+                for _ in range(20):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    graph.replay()
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end) / 32)
+                t = sorted(times)[len(times) // 2]
+                row(f"paged decode {'fp8' if fp8 else 'bf16'} (graph)", shape, t,
+                    nbytes=sum(ctx_list) * HK * D * 2 * (1 if fp8 else 2),
+                    note=f"table_ahead={tuning.table_ahead} stages={tuning.num_stages}")
+            del layers
 
 
 def bench_prefill(sweep: bool) -> None:
@@ -248,12 +300,14 @@ def main() -> None:
     parser.add_argument("--decode-cases", default=DECODE_CASES,
                         help="batch x context of the decode rows: BxC, or BxLO-HI for contexts uniform in [LO, HI]")
     parser.add_argument("--decode-splits", default="", help="also time the default tuning at these split counts")
+    parser.add_argument("--decode-ahead", default="", help="also time block-table loads this many tiles ahead")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     random.seed(0)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    parts = {"gemm": bench_gemm, "decode": lambda: bench_decode(args.sweep, args.decode_cases, args.decode_splits), "prefill": lambda: bench_prefill(args.sweep),
+    parts = {"gemm": bench_gemm, "decode": lambda: bench_decode(args.sweep, args.decode_cases, args.decode_splits, args.decode_ahead), "prefill": lambda: bench_prefill(args.sweep),
+             "decode_graph": lambda: bench_decode_graph(args.decode_cases, args.decode_ahead),
              "elementwise": bench_elementwise}
     for name in args.only.split(","):
         parts[name]()

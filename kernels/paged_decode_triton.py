@@ -49,14 +49,21 @@ class DecodeTuning:
     num_stages: int = 2
     waves: int = 2
     """Splits are chosen so that about this many waves of programs fill the card."""
+    table_ahead: int = 0
+    """Tiles ahead of the one being read at which each program loads its block-table
+    entries (0: just before the K/V loads that need them; 1 or 2)."""
 
 
 DEFAULT_TUNING = DecodeTuning()
-FP8_TUNING = DEFAULT_TUNING
-"""An fp8 cache's default: the same as a 16-bit cache's since V is converted in registers
-(``benchmarks/gpu_kernels.py --sweep`` has the fp8 rows). Swept on an H100 (Llama-3-8B layer,
-32/8 heads, d 128): batch 256 x 700 tokens 162 us a layer (128-key tiles: 172; the bf16 cache:
-262; before the change: 190), batch 64 x 2048 119 us (3 stages: 124; before: 130)."""
+FP8_TUNING = DecodeTuning(num_stages=3, table_ahead=1)
+"""An fp8 cache's default: block-table entries read a tile ahead, three stages. An fp8 tile
+is half the bytes of a 16-bit one, so the wait for the block table before each tile's K/V
+loads weighs twice as much (ncu, batch 256: a third of the stall cycles on global-load
+scoreboards, 23 % occupancy, 2.14 TB/s). Measured as the engine runs it, 32 layers' launches
+in one CUDA graph on an H100 (``gpu_kernels.py --only decode_graph --decode-ahead 0,1``):
+batch 256 x 256-1152 tokens 173.2 -> 157.8 us a layer, 16 x 1024 27.9 -> 20.8, 4 x 2048
+18.4 -> 15.6, batch 1 unchanged (~20 us at 4,096 tokens). The bf16 cache gains nothing
+from it (250.8 -> 246.9 us at batch 256, slower at 4 and 16), so its default stays."""
 
 
 @triton.jit
@@ -67,7 +74,7 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr, USE_PDL: tl.constexpr, OFFSETS_I32: tl.constexpr, V_WORDS: tl.constexpr,
-    ORDERED: tl.constexpr,
+    ORDERED: tl.constexpr, TABLE_AHEAD: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     if ORDERED:  # the programs start in grid order: the longest sequences first
@@ -100,10 +107,22 @@ def _paged_decode_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table = bt_ptr + b * bt_sb
+    if TABLE_AHEAD > 0:
+        ahead0 = _tile_blocks(table, start, end, BLOCK_N, BLOCK_SIZE)
+    if TABLE_AHEAD > 1:
+        ahead1 = _tile_blocks(table, start + BLOCK_N, end, BLOCK_N, BLOCK_SIZE)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < end
-        block = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0)
+        if TABLE_AHEAD == 0:
+            block = _tile_blocks(table, n0, end, BLOCK_N, BLOCK_SIZE)
+        elif TABLE_AHEAD == 1:
+            block = ahead0
+            ahead0 = _tile_blocks(table, n0 + BLOCK_N, end, BLOCK_N, BLOCK_SIZE)
+        else:
+            block = ahead0
+            ahead0 = ahead1
+            ahead1 = _tile_blocks(table, n0 + 2 * BLOCK_N, end, BLOCK_N, BLOCK_SIZE)
         offset = n % BLOCK_SIZE
         if not OFFSETS_I32:
             block = block.to(tl.int64)
@@ -150,6 +169,13 @@ def _paged_decode_kernel(
             _merge_splits(m_ptr, l_ptr, acc_ptr, out_ptr, b, qh, row, n_q_heads, n_valid, o_st, o_sh, qd_mask, v_scale,
                           GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, NUM_SPLITS, KV_FP8)
             tl.atomic_xchg(lock, 0)  # ready for the next launch
+
+
+@triton.jit
+def _tile_blocks(table, n0, end, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """The cache block of each key of the tile at ``n0`` (0 past ``end``)."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    return tl.load(table + n // BLOCK_SIZE, mask=n < end, other=0)
 
 
 @triton.jit
@@ -295,7 +321,7 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size, BLOCK_N=tuning.block_n, NUM_SPLITS=splits, PRECISION=precision, KV_FP8=fp8,
         OFFSETS_I32=offsets_fit_int32(k_cache) and offsets_fit_int32(v_cache),
         V_WORDS=fp8 and query.is_cuda and query.dtype != torch.float32 and block_d == dim and readable_as_words(v_cache),
-        ORDERED=order is not None and splits == 1, num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_launch(query.device),
+        ORDERED=order is not None and splits == 1, TABLE_AHEAD=tuning.table_ahead, num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_launch(query.device),
     )
     return out
 

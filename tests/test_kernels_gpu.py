@@ -235,7 +235,21 @@ def test_paged_decode_fallback_paths(monkeypatch, kv_cache, fallback):
         _check_decode(DTYPES[0], splits, (16, 8, 2, 128, [1, 17, 300]), kv_cache)
 
 
-def _check_decode(dtype, splits, case, kv_cache):
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
+@pytest.mark.parametrize("table_ahead", [0, 1, 2])
+def test_paged_decode_table_ahead(kv_cache, table_ahead):
+    """Block-table entries read 0, 1 or 2 tiles ahead (the fp8 default reads one ahead),
+    with contexts that end inside, at and just past a tile."""
+    import dataclasses
+
+    from kernels.paged_decode_triton import DEFAULT_TUNING
+
+    tuning = dataclasses.replace(DEFAULT_TUNING, table_ahead=table_ahead, num_stages=3)
+    for splits in (1, 4):
+        _check_decode(DTYPES[0], splits, (16, 8, 2, 128, [1, 63, 64, 65, 200]), kv_cache, tuning)
+
+
+def _check_decode(dtype, splits, case, kv_cache, tuning=None):
     from kernels.paged_decode_triton import paged_decode_attention
 
     block_size, heads, kv_heads, head_dim, ctx_lens = case
@@ -250,7 +264,7 @@ def _check_decode(dtype, splits, case, kv_cache):
     out = torch.full_like(q_all, float("nan"))
     scale = head_dim**-0.5
     paged_decode_attention(q_all, k_cache, v_cache, table.to(torch.int32), torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE),
-                           rows.to(DEVICE), scale, out, splits, **_kv_scale(k_cache))
+                           rows.to(DEVICE), scale, out, splits, tuning=tuning, **_kv_scale(k_cache))
     got = out[rows]
     assert not got.isnan().any(), "some output rows were not written"
     untouched = torch.ones(n_rows, dtype=torch.bool)
@@ -261,7 +275,7 @@ def _check_decode(dtype, splits, case, kv_cache):
     # the split merge's arrival counters are back at zero, and the merge order is fixed
     again = torch.full_like(q_all, float("nan"))
     paged_decode_attention(q_all, k_cache, v_cache, table.to(torch.int32), torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE),
-                           rows.to(DEVICE), scale, again, splits, **_kv_scale(k_cache))
+                           rows.to(DEVICE), scale, again, splits, tuning=tuning, **_kv_scale(k_cache))
     assert torch.equal(again[rows], got)
 
 
