@@ -55,15 +55,19 @@ class DecodeTuning:
 
 
 DEFAULT_TUNING = DecodeTuning()
-FP8_TUNING = DecodeTuning(num_stages=3, table_ahead=1)
-"""An fp8 cache's default: block-table entries read a tile ahead, three stages. An fp8 tile
-is half the bytes of a 16-bit one, so the wait for the block table before each tile's K/V
-loads weighs twice as much (ncu, batch 256: a third of the stall cycles on global-load
-scoreboards, 23 % occupancy, 2.14 TB/s). Measured as the engine runs it, 32 layers' launches
-in one CUDA graph on an H100 (``gpu_kernels.py --only decode_graph --decode-ahead 0,1``):
-batch 256 x 256-1152 tokens 173.2 -> 157.8 us a layer, 16 x 1024 27.9 -> 20.8, 4 x 2048
-18.4 -> 15.6, batch 1 unchanged (~20 us at 4,096 tokens). The bf16 cache gains nothing
-from it (250.8 -> 246.9 us at batch 256, slower at 4 and 16), so its default stays."""
+FP8_TUNING = DEFAULT_TUNING
+"""An fp8 cache's default: the same as a 16-bit cache's since V is converted in registers
+(``benchmarks/gpu_kernels.py --sweep`` has the fp8 rows). Swept on an H100 (Llama-3-8B layer,
+32/8 heads, d 128): batch 256 x 700 tokens 162 us a layer (128-key tiles: 172; the bf16 cache:
+262; before the change: 190), batch 64 x 2048 119 us (3 stages: 124; before: 130).
+
+Reading the block table a tile ahead (``table_ahead=1``, 3 stages) was measured as the engine
+runs the kernel, 32 layers in one CUDA graph, tunings replayed in turn (``gpu_kernels.py
+--only decode_graph --decode-ahead 0,1``, H100): 158.0 against 162.2 us a layer at batch 256
+x 256-1152 tokens, but 158.8 against 151.0 at 256 x 700 and 142.2 against 110.1 at 64 x 2048
+(it costs 25 more registers: 3 programs an SM instead of 4); faster only where the context is
+split (batch 16 x 1024: 20.9 against 27.1). Not the default: one small-batch case is too
+little to pick a split-dependent tuning on."""
 
 
 @triton.jit
