@@ -458,6 +458,8 @@ def main() -> None:
     parser.add_argument("--hf-compile-timeout", type=int, default=300, help="seconds for the compiled transformers run")
     parser.add_argument("--hf-generate-batch-timeout", type=int, default=300, help="seconds for generate_batch")
     parser.add_argument("--hf-only", choices=("compiled", "generate_batch"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--prefill-cuda-graphs", action="store_true",
+                        help="replay CUDA graphs for lone prefills of up to 512 tokens (EngineConfig.prefill_cuda_graphs)")
     parser.add_argument("--no-gc-freeze", action="store_true",
                         help="leave the startup heap to the garbage collector (a worker process freezes it)")
     parser.add_argument("--json", default=None, help="write all results here")
@@ -513,7 +515,7 @@ def main() -> None:
         return LLMEngine(EngineConfig(
             model=str(model_dir), device="cuda", dtype="bfloat16", max_model_len=4096, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
-            kv_cache_dtype=kv_cache_dtype,
+            kv_cache_dtype=kv_cache_dtype, prefill_cuda_graphs=args.prefill_cuda_graphs,
         ), model=ours)
 
     elapsed, engine = timed(lambda: build_engine(args.kv_cache_dtype))

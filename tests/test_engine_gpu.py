@@ -207,6 +207,50 @@ def test_cuda_graphs_match_eager(model_dir, prompts, real_weights):
     assert worst < GRAPH_LOGIT_RTOL
 
 
+def _run_one_at_a_time(model_dir, prompts, **kw) -> tuple[list[list[int]], dict[int, list[torch.Tensor]], int]:
+    """Each prompt alone on the engine, to completion, before the next is submitted: every
+    first step prefills one sequence. Returns tokens, logits and the prefill-graph replays."""
+    engine = LLMEngine(EngineConfig(model=str(model_dir), device="cuda", dtype="bfloat16", num_kv_blocks=1024,
+                                    enable_prefix_caching=False, **kw))
+    seen: dict[str, list[torch.Tensor]] = {}
+    engine.runner.logits_observer = lambda rids, logits: [seen.setdefault(r, []).append(row.float().cpu())
+                                                          for r, row in zip(rids, logits)]
+    replays = [0]
+    graphs = engine.runner.prefill_graphs
+    if graphs is not None:
+        run = graphs.run
+
+        def counted(*a, **k):
+            replays[0] += 1
+            return run(*a, **k)
+        graphs.run = counted
+    out_tokens, logits = [], {}
+    for i, prompt in enumerate(prompts):
+        (rid,) = submit_all(engine, [prompt], greedy(MAX_NEW, ignore_eos=True), prefix=f"one{i}-")
+        out_tokens.append(tokens(run_to_completion(engine)[rid]))
+        logits[i] = seen[rid]
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out_tokens, logits, replays[0]
+
+
+def test_lone_prefills_replay_graphs_equal_to_eager(model_dir, prompts, real_weights):
+    """A prompt alone on the engine is prefilled by a captured graph (its token bucket,
+    padded); tokens and logits as the eager step gives them. A one-token prompt's first
+    step is a decode step (decode graphs), so it does not count."""
+    graph_tokens, graph_logits, replays = _run_one_at_a_time(model_dir, prompts, prefill_cuda_graphs=True)
+    eager_tokens, eager_logits, eager_replays = _run_one_at_a_time(model_dir, prompts, enforce_eager=True,
+                                                                   prefill_cuda_graphs=True)
+    assert replays == sum(1 < len(p) <= 512 for p in prompts) > 0 and eager_replays == 0
+    worst = _worst_relative(graph_tokens, graph_logits, eager_tokens, eager_logits)
+    equal = sum(g == e for g, e in zip(graph_tokens, eager_tokens))
+    print(f"prefill graphs vs eager: {equal}/{len(prompts)} prompts equal, worst max|logit diff|/max|logit| {worst:.2e}")
+    if real_weights:
+        assert graph_tokens == eager_tokens
+    assert worst < GRAPH_LOGIT_RTOL
+
+
 def test_prefix_cache_and_preemption_on_gpu(model_dir, prompts, cpu_reference):
     ref_tokens, _ = cpu_reference
     longest = max(len(p) for p in prompts) + MAX_NEW

@@ -10,7 +10,8 @@ Two paths share the step's host-side bookkeeping:
 * CUDA: the batch is described as device tensors (decode and prefill
   sub-batches, built with one host-to-device copy) and runs the Triton
   kernels; steps whose sequences all have one new token replay a CUDA graph
-  (``cuda_graph.py``). The KV pool gets what ``gpu_memory_utilization``
+  (``cuda_graph.py``), and with ``prefill_cuda_graphs`` so does a step that
+  prefills one sequence alone (up to 512 tokens). The KV pool gets what ``gpu_memory_utilization``
   leaves after the weights, a profiled activation peak and the graphs.
 """
 
@@ -25,7 +26,7 @@ import torch
 
 from kernels.kv_quant import FP8_KV_DTYPE
 from worker.engine.config import EngineConfig
-from worker.engine.cuda_graph import DecodeGraphs
+from worker.engine.cuda_graph import DecodeGraphs, PrefillGraphs
 from worker.engine.sampler import PendingSample, fill_placeholders, sample_async, to_device
 from worker.engine.scheduler import SchedulerOutput
 from worker.models.attention import AttentionMetadata, DecodeBatch, PrefillBatch, longest_first, set_kv_cache_scale
@@ -97,9 +98,13 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if self.on_gpu:
             self._compile_attention_variants()
+        self.prefill_graphs: PrefillGraphs | None = None
         if self.on_gpu and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self._graph_batch_size(), self._blocks_per_seq(),
                                        self._previous_tokens)
+            if config.prefill_cuda_graphs:
+                self.prefill_graphs = PrefillGraphs(self.model, self.kv_cache, self._blocks_per_seq(),
+                                                    self._previous_tokens, self.graphs.pool)
 
     @torch.inference_mode()
     def _compile_attention_variants(self) -> None:
@@ -239,6 +244,11 @@ class ModelRunner:
             logits = self.graphs.run(input_ids, positions, slots, context_lens, tables)
             if len(logit_rows) < len(input_ids):
                 logits = logits[to_device(logit_rows, torch.int64, self.device)] if logit_rows else None
+        elif (self.prefill_graphs is not None and len(plan.scheduled) == 1
+              and len(input_ids) <= self.prefill_graphs.max_tokens):
+            # one sequence's prompt (or chunk) alone in the step: replay its token bucket's graph
+            logits = self.prefill_graphs.run(input_ids, positions, slots, context_lens[0], tables[0])
+            logits = logits if logit_rows else None
         else:
             logits = self._forward_gpu(input_ids, positions, slots, context_lens, query_lens, tables, logit_rows)
         if logits is None:
