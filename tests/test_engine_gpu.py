@@ -196,15 +196,21 @@ def test_bfloat16_logits_match_transformers_bf16(model_dir, prompts):
     assert worst < HF_BF16_RTOL
 
 
-def test_cuda_graphs_match_eager(model_dir, prompts, real_weights):
-    graph_tokens, graph_logits = _run(model_dir, prompts, "cuda", dtype="bfloat16")
-    eager_tokens, eager_logits = _run(model_dir, prompts, "cuda", dtype="bfloat16", enforce_eager=True)
+def _assert_graphs_match_eager(label, graph_tokens, graph_logits, eager_tokens, eager_logits, real_weights) -> None:
+    """Replayed graphs give the eager tokens (real weights) and logits within ``GRAPH_LOGIT_RTOL``."""
     worst = _worst_relative(graph_tokens, graph_logits, eager_tokens, eager_logits)
     equal = sum(g == e for g, e in zip(graph_tokens, eager_tokens))
-    print(f"CUDA graphs vs eager: {equal}/{len(prompts)} prompts equal, worst max|logit diff|/max|logit| {worst:.2e}")
+    print(f"{label}: {equal}/{len(graph_tokens)} prompts equal, worst max|logit diff|/max|logit| {worst:.2e}")
     if real_weights:
         assert graph_tokens == eager_tokens
     assert worst < GRAPH_LOGIT_RTOL
+
+
+def test_cuda_graphs_match_eager(model_dir, prompts, real_weights):
+    graph_tokens, graph_logits = _run(model_dir, prompts, "cuda", dtype="bfloat16")
+    eager_tokens, eager_logits = _run(model_dir, prompts, "cuda", dtype="bfloat16", enforce_eager=True)
+    _assert_graphs_match_eager("CUDA graphs vs eager", graph_tokens, graph_logits, eager_tokens, eager_logits,
+                               real_weights)
 
 
 def _run_one_at_a_time(model_dir, prompts, **kw) -> tuple[list[list[int]], dict[int, list[torch.Tensor]], int]:
@@ -243,12 +249,8 @@ def test_lone_prefills_replay_graphs_equal_to_eager(model_dir, prompts, real_wei
     eager_tokens, eager_logits, eager_replays = _run_one_at_a_time(model_dir, prompts, enforce_eager=True,
                                                                    prefill_cuda_graphs=True)
     assert replays == sum(1 < len(p) <= 512 for p in prompts) > 0 and eager_replays == 0
-    worst = _worst_relative(graph_tokens, graph_logits, eager_tokens, eager_logits)
-    equal = sum(g == e for g, e in zip(graph_tokens, eager_tokens))
-    print(f"prefill graphs vs eager: {equal}/{len(prompts)} prompts equal, worst max|logit diff|/max|logit| {worst:.2e}")
-    if real_weights:
-        assert graph_tokens == eager_tokens
-    assert worst < GRAPH_LOGIT_RTOL
+    _assert_graphs_match_eager("prefill graphs vs eager", graph_tokens, graph_logits, eager_tokens, eager_logits,
+                               real_weights)
 
 
 def test_prefix_cache_and_preemption_on_gpu(model_dir, prompts, cpu_reference):

@@ -41,6 +41,23 @@ logger = logging.getLogger(__name__)
 _IDS, _POS, _SLOTS, _CTX, _ORDER = range(5)
 
 
+def capture_by_size(sizes, forward, pool) -> tuple[dict, dict, object]:
+    """Captures ``forward(size)`` once per size, largest first, into one memory pool (``pool``,
+    or a new one); each size runs once eagerly first, which compiles its kernels and plans its
+    cuBLAS calls outside the capture. Returns the graphs and their outputs by size, and the pool."""
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    for size in sorted(sizes, reverse=True):
+        forward(size)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs[size] = forward(size)
+        pool = graph.pool() if pool is None else pool
+        graphs[size] = graph
+    torch.cuda.synchronize()
+    return graphs, outputs, pool
+
+
 def capture_sizes(max_batch_size: int) -> list[int]:
     """1, 2, 4, 8, then every multiple of 16 up to ``max_batch_size`` (itself included)."""
     sizes = [s for s in (1, 2, 4, 8) if s < max_batch_size]
@@ -70,8 +87,6 @@ class DecodeGraphs:
         self._copied = torch.cuda.Event()
         self._row_source: list[list[int] | None] = [None] * n  # the list each host row was filled from
         self._row_len = [0] * n
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
         self._capture(model, kv_cache)
 
     def _metadata(self, size: int) -> AttentionMetadata:
@@ -89,19 +104,9 @@ class DecodeGraphs:
         start = time.perf_counter()
         self._inputs[_SLOTS].fill_(-1)  # nothing is written to the cache while capturing
         self._inputs[_ORDER] = self._rows  # any permutation will do: every context is empty
-        pool = None
-        for size in reversed(self.sizes):
-            meta = self._metadata(size)
-            self._forward(model, kv_cache, size, meta)  # warm-up: compiles this shape's kernels
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward(model, kv_cache, size, meta)
-            pool = graph.pool() if pool is None else pool
-            self._graphs[size] = graph
-            self._logits[size] = logits
-        self.pool = pool
-        """The graphs' memory pool; ``PrefillGraphs`` captures into it too (one step runs at a time)."""
-        torch.cuda.synchronize()
+        self._graphs, self._logits, self.pool = capture_by_size(
+            self.sizes, lambda size: self._forward(model, kv_cache, size, self._metadata(size)), None)
+        """``pool``: the graphs' memory pool; ``PrefillGraphs`` captures into it too (one step runs at a time)."""
         logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
                     len(self.sizes), self.sizes, time.perf_counter() - start)
 
@@ -192,8 +197,6 @@ class PrefillGraphs:
         self._table = torch.zeros((1, width), dtype=torch.int32, device=device)
         self._zero = torch.zeros(1, dtype=torch.int32, device=device)
         self._copied = torch.cuda.Event()
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
         self._capture(model, kv_cache, pool)
 
     def _metadata(self, size: int) -> AttentionMetadata:
@@ -207,16 +210,8 @@ class PrefillGraphs:
         start = time.perf_counter()
         self._inputs[2].fill_(-1)  # nothing is written to the cache while capturing
         self._meta.copy_(torch.tensor([1, 1, 0, 0], dtype=torch.int32))  # a one-token prompt: reads one cache row
-        for size in reversed(self.sizes):
-            meta = self._metadata(size)
-            self._forward(model, kv_cache, size, meta)  # warm-up: this shape's kernels and cuBLAS plans
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward(model, kv_cache, size, meta)
-            pool = graph.pool() if pool is None else pool
-            self._graphs[size] = graph
-            self._logits[size] = logits
-        torch.cuda.synchronize()
+        self._graphs, self._logits, _ = capture_by_size(
+            self.sizes, lambda size: self._forward(model, kv_cache, size, self._metadata(size)), pool)
         logger.info("captured %d prefill CUDA graphs (token buckets %s) in %.1f s",
                     len(self.sizes), list(self.sizes), time.perf_counter() - start)
 
