@@ -137,7 +137,7 @@ def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "
             if lo < ctx:  # what the engine's launch order gains over batch order
                 order = torch.from_numpy(longest_first(ctx_list)).to(DEV)
                 t = ms(lambda: paged_decode_attention(q, k, v, table, lens, rows, D**-0.5, out, order=order))
-                row(name, shape, t, nbytes=nbytes, note="default tuning, launched longest first")
+                row(name, shape, t, nbytes=nbytes, note="default tuning, launched longest first (one split only)")
             for ahead in ahead_counts:
                 for stages in (2, 3):
                     tuning = dataclasses.replace(default, table_ahead=ahead, num_stages=stages)

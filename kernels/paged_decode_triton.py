@@ -65,8 +65,8 @@ Reading the block table a tile ahead (``table_ahead=1``, 3 stages) was measured 
 runs the kernel, 32 layers in one CUDA graph, tunings replayed in turn (``gpu_kernels.py
 --only decode_graph --decode-ahead 0,1``, H100): 158.0 against 162.2 us a layer at batch 256
 x 256-1152 tokens, but 158.8 against 151.0 at 256 x 700 and 142.2 against 110.1 at 64 x 2048
-(it costs 25 more registers: 3 programs an SM instead of 4); faster only where the context is
-split (batch 16 x 1024: 20.9 against 27.1). Not the default: one small-batch case is too
+(it costs 25 more registers: 3 programs an SM instead of 4); clearly faster only where the
+context is split (batch 16 x 1024: 20.9 against 27.1). Not the default: one small-batch case is too
 little to pick a split-dependent tuning on."""
 
 
@@ -325,7 +325,7 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size, BLOCK_N=tuning.block_n, NUM_SPLITS=splits, PRECISION=precision, KV_FP8=fp8,
         OFFSETS_I32=offsets_fit_int32(k_cache) and offsets_fit_int32(v_cache),
         V_WORDS=fp8 and query.is_cuda and query.dtype != torch.float32 and block_d == dim and readable_as_words(v_cache),
-        ORDERED=order is not None and splits == 1, TABLE_AHEAD=tuning.table_ahead, num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_launch(query.device),
+        ORDERED=order is not None and splits == 1, TABLE_AHEAD=tuning.table_ahead,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_launch(query.device),
     )
     return out
-

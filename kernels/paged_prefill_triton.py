@@ -17,9 +17,9 @@ running alone at the end of the launch.
 
 An fp8 (e4m3) cache: tiles converted to the dot products' dtype (float16 for
 16-bit queries; exact), the scale folded into the softmax scale and the final
-normalisation (a compile-time branch). V is loaded as int32 words and
-converted in registers where the cache allows it (``fp8_words_to_f16`` says
-why), as in ``paged_decode_triton.py``.
+normalisation (a compile-time branch). V can be loaded as int32 words and
+converted in registers, as ``paged_decode_triton.py`` does (``PrefillTuning.v_words``,
+off by default: here it does not pay).
 """
 
 from __future__ import annotations

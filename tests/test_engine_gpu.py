@@ -243,12 +243,11 @@ def _run_one_at_a_time(model_dir, prompts, **kw) -> tuple[list[list[int]], dict[
 
 def test_lone_prefills_replay_graphs_equal_to_eager(model_dir, prompts, real_weights):
     """A prompt alone on the engine is prefilled by a captured graph (its token bucket,
-    padded); tokens and logits as the eager step gives them. A one-token prompt's first
-    step is a decode step (decode graphs), so it does not count."""
+    padded); tokens and logits as the eager prefill gives them, decode graphs on in both
+    runs. A one-token prompt's first step is a decode step, so it does not count."""
     graph_tokens, graph_logits, replays = _run_one_at_a_time(model_dir, prompts, prefill_cuda_graphs=True)
-    eager_tokens, eager_logits, eager_replays = _run_one_at_a_time(model_dir, prompts, enforce_eager=True,
-                                                                   prefill_cuda_graphs=True)
-    assert replays == sum(1 < len(p) <= 512 for p in prompts) > 0 and eager_replays == 0
+    eager_tokens, eager_logits, _ = _run_one_at_a_time(model_dir, prompts, prefill_cuda_graphs=False)
+    assert replays == sum(1 < len(p) <= 512 for p in prompts) > 0
     _assert_graphs_match_eager("prefill graphs vs eager", graph_tokens, graph_logits, eager_tokens, eager_logits,
                                real_weights)
 

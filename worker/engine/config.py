@@ -68,9 +68,8 @@ class EngineConfig:
     """On CUDA (graphs on), also replay captured graphs for a step that prefills one sequence
     alone (up to 512 tokens): a lone short prompt's first token then waits on the GPU, not
     on ~320 Python launches (128-token prompt of an 8B model on an H100: 18-38 ms -> 7.2 ms).
-    Off until its GPU test (``test_lone_prefills_replay_graphs_equal_to_eager``) has passed
-    on real weights: its first run failed on the test's own expectation (a one-token
-    prompt goes through the decode graphs), fixed since, not yet run again."""
+    Off until its GPU test (``tests/test_engine_gpu.py::test_lone_prefills_replay_graphs_equal_to_eager``)
+    has passed on real weights (docs/PERFORMANCE.md, "Not done")."""
 
     num_kv_blocks: int | None = None
     """Exact number of KV blocks (tests use small pools to force preemption)."""

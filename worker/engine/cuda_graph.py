@@ -157,7 +157,9 @@ class DecodeGraphs:
 
 
 PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256, 512)
-"""Token-count buckets of ``PrefillGraphs``; a prefill of more tokens runs eager."""
+"""Token-count buckets of ``PrefillGraphs``; a prefill of more tokens runs eager. All below
+``paged_prefill_triton.LONG_QUERY``: captured and eager prefills of these sizes use the same
+kernel tuning."""
 
 
 class PrefillGraphs:
@@ -172,7 +174,9 @@ class PrefillGraphs:
     scheduling to hide its launches, and one sequence keeps the inputs simple.
 
     Padding rows carry slot -1 (nothing is stored) and are no sequence's query rows
-    (attention never reads or writes them); the logits row is the last real one. The
+    (attention never reads or writes them, so their attention output is whatever the
+    buffer held: their hidden states are garbage, possibly NaN, which is harmless only
+    because every op of the model works row by row); the logits row is the last real one. The
     attention kernel's grid and tuning follow the bucket (``max_query_len``), its work the
     real query length. Inputs may be placeholders, filled from the previous step's device
     tokens as in the decode graphs.
@@ -180,10 +184,14 @@ class PrefillGraphs:
 
     def __init__(
         self, model: LlamaForCausalLM, kv_cache: torch.Tensor, max_blocks_per_seq: int,
-        previous_tokens: torch.Tensor, pool=None,
+        previous_tokens: torch.Tensor, max_step_tokens: int, pool=None,
     ) -> None:
+        """``max_step_tokens``: the most tokens a step can prefill (the engine's token budget
+        and context window): buckets above the first that holds it are never captured (they
+        would never run, and their activations would sit outside the memory reserved for graphs)."""
         self._previous_tokens = previous_tokens
-        self.sizes = PREFILL_GRAPH_TOKENS
+        needed = next((s for s in PREFILL_GRAPH_TOKENS if s >= max_step_tokens), PREFILL_GRAPH_TOKENS[-1])
+        self.sizes = tuple(s for s in PREFILL_GRAPH_TOKENS if s <= needed)
         self.max_tokens = self.sizes[-1]
         width = -(-max_blocks_per_seq // 16) * 16
         device = kv_cache.device

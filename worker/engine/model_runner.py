@@ -103,8 +103,9 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self._graph_batch_size(), self._blocks_per_seq(),
                                        self._previous_tokens)
             if config.prefill_cuda_graphs:
-                self.prefill_graphs = PrefillGraphs(self.model, self.kv_cache, self._blocks_per_seq(),
-                                                    self._previous_tokens, self.graphs.pool)
+                self.prefill_graphs = PrefillGraphs(
+                    self.model, self.kv_cache, self._blocks_per_seq(), self._previous_tokens,
+                    min(config.max_num_batched_tokens, self.max_model_len), self.graphs.pool)
 
     @torch.inference_mode()
     def _compile_attention_variants(self) -> None:
