@@ -12,7 +12,11 @@ Needs a Triton with its NVIDIA backend (ptxas, nvdisasm), e.g. the wheel that
 CUDA builds of torch install; the CPU build of torch does not bring one.
 
 Usage: python benchmarks/decode_sass.py [--cache bf16|fp8] [--block-n 64] [--warps 4] [--stages 2]
-       [--offsets-i64] [--no-v-words] [--sass out.sass]
+       [--table-ahead 0] [--maxnreg 96] [--offsets-i64] [--no-v-words] [--sass out.sass]
+
+Besides the instruction counts it prints the registers a thread holds, spill
+instructions and the programs an H100 SM can hold at once (the occupancy ncu
+reports as the limit).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ Llama-3-8B shapes, and the engine aligns its step metadata so that it stays so).
 
 
 def compile_decode(cache: str, block_n: int, warps: int, stages: int, offsets_i32: bool, v_words: bool,
-                   table_ahead: int = 0):
+                   table_ahead: int = 0, maxnreg: int | None = None):
     """The kernel compiled for sm_90 at Llama-3-8B's decode shape (32/8 heads, d 128, 16-token
     blocks, one split)."""
     names = list(inspect.signature(_paged_decode_kernel.fn).parameters)
@@ -64,7 +68,29 @@ def compile_decode(cache: str, block_n: int, warps: int, stages: int, offsets_i3
                if signature[name] not in ("constexpr", "fp32") and name not in NOT_MULTIPLE_OF_16}
     source = triton.compiler.ASTSource(fn=_paged_decode_kernel, signature=signature, constexprs=constexprs,
                                        attrs=aligned)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    options = dict(num_warps=warps, num_stages=stages)
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def registers(cubin: bytes) -> int:
+    """Registers a thread of the kernel holds (``cuobjdump --dump-resource-usage``)."""
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    return int(re.search(r"REG:(\d+)", out).group(1))
+
+
+def programs_per_sm(regs: int, shared: int, warps: int) -> int:
+    """Resident programs an H100 SM holds: 64k registers (allocated 8 at a time a thread)
+    and 228 KB of shared memory (1 KB of it reserved a program), at most 64 warps."""
+    by_regs = 65536 // (-(-regs // 8) * 8 * 32 * warps)
+    by_shared = (228 << 10) // (shared + 1024)
+    return min(by_regs, by_shared, 64 // warps)
 
 
 def sass(cubin: bytes) -> str:
@@ -90,23 +116,27 @@ def main() -> None:
     parser.add_argument("--offsets-i64", action="store_true", help="64-bit gather offsets (a cache over 2**31 elements)")
     parser.add_argument("--no-v-words", action="store_true", help="fp8: convert V after its shared-memory read")
     parser.add_argument("--table-ahead", type=int, default=None, help="block-table loads this many tiles ahead")
+    parser.add_argument("--maxnreg", type=int, default=None, help="cap the registers a thread may hold")
     parser.add_argument("--sass", default=None, help="also write the SASS here")
     args = parser.parse_args()
     tuning = FP8_TUNING if args.cache == "fp8" else DEFAULT_TUNING
-    for name in ("block_n", "num_stages", "num_warps", "table_ahead"):
-        arg = {"num_stages": "stages", "num_warps": "warps"}.get(name, name)
+    for name in ("block_n", "num_stages", "num_warps", "table_ahead", "max_registers"):
+        arg = {"num_stages": "stages", "num_warps": "warps", "max_registers": "maxnreg"}.get(name, name)
         if getattr(args, arg) is None:
             setattr(args, arg, getattr(tuning, name))
     compiled = compile_decode(args.cache, args.block_n, args.warps, args.stages, not args.offsets_i64,
-                              not args.no_v_words, args.table_ahead)
+                              not args.no_v_words, args.table_ahead, args.maxnreg)
     text = sass(compiled.asm["cubin"])
     if args.sass:
         Path(args.sass).write_text(text)
     counts = histogram(text)
     shared_loads = collections.Counter(re.findall(r"\b(LDS(?:\.[A-Z0-9]+)*|LDSM(?:\.[A-Z0-9]+)*)\b", text))
+    regs = registers(compiled.asm["cubin"])
+    spills = len(re.findall(r"\b(?:LDL|STL)\b", text))
     print(f"{args.cache} cache, {args.block_n}-key tiles, {args.warps} warps, {args.stages} stages, "
           f"{'64' if args.offsets_i64 else '32'}-bit offsets: {sum(counts.values())} instructions, "
-          f"{compiled.metadata.shared} bytes of shared memory")
+          f"{compiled.metadata.shared} bytes of shared memory, {regs} registers, {spills} spill instructions: "
+          f"{programs_per_sm(regs, compiled.metadata.shared, args.warps)} programs an SM")
     print("  " + ", ".join(f"{op} {n}" for op, n in counts.most_common(12)))
     print("  shared-memory reads: " + ", ".join(f"{op} {n}" for op, n in sorted(shared_loads.items())))
 

@@ -149,10 +149,18 @@ def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "
             del k, v
 
 
-def bench_decode_graph(cases_arg: str, ahead_arg: str, rounds: int = 20) -> None:
+def parse_variant(text: str, default: DecodeTuning) -> DecodeTuning:
+    """``BLOCK_N/WARPS/STAGES[/MAXNREG]``, e.g. ``32/4/2/72``: the default tuning with those."""
+    block_n, warps, stages, *cap = (int(x) for x in text.split("/"))
+    return dataclasses.replace(default, block_n=block_n, num_warps=warps, num_stages=stages,
+                               max_registers=cap[0] if cap else None)
+
+
+def bench_decode_graph(cases_arg: str, ahead_arg: str, variants_arg: str = "", rounds: int = 20) -> None:
     """Decode attention as the engine runs it: 32 launches, one per layer's own cache, inside
     one CUDA graph (no launch overhead, nothing left in L2); default tuning, and with the
-    block table read ahead (``--decode-ahead``) at 2 and 3 stages. The tunings' graphs are
+    block table read ahead (``--decode-ahead``) at 2 and 3 stages, and ``--decode-variants``
+    (``BLOCK_N/WARPS/STAGES[/MAXNREG]``, comma-separated). The tunings' graphs are
     replayed in turn, ``rounds`` times after a warm-up, and each gets the median of its
     replays: measured one after the other, whichever came first ran slower (~7 %)."""
     for batch, lo, ctx in (parse_case(c) for c in cases_arg.split(",")):
@@ -170,7 +178,8 @@ def bench_decode_graph(cases_arg: str, ahead_arg: str, rounds: int = 20) -> None
             out = torch.empty_like(q)
             default = FP8_TUNING if fp8 else DEFAULT_TUNING
             tunings = list(dict.fromkeys([default] + [dataclasses.replace(default, table_ahead=int(a), num_stages=st)
-                                                      for a in ahead_arg.split(",") if a for st in (2, 3)]))
+                                                      for a in ahead_arg.split(",") if a for st in (2, 3)]
+                                         + [parse_variant(v, default) for v in variants_arg.split(",") if v]))
             graphs = []
             for tuning in tunings:
                 def step():
@@ -196,7 +205,9 @@ def bench_decode_graph(cases_arg: str, ahead_arg: str, rounds: int = 20) -> None
             for tuning, ts in zip(tunings, times):
                 row(f"paged decode {'fp8' if fp8 else 'bf16'} (graph)", shape, sorted(ts)[len(ts) // 2],
                     nbytes=sum(ctx_list) * HK * D * 2 * (1 if fp8 else 2),
-                    note=f"table_ahead={tuning.table_ahead} stages={tuning.num_stages}" + (" (default)" if tuning == default else ""))
+                    note=f"block_n={tuning.block_n} warps={tuning.num_warps} stages={tuning.num_stages} "
+                         f"table_ahead={tuning.table_ahead} maxnreg={tuning.max_registers}"
+                         + (" (default)" if tuning == default else ""))
             del layers, graphs
 
 
@@ -307,13 +318,15 @@ def main() -> None:
                         help="batch x context of the decode rows: BxC, or BxLO-HI for contexts uniform in [LO, HI]")
     parser.add_argument("--decode-splits", default="", help="also time the default tuning at these split counts")
     parser.add_argument("--decode-ahead", default="", help="also time block-table loads this many tiles ahead")
+    parser.add_argument("--decode-variants", default="",
+                        help="decode_graph: also these tunings, BLOCK_N/WARPS/STAGES[/MAXNREG] comma-separated")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     random.seed(0)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     parts = {"gemm": bench_gemm, "decode": lambda: bench_decode(args.sweep, args.decode_cases, args.decode_splits, args.decode_ahead), "prefill": lambda: bench_prefill(args.sweep),
-             "decode_graph": lambda: bench_decode_graph(args.decode_cases, args.decode_ahead),
+             "decode_graph": lambda: bench_decode_graph(args.decode_cases, args.decode_ahead, args.decode_variants),
              "elementwise": bench_elementwise}
     for name in args.only.split(","):
         parts[name]()

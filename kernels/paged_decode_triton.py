@@ -52,6 +52,11 @@ class DecodeTuning:
     table_ahead: int = 0
     """Tiles ahead of the one being read at which each program loads its block-table
     entries (0: just before the K/V loads that need them; 1 or 2)."""
+    max_registers: int | None = None
+    """Registers a thread may hold (ptxas ``maxnreg``); None: the compiler's choice. The fp8
+    kernel takes 111 at the default tuning, which leaves 4 programs (16 warps) an SM, and
+    ncu finds it latency-bound at that occupancy; capped at 96 or 80 it compiles without
+    spills to 5 programs an SM (``benchmarks/decode_sass.py --maxnreg``). Not timed yet."""
 
 
 DEFAULT_TUNING = DecodeTuning()
@@ -327,5 +332,6 @@ def paged_decode_attention(
         V_WORDS=fp8 and query.is_cuda and query.dtype != torch.float32 and block_d == dim and readable_as_words(v_cache),
         ORDERED=order is not None and splits == 1, TABLE_AHEAD=tuning.table_ahead,
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_launch(query.device),
+        **({"maxnreg": tuning.max_registers} if tuning.max_registers else {}),
     )
     return out

@@ -249,6 +249,21 @@ def test_paged_decode_table_ahead(kv_cache, table_ahead):
         _check_decode(DTYPES[0], splits, (16, 8, 2, 128, [1, 63, 64, 65, 200]), kv_cache, tuning)
 
 
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
+@pytest.mark.parametrize("variant", [(64, 4, 2, 80), (32, 4, 2, 72)])
+def test_paged_decode_register_cap(kv_cache, variant):
+    """Tunings with a register cap (``DecodeTuning.max_registers``, ptxas ``maxnreg``; the
+    CPU interpreter ignores it), the candidates for more programs an SM."""
+    import dataclasses
+
+    from kernels.paged_decode_triton import DEFAULT_TUNING
+
+    block_n, warps, stages, cap = variant
+    tuning = dataclasses.replace(DEFAULT_TUNING, block_n=block_n, num_warps=warps, num_stages=stages, max_registers=cap)
+    for splits in (1, 4):
+        _check_decode(DTYPES[0], splits, (16, 32, 8, 128, [1, 31, 64, 65, 300]), kv_cache, tuning)
+
+
 def _check_decode(dtype, splits, case, kv_cache, tuning=None):
     from kernels.paged_decode_triton import paged_decode_attention
 
