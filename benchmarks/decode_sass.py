@@ -1,4 +1,4 @@
-"""Static instruction counts of the decode attention kernel, compiled for Hopper without a GPU.
+"""Static instruction counts, registers and occupancy of the attention kernels, compiled for Hopper without a GPU.
 
 Triton compiles for any target it has a backend for: with the target given
 (``sm_90``) and the integer arguments' divisibility by 16 stated, as the JIT
@@ -11,7 +11,8 @@ instruction counts quoted in docs/PERFORMANCE.md come from this script.
 Needs a Triton with its NVIDIA backend (ptxas, nvdisasm), e.g. the wheel that
 CUDA builds of torch install; the CPU build of torch does not bring one.
 
-Usage: python benchmarks/decode_sass.py [--cache bf16|fp8] [--block-n 64] [--warps 4] [--stages 2]
+Usage: python benchmarks/decode_sass.py [--kernel decode|prefill [--long]] [--cache bf16|fp8]
+       [--block-n 64] [--warps 4] [--stages 2]
        [--table-ahead 0] [--maxnreg 96] [--offsets-i64] [--no-v-words] [--sass out.sass]
 
 Besides the instruction counts it prints the registers a thread holds, spill
@@ -29,10 +30,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
 from kernels.paged_decode_triton import DEFAULT_TUNING, FP8_TUNING, _paged_decode_kernel
+from kernels.paged_prefill_triton import LONG_QUERY, PrefillTuning, _paged_prefill_kernel, default_prefill_tuning
 
 POINTERS = {"q_ptr": "*bf16", "bt_ptr": "*i32", "ctx_ptr": "*i32", "rows_ptr": "*i32", "order_ptr": "*i32", "out_ptr": "*bf16",
             "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "lock_ptr": "*i32"}
@@ -42,36 +45,52 @@ NOT_MULTIPLE_OF_16 = ("bt_sb", "n_q_heads", "n_kv_heads")
 Llama-3-8B shapes, and the engine aligns its step metadata so that it stays so)."""
 
 
-def compile_decode(cache: str, block_n: int, warps: int, stages: int, offsets_i32: bool, v_words: bool,
-                   table_ahead: int = 0, maxnreg: int | None = None):
-    """The kernel compiled for sm_90 at Llama-3-8B's decode shape (32/8 heads, d 128, 16-token
-    blocks, one split)."""
-    names = list(inspect.signature(_paged_decode_kernel.fn).parameters)
-    fp8 = cache == "fp8"
-    constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=block_n, NUM_SPLITS=1,
-                      PRECISION="tf32", KV_FP8=fp8, USE_PDL=False, OFFSETS_I32=offsets_i32, V_WORDS=fp8 and v_words,
-                      ORDERED=True, TABLE_AHEAD=table_ahead)
-    cache_type = "*fp8e4nv" if fp8 else "*bf16"
+def compile_sm90(kernel, constexprs: dict, pointers: dict, cache: str, warps: int, stages: int,
+                 maxnreg: int | None = None):
+    """``kernel`` compiled for sm_90: ``constexprs`` fixed, ``pointers`` typed (the KV cache's
+    by ``cache``), every other argument an int32 divisible by 16 except ``NOT_MULTIPLE_OF_16``."""
+    names = list(inspect.signature(kernel.fn).parameters)
+    cache_type = "*fp8e4nv" if cache == "fp8" else "*bf16"
     signature = {}
     for name in names:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in ("kc_ptr", "vc_ptr"):
             signature[name] = cache_type
-        elif name in POINTERS:
-            signature[name] = POINTERS[name]
+        elif name in pointers:
+            signature[name] = pointers[name]
         elif name in FLOATS:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
                if signature[name] not in ("constexpr", "fp32") and name not in NOT_MULTIPLE_OF_16}
-    source = triton.compiler.ASTSource(fn=_paged_decode_kernel, signature=signature, constexprs=constexprs,
-                                       attrs=aligned)
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
     options = dict(num_warps=warps, num_stages=stages)
     if maxnreg:
         options["maxnreg"] = maxnreg
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_decode(cache: str, block_n: int, warps: int, stages: int, offsets_i32: bool, v_words: bool,
+                   table_ahead: int = 0, maxnreg: int | None = None):
+    """The decode kernel at Llama-3-8B's decode shape (32/8 heads, d 128, 16-token blocks, one split)."""
+    fp8 = cache == "fp8"
+    constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=block_n, NUM_SPLITS=1,
+                      PRECISION="tf32", KV_FP8=fp8, USE_PDL=False, OFFSETS_I32=offsets_i32, V_WORDS=fp8 and v_words,
+                      ORDERED=True, TABLE_AHEAD=table_ahead)
+    return compile_sm90(_paged_decode_kernel, constexprs, POINTERS, cache, warps, stages, maxnreg)
+
+
+def compile_prefill(cache: str, tuning: PrefillTuning, maxnreg: int | None = None):
+    """The prefill kernel at Llama-3-8B's shape (32/8 heads, d 128, 16-token blocks)."""
+    constexprs = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_M=tuning.block_m,
+                      BLOCK_N=tuning.block_n, PRECISION="tf32", KV_FP8=cache == "fp8",
+                      V_WORDS=cache == "fp8" and tuning.v_words, HEAVY_FIRST=tuning.heavy_first)
+    pointers = {"q_ptr": "*bf16", "bt_ptr": "*i32", "qs_ptr": "*i32", "ql_ptr": "*i32", "ctx_ptr": "*i32",
+                "out_ptr": "*bf16"}
+    return compile_sm90(_paged_prefill_kernel, constexprs, pointers, cache, tuning.num_warps, tuning.num_stages,
+                        maxnreg)
 
 
 def registers(cubin: bytes) -> int:
@@ -109,6 +128,8 @@ def histogram(text: str) -> collections.Counter:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", choices=("decode", "prefill"), default="decode")
+    parser.add_argument("--long", action="store_true", help="prefill: the long-prompt tuning (else the short one)")
     parser.add_argument("--cache", choices=("bf16", "fp8"), default="fp8")
     parser.add_argument("--block-n", type=int, default=None, help="default: the cache's default tuning (also below)")
     parser.add_argument("--warps", type=int, default=None)
@@ -119,6 +140,11 @@ def main() -> None:
     parser.add_argument("--maxnreg", type=int, default=None, help="cap the registers a thread may hold")
     parser.add_argument("--sass", default=None, help="also write the SASS here")
     args = parser.parse_args()
+    if args.kernel == "prefill":
+        prefill = default_prefill_tuning(torch.bfloat16, args.cache == "fp8", 128, LONG_QUERY if args.long else 1)
+        compiled = compile_prefill(args.cache, prefill, args.maxnreg)
+        report(compiled, f"prefill, {args.cache} cache, {prefill}", prefill.num_warps, args.sass)
+        return
     tuning = FP8_TUNING if args.cache == "fp8" else DEFAULT_TUNING
     for name in ("block_n", "num_stages", "num_warps", "table_ahead", "max_registers"):
         arg = {"num_stages": "stages", "num_warps": "warps", "max_registers": "maxnreg"}.get(name, name)
@@ -126,17 +152,21 @@ def main() -> None:
             setattr(args, arg, getattr(tuning, name))
     compiled = compile_decode(args.cache, args.block_n, args.warps, args.stages, not args.offsets_i64,
                               not args.no_v_words, args.table_ahead, args.maxnreg)
+    report(compiled, f"{args.cache} cache, {args.block_n}-key tiles, {args.warps} warps, {args.stages} stages, "
+           f"{'64' if args.offsets_i64 else '32'}-bit offsets", args.warps, args.sass)
+
+
+def report(compiled, label: str, warps: int, sass_path: str | None) -> None:
     text = sass(compiled.asm["cubin"])
-    if args.sass:
-        Path(args.sass).write_text(text)
+    if sass_path:
+        Path(sass_path).write_text(text)
     counts = histogram(text)
     shared_loads = collections.Counter(re.findall(r"\b(LDS(?:\.[A-Z0-9]+)*|LDSM(?:\.[A-Z0-9]+)*)\b", text))
     regs = registers(compiled.asm["cubin"])
     spills = len(re.findall(r"\b(?:LDL|STL)\b", text))
-    print(f"{args.cache} cache, {args.block_n}-key tiles, {args.warps} warps, {args.stages} stages, "
-          f"{'64' if args.offsets_i64 else '32'}-bit offsets: {sum(counts.values())} instructions, "
-          f"{compiled.metadata.shared} bytes of shared memory, {regs} registers, {spills} spill instructions: "
-          f"{programs_per_sm(regs, compiled.metadata.shared, args.warps)} programs an SM")
+    print(f"{label}: {sum(counts.values())} instructions, {compiled.metadata.shared} bytes of shared memory, "
+          f"{regs} registers, {spills} spill instructions: {programs_per_sm(regs, compiled.metadata.shared, warps)} "
+          "programs an SM")
     print("  " + ", ".join(f"{op} {n}" for op, n in counts.most_common(12)))
     print("  shared-memory reads: " + ", ".join(f"{op} {n}" for op, n in sorted(shared_loads.items())))
 
