@@ -11,8 +11,9 @@ Two paths share the step's host-side bookkeeping:
   sub-batches, built with one host-to-device copy) and runs the Triton
   kernels; steps whose sequences all have one new token replay a CUDA graph
   (``cuda_graph.py``), and with ``prefill_cuda_graphs`` so does a step that
-  prefills one sequence alone (up to 512 tokens). The KV pool gets what ``gpu_memory_utilization``
-  leaves after the weights, a profiled activation peak and the graphs.
+  prefills one sequence alone (up to 512 tokens). The KV pool gets what
+  ``gpu_memory_utilization`` leaves after the weights, a profiled activation
+  peak and the graphs.
 """
 
 from __future__ import annotations
