@@ -162,6 +162,13 @@ PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256, 512)
 kernel tuning."""
 
 
+def prefill_graph_sizes(max_step_tokens: int) -> tuple[int, ...]:
+    """The buckets of ``PREFILL_GRAPH_TOKENS`` a step of at most ``max_step_tokens`` tokens can
+    use: those below it and the first that holds it (all of them when it is over 512)."""
+    needed = next((s for s in PREFILL_GRAPH_TOKENS if s >= max_step_tokens), PREFILL_GRAPH_TOKENS[-1])
+    return tuple(s for s in PREFILL_GRAPH_TOKENS if s <= needed)
+
+
 class PrefillGraphs:
     """CUDA graphs of a step that prefills one sequence (no other sequence in the step), one
     per token bucket of ``PREFILL_GRAPH_TOKENS``; the step is padded to its bucket.
@@ -190,8 +197,7 @@ class PrefillGraphs:
         and context window): buckets above the first that holds it are never captured (they
         would never run, and their activations would sit outside the memory reserved for graphs)."""
         self._previous_tokens = previous_tokens
-        needed = next((s for s in PREFILL_GRAPH_TOKENS if s >= max_step_tokens), PREFILL_GRAPH_TOKENS[-1])
-        self.sizes = tuple(s for s in PREFILL_GRAPH_TOKENS if s <= needed)
+        self.sizes = prefill_graph_sizes(max_step_tokens)
         self.max_tokens = self.sizes[-1]
         width = -(-max_blocks_per_seq // 16) * 16
         device = kv_cache.device
