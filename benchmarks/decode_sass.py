@@ -85,8 +85,7 @@ def compile_decode(cache: str, block_n: int, warps: int, stages: int, offsets_i3
 def compile_prefill(cache: str, tuning: PrefillTuning, maxnreg: int | None = None):
     """The prefill kernel at Llama-3-8B's shape (32/8 heads, d 128, 16-token blocks)."""
     constexprs = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_M=tuning.block_m,
-                      BLOCK_N=tuning.block_n, PRECISION="tf32", KV_FP8=cache == "fp8",
-                      V_WORDS=cache == "fp8" and tuning.v_words, HEAVY_FIRST=tuning.heavy_first)
+                      BLOCK_N=tuning.block_n, PRECISION="tf32", KV_FP8=cache == "fp8", HEAVY_FIRST=tuning.heavy_first)
     pointers = {"q_ptr": "*bf16", "bt_ptr": "*i32", "qs_ptr": "*i32", "ql_ptr": "*i32", "ctx_ptr": "*i32",
                 "out_ptr": "*bf16"}
     return compile_sm90(_paged_prefill_kernel, constexprs, pointers, cache, tuning.num_warps, tuning.num_stages,

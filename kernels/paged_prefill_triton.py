@@ -17,9 +17,11 @@ running alone at the end of the launch.
 
 An fp8 (e4m3) cache: tiles converted to the dot products' dtype (float16 for
 16-bit queries; exact), the scale folded into the softmax scale and the final
-normalisation (a compile-time branch). V can be loaded as int32 words and
-converted in registers, as ``paged_decode_triton.py`` does (``PrefillTuning.v_words``,
-off by default: here it does not pay).
+normalisation (a compile-time branch). Unlike the decode kernel, V is not
+loaded as int32 words: Triton feeds these dot products with ``wgmma`` from
+shared memory, and the words path measured slower here (14 prompts of
+128-1024 tokens 280 against 277 us a layer, one of 2,048 tokens 140 against
+132 us, H100, session 10; removed since).
 """
 
 from __future__ import annotations
@@ -32,8 +34,7 @@ import triton.language as tl
 
 from kernels.backend import check_paged_inputs, next_pow2, require, require_device
 from kernels.kv_quant import is_fp8
-from kernels.kv_quant_triton import dot_query, fp8_words_to_f16
-from kernels.paged_decode_triton import readable_as_words
+from kernels.kv_quant_triton import dot_query
 
 _LOG2E = 1.4426950408889634
 
@@ -50,12 +51,6 @@ class PrefillTuning:
     num_stages: int = 2
     heavy_first: bool = False
     """Launch each sequence's last (longest) query tile first."""
-    v_words: bool = False
-    """An fp8 cache's V loaded as int32 words and converted in registers (where the cache
-    allows it) instead of after its shared-memory read. It pays in the decode kernel
-    (``mma.sync`` reads fp8 V a byte at a time) but not here, where Triton feeds the
-    dot products with ``wgmma`` from shared memory: 14 prompts of 128-1024 tokens 280 ->
-    277 us a layer, one of 2,048 tokens 140 -> 132 us with words off (H100)."""
 
 
 LONG_QUERY = 1536
@@ -81,7 +76,7 @@ def default_prefill_tuning(query_dtype: torch.dtype, kv_fp8: bool, head_dim: int
 def _attend(q, m_i, l_i, acc, n0, pos, hi, table, kc_ptr, vc_ptr, kh,
             kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, scale_log2,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-            MASKED: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr, V_WORDS: tl.constexpr):
+            MASKED: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
     n = n0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     if MASKED:
@@ -102,20 +97,10 @@ def _attend(q, m_i, l_i, acc, n0, pos, hi, table, kc_ptr, vc_ptr, kh,
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if V_WORDS:  # fp8 V as int32 words, converted in registers
-        w = tl.arange(0, BLOCK_D // 4)
-        v_row = block * vc_sb + offset * vc_st + kh * vc_sh
-        word_ptrs = vc_ptr.to(tl.pointer_type(tl.int32)) + (v_row // 4)[:, None] + w[None, :]
-        if MASKED:
-            words = tl.load(word_ptrs, mask=n_mask[:, None], other=0)
-        else:
-            words = tl.load(word_ptrs)
-        v = fp8_words_to_f16(words, BLOCK_N, BLOCK_D)
-    else:
-        v = tl.load(vc_ptr + block[:, None] * vc_sb + offset[:, None] * vc_st + kh * vc_sh + d[None, :], mask=kv_mask,
-                    other=0.0)
-        if KV_FP8:
-            v = v.to(q.dtype)
+    v = tl.load(vc_ptr + block[:, None] * vc_sb + offset[:, None] * vc_st + kh * vc_sh + d[None, :], mask=kv_mask,
+                other=0.0)
+    if KV_FP8:
+        v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
@@ -127,7 +112,7 @@ def _paged_prefill_kernel(
     scale_log2, v_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-    V_WORDS: tl.constexpr, HEAVY_FIRST: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr,
 ):
     if HEAVY_FIRST:  # grid (heads, sequences, tiles), the last tile first
         h = tl.program_id(0)
@@ -161,11 +146,11 @@ def _paged_prefill_kernel(
     for n0 in range(0, full, BLOCK_N):
         m_i, l_i, acc = _attend(q, m_i, l_i, acc, n0, pos, hi, table, kc_ptr, vc_ptr, kh,
                                 kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, scale_log2,
-                                HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, PRECISION, KV_FP8, V_WORDS)
+                                HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, PRECISION, KV_FP8)
     for n0 in range(full, hi, BLOCK_N):
         m_i, l_i, acc = _attend(q, m_i, l_i, acc, n0, pos, hi, table, kc_ptr, vc_ptr, kh,
                                 kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, scale_log2,
-                                HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, PRECISION, KV_FP8, V_WORDS)
+                                HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, PRECISION, KV_FP8)
     out = acc / l_i[:, None]
     if KV_FP8:
         out = out * v_scale
@@ -221,7 +206,6 @@ def paged_prefill_attention(
         scale * k_scale * _LOG2E, kv_scale,
         GROUP=hq // hk, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         BLOCK_M=tuning.block_m, BLOCK_N=tuning.block_n, PRECISION=precision, KV_FP8=fp8,
-        V_WORDS=tuning.v_words and fp8 and query.is_cuda and query.dtype != torch.float32 and block_d == dim and readable_as_words(v_cache),
         HEAVY_FIRST=tuning.heavy_first, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     return out

@@ -349,25 +349,22 @@ def test_paged_prefill(dtype, case, kv_cache):
 
 
 @pytest.mark.parametrize("kv_cache", KV_CACHES)
-@pytest.mark.parametrize("variant", ["short", "long", "heavy_first", "v_words", "small_tiles"])
+@pytest.mark.parametrize("variant", ["short", "long", "heavy_first", "small_tiles"])
 def test_paged_prefill_tunings(kv_cache, variant):
     """Every launch configuration the engine can pick (the 16-bit short- and long-prompt
     tunings, whatever the dtype under test) and the other paths: the heavy-first grid order
-    alone, an fp8 V loaded as words, smaller tiles with other warps and stages."""
+    alone, smaller tiles with other warps and stages."""
     import dataclasses
 
     from kernels.paged_prefill_triton import LONG_QUERY, PrefillTuning, default_prefill_tuning
 
     dtype = DTYPES[0]
     fp8 = kv_cache == "fp8"
-    if variant == "v_words" and not (fp8 and torch.cuda.is_available()):
-        pytest.skip("V as words needs an fp8 cache on CUDA (elsewhere it is the long tuning again)")
     short = default_prefill_tuning(torch.bfloat16, fp8, 128, 1)
     long = default_prefill_tuning(torch.bfloat16, fp8, 128, LONG_QUERY)
     assert long != short
     tuning = {"short": short, "long": long,
               "heavy_first": dataclasses.replace(short, heavy_first=True),
-              "v_words": dataclasses.replace(long, v_words=True),
               "small_tiles": PrefillTuning(64, 32, 4, 3, heavy_first=True)}[variant]
     _check_prefill(dtype, (16, 32, 8, 128, [(200, 333), (2, 2), (64, 100), (129, 129)]), kv_cache, tuning)
 
