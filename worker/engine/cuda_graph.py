@@ -58,6 +58,14 @@ def capture_by_size(sizes, forward, pool) -> tuple[dict, dict, object]:
     return graphs, outputs, pool
 
 
+def smallest_holding(sizes, n: int, what: str) -> int:
+    """The smallest of the (ascending) captured ``sizes`` that holds ``n`` rows."""
+    for size in sizes:
+        if size >= n:
+            return size
+    raise ValueError(f"{what} of {n} exceeds the largest captured size {sizes[-1]}")
+
+
 def capture_sizes(max_batch_size: int) -> list[int]:
     """1, 2, 4, 8, then every multiple of 16 up to ``max_batch_size`` (itself included)."""
     sizes = [s for s in (1, 2, 4, 8) if s < max_batch_size]
@@ -115,10 +123,7 @@ class DecodeGraphs:
         return model.compute_logits(model(ids, self._inputs[_POS, :size], kv_cache, meta))
 
     def bucket(self, batch_size: int) -> int:
-        for size in self.sizes:
-            if size >= batch_size:
-                return size
-        raise ValueError(f"batch of {batch_size} exceeds the largest captured size {self.max_batch_size}")
+        return smallest_holding(self.sizes, batch_size, "batch")
 
     def run(
         self,
@@ -201,7 +206,7 @@ class PrefillGraphs:
         self.max_tokens = self.sizes[-1]
         width = -(-max_blocks_per_seq // 16) * 16
         device = kv_cache.device
-        # host mirrors: rows ids, positions, slots; then query length, context length, logit row
+        # host mirrors: rows _IDS, _POS, _SLOTS; then query length, context length, logit row (and padding)
         self._host = torch.zeros((3, self.max_tokens), dtype=torch.int32).pin_memory()
         self._host_meta = torch.zeros(4, dtype=torch.int32).pin_memory()
         self._host_table = torch.zeros((1, width), dtype=torch.int32).pin_memory()
@@ -216,13 +221,13 @@ class PrefillGraphs:
     def _metadata(self, size: int) -> AttentionMetadata:
         prefill = PrefillBatch(query_start=self._zero, query_lens=self._meta[0:1], context_lens=self._meta[1:2],
                                block_tables=self._table, max_query_len=size)
-        return AttentionMetadata(slot_mapping=self._inputs[2, :size], block_tables=self._table, context_lens=[],
+        return AttentionMetadata(slot_mapping=self._inputs[_SLOTS, :size], block_tables=self._table, context_lens=[],
                                  query_lens=[], prefill=prefill)
 
     @torch.inference_mode()
     def _capture(self, model: LlamaForCausalLM, kv_cache: torch.Tensor, pool) -> None:
         start = time.perf_counter()
-        self._inputs[2].fill_(-1)  # nothing is written to the cache while capturing
+        self._inputs[_SLOTS].fill_(-1)  # nothing is written to the cache while capturing
         self._meta.copy_(torch.tensor([1, 1, 0, 0], dtype=torch.int32))  # a one-token prompt: reads one cache row
         self._graphs, self._logits, _ = capture_by_size(
             self.sizes, lambda size: self._forward(model, kv_cache, size, self._metadata(size)), pool)
@@ -230,16 +235,12 @@ class PrefillGraphs:
                     len(self.sizes), list(self.sizes), time.perf_counter() - start)
 
     def _forward(self, model: LlamaForCausalLM, kv_cache: torch.Tensor, size: int, meta: AttentionMetadata):
-        ids = fill_placeholders(self._inputs[0, :size], self._previous_tokens)
-        hidden = model(ids, self._inputs[1, :size], kv_cache, meta)
+        ids = fill_placeholders(self._inputs[_IDS, :size], self._previous_tokens)
+        hidden = model(ids, self._inputs[_POS, :size], kv_cache, meta)
         return model.compute_logits(hidden.index_select(0, self._meta[2:3]))
 
-    def bucket(self, num_tokens: int) -> int | None:
-        """The smallest bucket holding ``num_tokens``, or None when there is none."""
-        for size in self.sizes:
-            if size >= num_tokens:
-                return size
-        return None
+    def bucket(self, num_tokens: int) -> int:
+        return smallest_holding(self.sizes, num_tokens, "prefill")
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], context_len: int,
             block_table: list[int]) -> torch.Tensor:
@@ -248,15 +249,13 @@ class PrefillGraphs:
         its last token, ``[1, V]`` (graph memory: read it before the next replay)."""
         n = len(input_ids)
         size = self.bucket(n)
-        if size is None:
-            raise ValueError(f"a prefill of {n} tokens exceeds the largest graph bucket {self.max_tokens}")
         self._copied.synchronize()  # the previous replay's copies have left the host mirrors
         host = self._np
-        host[0, :n] = input_ids
-        host[1, :n] = positions
-        host[2, :n] = slots
-        host[:2, n:size] = 0
-        host[2, n:size] = -1
+        host[_IDS, :n] = input_ids
+        host[_POS, :n] = positions
+        host[_SLOTS, :n] = slots
+        host[:, n:size] = 0
+        host[_SLOTS, n:size] = -1
         self._np_meta[:3] = (n, context_len, n - 1)
         self._np_table[0, : len(block_table)] = block_table
         self._inputs.copy_(self._host, non_blocking=True)  # a few KB: whole, contiguous copies
