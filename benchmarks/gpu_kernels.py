@@ -94,14 +94,24 @@ def paged_setup(batch: int, ctx: int):
 DECODE_CASES = "1x256,1x4096,16x1024,64x640,64x2048,256x700"
 
 
-def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "", ahead_arg: str = "") -> None:
+def decode_case(batch: int, lo: int, ctx: int):
+    """A decode case's contexts (uniform in [lo, ctx], seeded by the batch size) as a list and
+    as the kernel's lengths, its query rows and its label."""
+    rng = random.Random(batch)
+    ctx_list = [rng.randint(lo, ctx) for _ in range(batch)]
+    lens = torch.tensor(ctx_list, dtype=torch.int32, device=DEV)
+    rows = torch.arange(batch, device=DEV, dtype=torch.int32)
+    shape = f"B={batch} ctx={ctx}" if lo == ctx else f"B={batch} ctx={lo}-{ctx}"
+    return ctx_list, lens, rows, shape
+
+
+def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "") -> None:
     """Decode attention over a bf16 and an fp8 (e4m3) cache, each with its default tuning
     (``--sweep``: the best three of a grid, and the default; ``--decode-splits``: the default
-    tuning at each of these split counts too; ``--decode-ahead``: with its block-table loads
-    this many tiles ahead, at 2 and 3 stages)."""
+    tuning at each of these split counts too). Single launches: small batches read slow here
+    (launch-bound); ``decode_graph`` times the kernel as the engine runs it."""
     cases = [parse_case(case) for case in cases_arg.split(",")]
     split_counts = [int(x) for x in splits_arg.split(",") if x]
-    ahead_counts = [int(x) for x in ahead_arg.split(",") if x]
     for cache_dtype in (BF16, torch.float8_e4m3fn):
         fp8 = cache_dtype != BF16
         default = FP8_TUNING if fp8 else DEFAULT_TUNING
@@ -114,12 +124,8 @@ def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "
             k, v = k.to(cache_dtype), v.to(cache_dtype)
             q = torch.randn(batch, HQ, D, device=DEV, dtype=BF16)
             out = torch.empty_like(q)
-            rng = random.Random(batch)
-            ctx_list = [rng.randint(lo, ctx) for _ in range(batch)]
-            lens = torch.tensor(ctx_list, dtype=torch.int32, device=DEV)
-            rows = torch.arange(batch, device=DEV, dtype=torch.int32)
+            ctx_list, lens, rows, shape = decode_case(batch, lo, ctx)
             nbytes = sum(ctx_list) * HK * D * 2 * k.element_size()
-            shape = f"B={batch} ctx={ctx}" if lo == ctx else f"B={batch} ctx={lo}-{ctx}"
             ref = None
             if batch * ctx <= 64 * 1024 and not fp8:
                 ref = ms(lambda: paged_attention_ref(q, k, v, table.long(), ctx_list, [1] * batch, D**-0.5))
@@ -138,11 +144,6 @@ def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "
                 order = torch.from_numpy(longest_first(ctx_list)).to(DEV)
                 t = ms(lambda: paged_decode_attention(q, k, v, table, lens, rows, D**-0.5, out, order=order))
                 row(name, shape, t, nbytes=nbytes, note="default tuning, launched longest first (one split only)")
-            for ahead in ahead_counts:
-                for stages in (2, 3):
-                    tuning = dataclasses.replace(default, table_ahead=ahead, num_stages=stages)
-                    t = ms(lambda: paged_decode_attention(q, k, v, table, lens, rows, D**-0.5, out, tuning=tuning))
-                    row(name, shape, t, nbytes=nbytes, note=f"table_ahead={ahead} stages={stages}")
             for splits in split_counts:
                 t = ms(lambda: paged_decode_attention(q, k, v, table, lens, rows, D**-0.5, out, num_splits=splits))
                 row(name, shape, t, nbytes=nbytes, note=f"default tuning, {splits} splits")
@@ -164,12 +165,8 @@ def bench_decode_graph(cases_arg: str, ahead_arg: str, variants_arg: str = "", r
     replayed in turn, ``rounds`` times after a warm-up, and each gets the median of its
     replays: measured one after the other, whichever came first ran slower (~7 %)."""
     for batch, lo, ctx in (parse_case(c) for c in cases_arg.split(",")):
-        rng = random.Random(batch)
-        ctx_list = [rng.randint(lo, ctx) for _ in range(batch)]
-        lens = torch.tensor(ctx_list, dtype=torch.int32, device=DEV)
-        rows = torch.arange(batch, device=DEV, dtype=torch.int32)
+        ctx_list, lens, rows, shape = decode_case(batch, lo, ctx)
         order = torch.from_numpy(longest_first(ctx_list)).to(DEV)
-        shape = f"B={batch} ctx={ctx}" if lo == ctx else f"B={batch} ctx={lo}-{ctx}"
         for cache_dtype in (BF16, torch.float8_e4m3fn):
             fp8 = cache_dtype != BF16
             layers = [paged_setup(batch, ctx) for _ in range(32)]
@@ -264,8 +261,6 @@ def prefill_tunings(lens: list[int], sweep: bool) -> None:
         tunings = [default, other, dataclasses.replace(default, heavy_first=not default.heavy_first),
                    PrefillTuning(64, 64, 4, 3), PrefillTuning(64, 64, 4, 2), PrefillTuning(128, 64, 8, 2),
                    PrefillTuning(128, 64, 4, 3)]
-        if fp8:
-            tunings += [dataclasses.replace(t, v_words=True) for t in tunings]
         tunings = list(dict.fromkeys(tunings))
         named = len(tunings)
         if sweep:
@@ -284,7 +279,7 @@ def prefill_tunings(lens: list[int], sweep: bool) -> None:
         for t, tuning, _ in keep:
             row(f"paged prefill {'fp8' if fp8 else 'bf16'}", shape, t, flops=flops,
                 note=f"bm={tuning.block_m} bn={tuning.block_n} w={tuning.num_warps} st={tuning.num_stages} "
-                     f"heavy_first={tuning.heavy_first} v_words={tuning.v_words}" + (" (default)" if tuning == default else ""))
+                     f"heavy_first={tuning.heavy_first}" + (" (default)" if tuning == default else ""))
 
 
 def bench_elementwise() -> None:
@@ -317,7 +312,7 @@ def main() -> None:
     parser.add_argument("--decode-cases", default=DECODE_CASES,
                         help="batch x context of the decode rows: BxC, or BxLO-HI for contexts uniform in [LO, HI]")
     parser.add_argument("--decode-splits", default="", help="also time the default tuning at these split counts")
-    parser.add_argument("--decode-ahead", default="", help="also time block-table loads this many tiles ahead")
+    parser.add_argument("--decode-ahead", default="", help="decode_graph: also block-table loads this many tiles ahead")
     parser.add_argument("--decode-variants", default="",
                         help="decode_graph: also these tunings, BLOCK_N/WARPS/STAGES[/MAXNREG] comma-separated")
     parser.add_argument("--json", default=None)
@@ -325,7 +320,7 @@ def main() -> None:
     torch.manual_seed(0)
     random.seed(0)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    parts = {"gemm": bench_gemm, "decode": lambda: bench_decode(args.sweep, args.decode_cases, args.decode_splits, args.decode_ahead), "prefill": lambda: bench_prefill(args.sweep),
+    parts = {"gemm": bench_gemm, "decode": lambda: bench_decode(args.sweep, args.decode_cases, args.decode_splits), "prefill": lambda: bench_prefill(args.sweep),
              "decode_graph": lambda: bench_decode_graph(args.decode_cases, args.decode_ahead, args.decode_variants),
              "elementwise": bench_elementwise}
     for name in args.only.split(","):

@@ -229,8 +229,7 @@ def _split_locks(device: torch.device) -> torch.Tensor:
 
 def offsets_fit_int32(cache: torch.Tensor) -> bool:
     """Whether every element offset within ``cache`` fits int32: the kernel then computes
-    its gather addresses in 32-bit arithmetic (fewer instructions per key; the fp8 kernel
-    is bound by instructions, not memory)."""
+    its gather addresses in 32-bit arithmetic (fewer instructions and registers per key)."""
     return sum((size - 1) * stride for size, stride in zip(cache.shape, cache.stride())) < 2**31
 
 
