@@ -27,3 +27,18 @@ def test_decode_buckets_cover_every_batch_size():
 def test_prefill_buckets_stop_at_the_step_limit(limit, expected):
     """No bucket above the first that holds the largest possible step: it could never run."""
     assert prefill_graph_sizes(limit) == expected
+
+
+def test_token_rows_pad_with_skipped_slots():
+    """A step's rows padded to its bucket: padding tokens 0 and slot -1 (nothing stored), also
+    where an earlier, longer step left its rows behind."""
+    import numpy as np
+
+    from worker.engine.cuda_graph import _CTX, _IDS, _POS, _SLOTS, fill_token_rows
+
+    host = np.full((5, 8), 7, dtype=np.int32)
+    fill_token_rows(host, [11, 12, 13], [0, 1, 2], [40, 41, 42], 6)
+    assert host[_IDS].tolist() == [11, 12, 13, 0, 0, 0, 7, 7]
+    assert host[_POS].tolist() == [0, 1, 2, 0, 0, 0, 7, 7]
+    assert host[_SLOTS].tolist() == [40, 41, 42, -1, -1, -1, 7, 7]
+    assert host[_CTX, 3:6].tolist() == [0, 0, 0]

@@ -58,6 +58,17 @@ def capture_by_size(sizes, forward, pool) -> tuple[dict, dict, object]:
     return graphs, outputs, pool
 
 
+def fill_token_rows(host, input_ids: list[int], positions: list[int], slots: list[int], size: int) -> None:
+    """Rows ``_IDS``, ``_POS``, ``_SLOTS`` of a host mirror for ``len(input_ids)`` real rows
+    padded to ``size``: every row of the padding zeroed, its slot -1 (nothing is stored)."""
+    n = len(input_ids)
+    host[_IDS, :n] = input_ids
+    host[_POS, :n] = positions
+    host[_SLOTS, :n] = slots
+    host[:, n:size] = 0
+    host[_SLOTS, n:size] = -1
+
+
 def smallest_holding(sizes, n: int, what: str) -> int:
     """The smallest of the (ascending) captured ``sizes`` that holds ``n`` rows."""
     for size in sizes:
@@ -141,12 +152,8 @@ class DecodeGraphs:
         size = self.bucket(batch)
         self._copied.synchronize()  # the previous step's copies have left the host mirrors
         host = self._np
-        host[_IDS, :batch] = input_ids
-        host[_POS, :batch] = positions
-        host[_SLOTS, :batch] = slots
+        fill_token_rows(host, input_ids, positions, slots, size)
         host[_CTX, :batch] = context_lens
-        host[:, batch:size] = 0
-        host[_SLOTS, batch:size] = -1
         host[_ORDER, :size] = longest_first(host[_CTX, :size])
         for i, table in enumerate(block_tables):
             have = self._row_len[i] if self._row_source[i] is table else 0
@@ -250,12 +257,7 @@ class PrefillGraphs:
         n = len(input_ids)
         size = self.bucket(n)
         self._copied.synchronize()  # the previous replay's copies have left the host mirrors
-        host = self._np
-        host[_IDS, :n] = input_ids
-        host[_POS, :n] = positions
-        host[_SLOTS, :n] = slots
-        host[:, n:size] = 0
-        host[_SLOTS, n:size] = -1
+        fill_token_rows(self._np, input_ids, positions, slots, size)
         self._np_meta[:3] = (n, context_len, n - 1)
         self._np_table[0, : len(block_table)] = block_table
         self._inputs.copy_(self._host, non_blocking=True)  # a few KB: whole, contiguous copies
