@@ -12,8 +12,7 @@ Needs a Triton with its NVIDIA backend (ptxas, nvdisasm), e.g. the wheel that
 CUDA builds of torch install; the CPU build of torch does not bring one.
 
 Usage: python benchmarks/decode_sass.py [--kernel decode|prefill [--long]] [--cache bf16|fp8]
-       [--block-n 64] [--warps 4] [--stages 2]
-       [--table-ahead 0] [--maxnreg 96] [--offsets-i64] [--no-v-words] [--sass out.sass]
+       [--tuning 64/4/2[/96][+v][+h]] [--maxnreg N (prefill)] [--offsets-i64] [--no-v-words] [--sass out.sass]
 
 Besides the instruction counts it prints the registers a thread holds, spill
 instructions and the programs an H100 SM can hold at once (the occupancy ncu
@@ -34,7 +33,14 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from kernels.paged_decode_triton import DEFAULT_TUNING, FP8_TUNING, _paged_decode_kernel
+from kernels.paged_decode_triton import (
+    DEFAULT_TUNING,
+    FP8_TUNING,
+    DecodeTuning,
+    _paged_decode_kernel,
+    format_decode_tuning,
+    parse_decode_tuning,
+)
 from kernels.paged_prefill_triton import LONG_QUERY, PrefillTuning, _paged_prefill_kernel, default_prefill_tuning
 
 POINTERS = {"q_ptr": "*bf16", "bt_ptr": "*i32", "ctx_ptr": "*i32", "rows_ptr": "*i32", "order_ptr": "*i32", "out_ptr": "*bf16",
@@ -72,14 +78,17 @@ def compile_sm90(kernel, constexprs: dict, pointers: dict, cache: str, warps: in
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_decode(cache: str, block_n: int, warps: int, stages: int, offsets_i32: bool, v_words: bool,
-                   table_ahead: int = 0, maxnreg: int | None = None):
-    """The decode kernel at Llama-3-8B's decode shape (32/8 heads, d 128, 16-token blocks, one split)."""
+def compile_decode(cache: str, tuning: DecodeTuning, offsets_i32: bool, v_words: bool):
+    """The decode kernel at Llama-3-8B's decode shape (32/8 heads, d 128, 16-token blocks, one
+    split), constexprs as ``paged_decode_attention`` sets them."""
     fp8 = cache == "fp8"
-    constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=block_n, NUM_SPLITS=1,
-                      PRECISION="tf32", KV_FP8=fp8, USE_PDL=False, OFFSETS_I32=offsets_i32, V_WORDS=fp8 and v_words,
-                      ORDERED=True, TABLE_AHEAD=table_ahead)
-    return compile_sm90(_paged_decode_kernel, constexprs, POINTERS, cache, warps, stages, maxnreg)
+    v_ahead = fp8 and v_words and tuning.v_ahead
+    constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=tuning.block_n,
+                      NUM_SPLITS=1, PRECISION="tf32", KV_FP8=fp8, USE_PDL=False, OFFSETS_I32=offsets_i32,
+                      V_WORDS=fp8 and v_words, ORDERED=True, TABLE_AHEAD=2 if v_ahead else tuning.table_ahead,
+                      V_AHEAD=v_ahead, HEADS_INNER=tuning.heads_inner)
+    return compile_sm90(_paged_decode_kernel, constexprs, POINTERS, cache, tuning.num_warps, tuning.num_stages,
+                        tuning.max_registers)
 
 
 def compile_prefill(cache: str, tuning: PrefillTuning, maxnreg: int | None = None):
@@ -130,13 +139,12 @@ def main() -> None:
     parser.add_argument("--kernel", choices=("decode", "prefill"), default="decode")
     parser.add_argument("--long", action="store_true", help="prefill: the long-prompt tuning (else the short one)")
     parser.add_argument("--cache", choices=("bf16", "fp8"), default="fp8")
-    parser.add_argument("--block-n", type=int, default=None, help="default: the cache's default tuning (also below)")
-    parser.add_argument("--warps", type=int, default=None)
-    parser.add_argument("--stages", type=int, default=None)
+    parser.add_argument("--tuning", default=None, metavar="BN/W/ST[/MAXNREG][+FLAG...]",
+                        help="decode: e.g. 64/4/2/96+v (kernels.paged_decode_triton.parse_decode_tuning); "
+                             "default: the cache's default tuning")
     parser.add_argument("--offsets-i64", action="store_true", help="64-bit gather offsets (a cache over 2**31 elements)")
     parser.add_argument("--no-v-words", action="store_true", help="fp8: convert V after its shared-memory read")
-    parser.add_argument("--table-ahead", type=int, default=None, help="block-table loads this many tiles ahead")
-    parser.add_argument("--maxnreg", type=int, default=None, help="cap the registers a thread may hold")
+    parser.add_argument("--maxnreg", type=int, default=None, help="prefill: cap the registers a thread may hold")
     parser.add_argument("--sass", default=None, help="also write the SASS here")
     args = parser.parse_args()
     if args.kernel == "prefill":
@@ -145,14 +153,11 @@ def main() -> None:
         report(compiled, f"prefill, {args.cache} cache, {prefill}", prefill.num_warps, args.sass)
         return
     tuning = FP8_TUNING if args.cache == "fp8" else DEFAULT_TUNING
-    for name in ("block_n", "num_stages", "num_warps", "table_ahead", "max_registers"):
-        arg = {"num_stages": "stages", "num_warps": "warps", "max_registers": "maxnreg"}.get(name, name)
-        if getattr(args, arg) is None:
-            setattr(args, arg, getattr(tuning, name))
-    compiled = compile_decode(args.cache, args.block_n, args.warps, args.stages, not args.offsets_i64,
-                              not args.no_v_words, args.table_ahead, args.maxnreg)
-    report(compiled, f"{args.cache} cache, {args.block_n}-key tiles, {args.warps} warps, {args.stages} stages, "
-           f"{'64' if args.offsets_i64 else '32'}-bit offsets", args.warps, args.sass)
+    if args.tuning:
+        tuning = parse_decode_tuning(args.tuning, tuning)
+    compiled = compile_decode(args.cache, tuning, not args.offsets_i64, not args.no_v_words)
+    report(compiled, f"{args.cache} cache, tuning {format_decode_tuning(tuning)}, "
+           f"{'64' if args.offsets_i64 else '32'}-bit offsets", tuning.num_warps, args.sass)
 
 
 def report(compiled, label: str, warps: int, sass_path: str | None) -> None:

@@ -31,6 +31,7 @@ Usage: python benchmarks/gpu_bench.py [--json out.json] [--hf none|eager|all] [-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -450,6 +451,12 @@ def main() -> None:
                         help="KV cache of the engine: auto (bf16) or fp8_e4m3 (default %(default)s)")
     parser.add_argument("--offline-fp8", action="store_true",
                         help="then run the offline workload again on an engine with an fp8 KV cache")
+    parser.add_argument("--fp8-decode-variants", default="", metavar="BN/W/ST[/MAXNREG],...",
+                        help="with --offline-fp8: then the fp8 offline run again on a new engine for each of these "
+                             "fp8 decode-attention tunings (kernels.paged_decode_triton.FP8_TUNING), and the default "
+                             "once more last")
+    parser.add_argument("--fp8-only", action="store_true",
+                        help="no transformers and no bf16-cache engine: only the --offline-fp8 runs")
     parser.add_argument("--profile", action="store_true", help="profile decode steps at batch 1, 64 and 256 first")
     parser.add_argument("--profile-mixed", type=int, default=0, metavar="STEPS",
                         help="profile the first STEPS mixed steps of the offline workload first")
@@ -458,14 +465,19 @@ def main() -> None:
     parser.add_argument("--hf-compile-timeout", type=int, default=300, help="seconds for the compiled transformers run")
     parser.add_argument("--hf-generate-batch-timeout", type=int, default=300, help="seconds for generate_batch")
     parser.add_argument("--hf-only", choices=("compiled", "generate_batch"), default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--prefill-cuda-graphs", action="store_true",
-                        help="replay CUDA graphs for lone prefills of up to 512 tokens (EngineConfig.prefill_cuda_graphs)")
+    parser.add_argument("--no-prefill-cuda-graphs", action="store_true",
+                        help="prefill lone prompts eagerly (EngineConfig.prefill_cuda_graphs off)")
     parser.add_argument("--no-gc-freeze", action="store_true",
                         help="leave the startup heap to the garbage collector (a worker process freezes it)")
     parser.add_argument("--json", default=None, help="write all results here")
     args = parser.parse_args()
+    if (args.fp8_only or args.fp8_decode_variants) and not args.offline_fp8:
+        parser.error("--fp8-only and --fp8-decode-variants need --offline-fp8")
+    if args.fp8_only:
+        args.hf = "none"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
+    from kernels import paged_decode_triton
     from worker.engine.engine import LLMEngine
     from worker.models.config import ModelConfig
     from worker.models.loader import load_model_from_state_dict
@@ -515,56 +527,80 @@ def main() -> None:
         return LLMEngine(EngineConfig(
             model=str(model_dir), device="cuda", dtype="bfloat16", max_model_len=4096, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
-            kv_cache_dtype=kv_cache_dtype, prefill_cuda_graphs=args.prefill_cuda_graphs,
+            kv_cache_dtype=kv_cache_dtype, prefill_cuda_graphs=not args.no_prefill_cuda_graphs,
         ), model=ours)
 
-    elapsed, engine = timed(lambda: build_engine(args.kv_cache_dtype))
-    if not args.no_gc_freeze:
-        freeze_startup_heap()  # as a worker process does once its engine is up
-    results["kvmesh_init_s"] = elapsed
-    results["kv_blocks"] = engine.runner.num_blocks
-    results["kv_tokens"] = engine.runner.num_blocks * engine.config.block_size
-    print(f"kvmesh engine ready in {elapsed:.0f} s: {results['kv_blocks']} KV blocks, {results['kv_tokens']} tokens", flush=True)
-    if args.profile:
-        results["profile"] = [profile_decode(engine, b, p) for b, p in ((1, 128), (64, 512), (256, 640))]
-        results["profile_prefill"] = profile_prefill(engine, 128)
-    if args.profile_mixed:
-        warm_up(engine, random.Random(5), "profmix-")
-        rng_mix = random.Random(7)  # not the offline workload's prompts: they would be cached for it
-        mix = [random_prompt(rng_mix, rng_mix.randint(128, 1024)) for _ in range(args.offline_requests)]
-        results["profile_mixed"] = profile_offline(engine, mix, args.profile_mixed)
-    run_kvmesh(engine, args, rng, results)
     step_bytes = decode_bytes_per_step(weights, embed, hf_cfg, 128 + 128)
     limit = bandwidth / step_bytes
     results["bandwidth_limit_b1_tok_s"] = limit
-    save()
-    if args.offline_fp8:
-        gc.unfreeze()  # frozen objects in cycles are never freed
-        del engine  # its KV pool and CUDA graphs go before the fp8 engine sizes its own
-        gc.collect()
-        torch.cuda.empty_cache()
-        elapsed, engine = timed(lambda: build_engine("fp8_e4m3"))
+    engine = None
+    if not args.fp8_only:
+        elapsed, engine = timed(lambda: build_engine(args.kv_cache_dtype))
         if not args.no_gc_freeze:
-            freeze_startup_heap()
-        results["kv_blocks_fp8"] = engine.runner.num_blocks
-        print(f"kvmesh engine with fp8 KV cache ready in {elapsed:.0f} s: {results['kv_blocks_fp8']} KV blocks", flush=True)
-        run_offline_fp8(engine, args, rng, results)
+            freeze_startup_heap()  # as a worker process does once its engine is up
+        results["kvmesh_init_s"] = elapsed
+        results["kv_blocks"] = engine.runner.num_blocks
+        results["kv_tokens"] = engine.runner.num_blocks * engine.config.block_size
+        print(f"kvmesh engine ready in {elapsed:.0f} s: {results['kv_blocks']} KV blocks, {results['kv_tokens']} tokens", flush=True)
+        if args.profile:
+            results["profile"] = [profile_decode(engine, b, p) for b, p in ((1, 128), (64, 512), (256, 640))]
+            results["profile_prefill"] = profile_prefill(engine, 128)
+        if args.profile_mixed:
+            warm_up(engine, random.Random(5), "profmix-")
+            rng_mix = random.Random(7)  # not the offline workload's prompts: they would be cached for it
+            mix = [random_prompt(rng_mix, rng_mix.randint(128, 1024)) for _ in range(args.offline_requests)]
+            results["profile_mixed"] = profile_offline(engine, mix, args.profile_mixed)
+        run_kvmesh(engine, args, rng, results)
         save()
+    if args.offline_fp8:
+        variants = [v for v in args.fp8_decode_variants.split(",") if v]
+        default_tuning = paged_decode_triton.FP8_TUNING
+        tunings = [None] + [paged_decode_triton.parse_decode_tuning(v, default_tuning) for v in variants]
+        if variants:
+            tunings.append(None)  # the default again: drift over the run shows as the two defaults' spread
+            results["kvmesh_offline_fp8_variants"] = []
+        for i, tuning in enumerate(tunings):
+            gc.unfreeze()  # frozen objects in cycles are never freed
+            engine = None  # its KV pool and CUDA graphs go before the fp8 engine sizes its own
+            gc.collect()
+            torch.cuda.empty_cache()
+            paged_decode_triton.FP8_TUNING = tuning or default_tuning  # read when the decode graphs are captured
+            elapsed, engine = timed(lambda: build_engine("fp8_e4m3"))
+            if not args.no_gc_freeze:
+                freeze_startup_heap()
+            results["kv_blocks_fp8"] = engine.runner.num_blocks
+            print(f"kvmesh engine with fp8 KV cache ready in {elapsed:.0f} s: {results['kv_blocks_fp8']} KV blocks; "
+                  f"decode tuning {paged_decode_triton.FP8_TUNING}", flush=True)
+            if i == 0:
+                run_offline_fp8(engine, args, rng, results)
+            else:
+                variant_results: dict = {}
+                run_offline_fp8(engine, args, random.Random(1000 + i), variant_results)
+                results["kvmesh_offline_fp8_variants"].append(
+                    {"tuning": dataclasses.asdict(paged_decode_triton.FP8_TUNING), **variant_results})
+            save()
+        paged_decode_triton.FP8_TUNING = default_tuning
+        if variants:
+            print("fp8 offline by decode tuning (same workload, new engine each):", flush=True)
+            print(f"  default {default_tuning}: {results['kvmesh_offline_fp8']:.0f} tok/s", flush=True)
+            for v in results["kvmesh_offline_fp8_variants"]:
+                print(f"  {v['tuning']}: {v['kvmesh_offline_fp8']:.0f} tok/s", flush=True)
     gc.unfreeze()
     if args.hf == "all":
-        del engine, ours
+        engine = ours = None
         gc.collect()
         torch.cuda.empty_cache()
         hf_in_subprocess(args, results, "compiled", args.hf_compile_timeout, "hf_static_compiled_b1_error")
         save()
     if args.hf_generate_batch:
         if args.hf != "all":
-            del engine, ours
+            engine = ours = None
             gc.collect()
             torch.cuda.empty_cache()
         hf_in_subprocess(args, results, "generate_batch", args.hf_generate_batch_timeout, "hf_generate_batch_error")
         save()
-    print_table(results, limit)
+    if not args.fp8_only:
+        print_table(results, limit)
 
 
 def print_table(r: dict, limit: float) -> None:

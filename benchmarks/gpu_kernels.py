@@ -29,7 +29,7 @@ from triton.testing import do_bench
 from kernels.activation import silu_and_mul_ref
 from kernels.activation_triton import silu_and_mul_triton
 from kernels.paged_attention import paged_attention_ref
-from kernels.paged_decode_triton import DEFAULT_TUNING, FP8_TUNING, DecodeTuning, paged_decode_attention
+from kernels.paged_decode_triton import DEFAULT_TUNING, FP8_TUNING, DecodeTuning, format_decode_tuning, paged_decode_attention, parse_decode_tuning
 from kernels.paged_prefill_triton import LONG_QUERY, PrefillTuning, default_prefill_tuning, paged_prefill_attention
 from kernels.rmsnorm import add_rms_norm_ref
 from kernels.rmsnorm_triton import rms_norm_triton
@@ -150,13 +150,6 @@ def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "
             del k, v
 
 
-def parse_variant(text: str, default: DecodeTuning) -> DecodeTuning:
-    """``BLOCK_N/WARPS/STAGES[/MAXNREG]``, e.g. ``32/4/2/72``: the default tuning with those."""
-    block_n, warps, stages, *cap = (int(x) for x in text.split("/"))
-    return dataclasses.replace(default, block_n=block_n, num_warps=warps, num_stages=stages,
-                               max_registers=cap[0] if cap else None)
-
-
 def bench_decode_graph(cases_arg: str, ahead_arg: str, variants_arg: str = "", rounds: int = 20) -> None:
     """Decode attention as the engine runs it: 32 launches, one per layer's own cache, inside
     one CUDA graph (no launch overhead, nothing left in L2); default tuning, and with the
@@ -176,13 +169,18 @@ def bench_decode_graph(cases_arg: str, ahead_arg: str, variants_arg: str = "", r
             default = FP8_TUNING if fp8 else DEFAULT_TUNING
             tunings = list(dict.fromkeys([default] + [dataclasses.replace(default, table_ahead=int(a), num_stages=st)
                                                       for a in ahead_arg.split(",") if a for st in (2, 3)]
-                                         + [parse_variant(v, default) for v in variants_arg.split(",") if v]))
+                                         + [parse_decode_tuning(v, default) for v in variants_arg.split(",") if v]))
             graphs = []
-            for tuning in tunings:
+            for tuning in list(tunings):
                 def step():
                     for k, v, t in layers:
                         paged_decode_attention(q, k, v, t, lens, rows, D**-0.5, out, tuning=tuning, order=order)
-                step()
+                try:
+                    step()
+                except Exception as e:  # a variant that does not compile: the others still run
+                    print(f"decode tuning {tuning}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    tunings.remove(tuning)
+                    continue
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
@@ -203,7 +201,8 @@ def bench_decode_graph(cases_arg: str, ahead_arg: str, variants_arg: str = "", r
                 row(f"paged decode {'fp8' if fp8 else 'bf16'} (graph)", shape, sorted(ts)[len(ts) // 2],
                     nbytes=sum(ctx_list) * HK * D * 2 * (1 if fp8 else 2),
                     note=f"block_n={tuning.block_n} warps={tuning.num_warps} stages={tuning.num_stages} "
-                         f"table_ahead={tuning.table_ahead} maxnreg={tuning.max_registers}"
+                         f"table_ahead={tuning.table_ahead} maxnreg={tuning.max_registers} "
+                         f"tuning={format_decode_tuning(tuning)}"
                          + (" (default)" if tuning == default else ""))
             del layers, graphs
 

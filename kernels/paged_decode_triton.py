@@ -24,6 +24,7 @@ normalisation.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -52,11 +53,49 @@ class DecodeTuning:
     table_ahead: int = 0
     """Tiles ahead of the one being read at which each program loads its block-table
     entries (0: just before the K/V loads that need them; 1 or 2)."""
+    v_ahead: bool = False
+    """fp8 V (read as words into registers, not through ``cp.async``): load the next tile's
+    words while this one is computed (the block table then runs two tiles ahead)."""
+    heads_inner: bool = False
+    """Launch a sequence's KV heads next to each other (grid ``(heads, batch, splits)``):
+    programs running together read neighbouring bytes of the same cache blocks."""
     max_registers: int | None = None
     """Registers a thread may hold (ptxas ``maxnreg``); None: the compiler's choice. The fp8
     kernel takes 111 at the default tuning, which leaves 4 programs (16 warps) an SM, and
     ncu finds it latency-bound at that occupancy; capped at 96 or 80 it compiles without
     spills to 5 programs an SM (``benchmarks/decode_sass.py --maxnreg``). Not timed yet."""
+
+
+_FLAGS = {"v": ("v_ahead", True), "h": ("heads_inner", True), "t1": ("table_ahead", 1), "t2": ("table_ahead", 2)}
+
+
+def parse_decode_tuning(text: str, base: DecodeTuning) -> DecodeTuning:
+    """``BLOCK_N/WARPS/STAGES[/MAXNREG][+FLAG...]``, e.g. ``32/4/2/72`` or ``64/4/2+v+h``:
+    ``base`` with those (flags: ``v`` v_ahead, ``h`` heads_inner, ``t1``/``t2`` table_ahead).
+    The benchmarks' way of naming a tuning on the command line; ``format_decode_tuning``
+    writes it."""
+    numbers, *flags = text.split("+")
+    try:
+        block_n, warps, stages, *cap = (int(x) for x in numbers.split("/"))
+    except ValueError:
+        raise ValueError(f"decode tuning {text!r}: expected BLOCK_N/WARPS/STAGES[/MAXNREG][+FLAG...], "
+                         "e.g. 64/4/2 or 32/4/2/72+v") from None
+    if len(cap) > 1:
+        raise ValueError(f"decode tuning {text!r}: at most four numbers, BLOCK_N/WARPS/STAGES[/MAXNREG]")
+    unknown = [f for f in flags if f not in _FLAGS]
+    if unknown:
+        raise ValueError(f"decode tuning {text!r}: unknown flag(s) {unknown}; allowed: {sorted(_FLAGS)}")
+    tuning = dataclasses.replace(base, block_n=block_n, num_warps=warps, num_stages=stages,
+                                 max_registers=cap[0] if cap else None, v_ahead=False, heads_inner=False, table_ahead=0)
+    return dataclasses.replace(tuning, **dict(_FLAGS[f] for f in flags))
+
+
+def format_decode_tuning(tuning: DecodeTuning) -> str:
+    """``tuning`` as ``parse_decode_tuning`` reads it (``waves`` left out)."""
+    text = f"{tuning.block_n}/{tuning.num_warps}/{tuning.num_stages}"
+    if tuning.max_registers:
+        text += f"/{tuning.max_registers}"
+    return text + "".join(f"+{flag}" for flag, (name, value) in _FLAGS.items() if getattr(tuning, name) == value)
 
 
 DEFAULT_TUNING = DecodeTuning()
@@ -78,19 +117,24 @@ little to pick a split-dependent tuning on."""
 @triton.jit
 def _paged_decode_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, rows_ptr, order_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, lock_ptr,
-    q_st, q_sh, kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, bt_sb, o_st, o_sh,
+    q_st, q_sh, kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, vw_sb, vw_st, vw_sh, bt_sb, o_st, o_sh,
     n_q_heads, n_kv_heads, scale_log2, v_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr, USE_PDL: tl.constexpr, OFFSETS_I32: tl.constexpr, V_WORDS: tl.constexpr,
-    ORDERED: tl.constexpr, TABLE_AHEAD: tl.constexpr,
+    ORDERED: tl.constexpr, TABLE_AHEAD: tl.constexpr, V_AHEAD: tl.constexpr, HEADS_INNER: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
-    if ORDERED:  # the programs start in grid order: the longest sequences first
-        b = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
+    if HEADS_INNER:
+        kh = tl.program_id(0)
+        seq = tl.program_id(1)
     else:
-        b = tl.program_id(0).to(tl.int64)
-    kh = tl.program_id(1)
+        seq = tl.program_id(0)
+        kh = tl.program_id(1)
+    if ORDERED:  # the programs start in grid order: the longest sequences first
+        b = tl.load(order_ptr + seq).to(tl.int64)
+    else:
+        b = seq.to(tl.int64)
     split = tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
     part = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -120,6 +164,9 @@ def _paged_decode_kernel(
         ahead0 = _tile_blocks(table, start, end, BLOCK_N, BLOCK_SIZE)
     if TABLE_AHEAD > 1:
         ahead1 = _tile_blocks(table, start + BLOCK_N, end, BLOCK_N, BLOCK_SIZE)
+    if V_AHEAD:  # (TABLE_AHEAD == 2)
+        words_next = _v_words(vc_ptr, ahead0, start, end, kh, vw_sb, vw_st, vw_sh, BLOCK_N, BLOCK_SIZE, BLOCK_D,
+                              OFFSETS_I32)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < end
@@ -132,12 +179,15 @@ def _paged_decode_kernel(
             block = ahead0
             ahead0 = ahead1
             ahead1 = _tile_blocks(table, n0 + 2 * BLOCK_N, end, BLOCK_N, BLOCK_SIZE)
+        if V_AHEAD:  # the next tile's V words are in flight while this tile is computed
+            words = words_next
+            words_next = _v_words(vc_ptr, ahead0, n0 + BLOCK_N, end, kh, vw_sb, vw_st, vw_sh, BLOCK_N, BLOCK_SIZE,
+                                  BLOCK_D, OFFSETS_I32)
         offset = n % BLOCK_SIZE
         if not OFFSETS_I32:
             block = block.to(tl.int64)
             offset = offset.to(tl.int64)
         k_row = block * kc_sb + offset * kc_st + kh * kc_sh
-        v_row = block * vc_sb + offset * vc_st + kh * vc_sh
         kv_mask = n_mask[:, None] & (d < HEAD_DIM)[None, :]
         k = tl.load(kc_ptr + k_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
         if KV_FP8:
@@ -149,11 +199,12 @@ def _paged_decode_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if V_WORDS:  # fp8 V read as int32 words, converted in registers (fp8_words_to_f16 says why)
-            w = tl.arange(0, BLOCK_D // 4)
-            words = tl.load(vc_ptr.to(tl.pointer_type(tl.int32)) + (v_row // 4)[:, None] + w[None, :],
-                            mask=n_mask[:, None], other=0)
+            if not V_AHEAD:
+                words = _v_words(vc_ptr, block, n0, end, kh, vw_sb, vw_st, vw_sh, BLOCK_N, BLOCK_SIZE, BLOCK_D,
+                                 OFFSETS_I32)
             v = fp8_words_to_f16(words, BLOCK_N, BLOCK_D)
         else:
+            v_row = block * vc_sb + offset * vc_st + kh * vc_sh
             v = tl.load(vc_ptr + v_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
             if KV_FP8:
                 v = v.to(q.dtype)
@@ -178,6 +229,22 @@ def _paged_decode_kernel(
             _merge_splits(m_ptr, l_ptr, acc_ptr, out_ptr, b, qh, row, n_q_heads, n_valid, o_st, o_sh, qd_mask, v_scale,
                           GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, NUM_SPLITS, KV_FP8)
             tl.atomic_xchg(lock, 0)  # ready for the next launch
+
+
+@triton.jit
+def _v_words(vc_ptr, block, n0, end, kh, vw_sb, vw_st, vw_sh, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+             BLOCK_D: tl.constexpr, OFFSETS_I32: tl.constexpr):
+    """The tile at ``n0``'s fp8 V rows as ``[BLOCK_N, BLOCK_D // 4]`` int32 words (0 past
+    ``end``); ``block`` are its keys' cache blocks. Word strides, not byte strides over 4:
+    the compiler then knows each row's alignment and loads four words an instruction."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    offset = n % BLOCK_SIZE
+    if not OFFSETS_I32:
+        block = block.to(tl.int64)
+        offset = offset.to(tl.int64)
+    w_row = block * vw_sb + offset * vw_st + kh * vw_sh
+    w = tl.arange(0, BLOCK_D // 4)
+    return tl.load(vc_ptr.to(tl.pointer_type(tl.int32)) + w_row[:, None] + w[None, :], mask=(n < end)[:, None], other=0)
 
 
 @triton.jit
@@ -317,19 +384,22 @@ def paged_decode_attention(
         require(batch * hk <= locks.numel(), f"{batch} sequences x {hk} KV heads exceed the decode kernel's counters")
     else:
         m = l = acc = locks = out  # unused
-    _paged_decode_kernel[(batch, hk, splits)](
+    v_words = fp8 and query.is_cuda and query.dtype != torch.float32 and block_d == dim and readable_as_words(v_cache)
+    v_ahead = v_words and tuning.v_ahead
+    _paged_decode_kernel[(hk, batch, splits) if tuning.heads_inner else (batch, hk, splits)](
         query, k_cache, v_cache, block_tables, context_lens, rows, rows if order is None else order, out, m, l, acc,
         locks,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *((v_cache.stride(i) // 4 for i in range(3)) if v_words else (0, 0, 0)),
         block_tables.stride(0), out.stride(0), out.stride(1),
         hq, hk, scale * k_scale * _LOG2E, kv_scale,
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), HEAD_DIM=dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=tuning.block_n, NUM_SPLITS=splits, PRECISION=precision, KV_FP8=fp8,
         OFFSETS_I32=offsets_fit_int32(k_cache) and offsets_fit_int32(v_cache),
-        V_WORDS=fp8 and query.is_cuda and query.dtype != torch.float32 and block_d == dim and readable_as_words(v_cache),
-        ORDERED=order is not None and splits == 1, TABLE_AHEAD=tuning.table_ahead,
+        V_WORDS=v_words, ORDERED=order is not None and splits == 1, TABLE_AHEAD=2 if v_ahead else tuning.table_ahead,
+        V_AHEAD=v_ahead, HEADS_INNER=tuning.heads_inner,
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_launch(query.device),
         **({"maxnreg": tuning.max_registers} if tuning.max_registers else {}),
     )

@@ -236,32 +236,18 @@ def test_paged_decode_fallback_paths(monkeypatch, kv_cache, fallback):
 
 
 @pytest.mark.parametrize("kv_cache", KV_CACHES)
-@pytest.mark.parametrize("table_ahead", [0, 1, 2])
-def test_paged_decode_table_ahead(kv_cache, table_ahead):
-    """Block-table entries read 0, 1 or 2 tiles ahead (``DecodeTuning.table_ahead``), with
-    contexts that end inside, at and just past a tile."""
-    import dataclasses
+@pytest.mark.parametrize("tuning", ["64/4/3+t1", "64/4/3+t2", "64/4/2+v", "32/4/2+v+h", "64/4/2+h", "64/4/2/80",
+                                    "32/4/2/72"])
+def test_paged_decode_tunings(kv_cache, tuning):
+    """Tunings besides the defaults (``parse_decode_tuning``): block-table entries read one or
+    two tiles ahead, fp8 V words loaded a tile ahead, KV heads innermost in the grid, register
+    caps (ptxas ``maxnreg``; the CPU interpreter ignores it); contexts that end inside, at and
+    just past a tile."""
+    from kernels.paged_decode_triton import DEFAULT_TUNING, parse_decode_tuning
 
-    from kernels.paged_decode_triton import DEFAULT_TUNING
-
-    tuning = dataclasses.replace(DEFAULT_TUNING, table_ahead=table_ahead, num_stages=3)
+    parsed = parse_decode_tuning(tuning, DEFAULT_TUNING)
     for splits in (1, 4):
-        _check_decode(DTYPES[0], splits, (16, 8, 2, 128, [1, 63, 64, 65, 200]), kv_cache, tuning)
-
-
-@pytest.mark.parametrize("kv_cache", KV_CACHES)
-@pytest.mark.parametrize("variant", [(64, 4, 2, 80), (32, 4, 2, 72)])
-def test_paged_decode_register_cap(kv_cache, variant):
-    """Tunings with a register cap (``DecodeTuning.max_registers``, ptxas ``maxnreg``; the
-    CPU interpreter ignores it), the candidates for more programs an SM."""
-    import dataclasses
-
-    from kernels.paged_decode_triton import DEFAULT_TUNING
-
-    block_n, warps, stages, cap = variant
-    tuning = dataclasses.replace(DEFAULT_TUNING, block_n=block_n, num_warps=warps, num_stages=stages, max_registers=cap)
-    for splits in (1, 4):
-        _check_decode(DTYPES[0], splits, (16, 32, 8, 128, [1, 31, 64, 65, 300]), kv_cache, tuning)
+        _check_decode(DTYPES[0], splits, (16, 32, 8, 128, [1, 31, 63, 64, 65, 200, 300]), kv_cache, parsed)
 
 
 def _check_decode(dtype, splits, case, kv_cache, tuning=None):

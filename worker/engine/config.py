@@ -64,12 +64,13 @@ class EngineConfig:
     enforce_eager: bool = False
     """On CUDA, run decode steps eagerly instead of replaying CUDA graphs."""
 
-    prefill_cuda_graphs: bool = False
+    prefill_cuda_graphs: bool = True
     """On CUDA (graphs on), also replay captured graphs for a step that prefills one sequence
     alone (up to 512 tokens): a lone short prompt's first token then waits on the GPU, not
     on ~320 Python launches (128-token prompt of an 8B model on an H100: 18-38 ms -> 7.2 ms).
-    Off until its GPU test (``tests/test_engine_gpu.py::test_lone_prefills_replay_graphs_equal_to_eager``)
-    has passed on real weights (docs/PERFORMANCE.md, "Not done")."""
+    Replays equal eager prefills bit for bit on SmolLM2 (``tests/test_engine_gpu.py::
+    test_lone_prefills_replay_graphs_equal_to_eager``, H100). The graphs share the decode
+    graphs' memory pool and need no more than a decode graph of the step's token limit."""
 
     num_kv_blocks: int | None = None
     """Exact number of KV blocks (tests use small pools to force preemption)."""
