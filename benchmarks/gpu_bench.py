@@ -31,7 +31,6 @@ Usage: python benchmarks/gpu_bench.py [--json out.json] [--hf none|eager|all] [-
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import logging
@@ -453,8 +452,8 @@ def main() -> None:
                         help="then run the offline workload again on an engine with an fp8 KV cache")
     parser.add_argument("--fp8-decode-variants", default="", metavar="BN/W/ST[/MAXNREG],...",
                         help="with --offline-fp8: then the fp8 offline run again on a new engine for each of these "
-                             "fp8 decode-attention tunings (kernels.paged_decode_triton.FP8_TUNING), and the default "
-                             "once more last")
+                             "fp8 decode-attention tunings (each at every batch size, in place of FP8_TUNING and "
+                             "FP8_MANY_TUNING), and the default once more last")
     parser.add_argument("--fp8-only", action="store_true",
                         help="no transformers and no bf16-cache engine: only the --offline-fp8 runs")
     parser.add_argument("--profile", action="store_true", help="profile decode steps at batch 1, 64 and 256 first")
@@ -554,8 +553,8 @@ def main() -> None:
         save()
     if args.offline_fp8:
         variants = [v for v in args.fp8_decode_variants.split(",") if v]
-        default_tuning = paged_decode_triton.FP8_TUNING
-        tunings = [None] + [paged_decode_triton.parse_decode_tuning(v, default_tuning) for v in variants]
+        defaults = (paged_decode_triton.FP8_TUNING, paged_decode_triton.FP8_MANY_TUNING)
+        tunings = [None] + [paged_decode_triton.parse_decode_tuning(v, defaults[0]) for v in variants]
         if variants:
             tunings.append(None)  # the default again: drift over the run shows as the two defaults' spread
             results["kvmesh_offline_fp8_variants"] = []
@@ -564,25 +563,27 @@ def main() -> None:
             engine = None  # its KV pool and CUDA graphs go before the fp8 engine sizes its own
             gc.collect()
             torch.cuda.empty_cache()
-            paged_decode_triton.FP8_TUNING = tuning or default_tuning  # read when the decode graphs are captured
+            # read when the decode graphs are captured; a variant runs at every batch size
+            paged_decode_triton.FP8_TUNING, paged_decode_triton.FP8_MANY_TUNING = (tuning, tuning) if tuning else defaults
+            name = paged_decode_triton.format_decode_tuning(tuning) if tuning else "default"
             elapsed, engine = timed(lambda: build_engine("fp8_e4m3"))
             if not args.no_gc_freeze:
                 freeze_startup_heap()
             results["kv_blocks_fp8"] = engine.runner.num_blocks
             print(f"kvmesh engine with fp8 KV cache ready in {elapsed:.0f} s: {results['kv_blocks_fp8']} KV blocks; "
-                  f"decode tuning {paged_decode_triton.FP8_TUNING}", flush=True)
+                  f"decode tuning {name}", flush=True)
             if i == 0:
                 run_offline_fp8(engine, args, rng, results)
             else:
                 variant_results: dict = {}
                 run_offline_fp8(engine, args, random.Random(1000 + i), variant_results)
-                results["kvmesh_offline_fp8_variants"].append(
-                    {"tuning": dataclasses.asdict(paged_decode_triton.FP8_TUNING), **variant_results})
+                results["kvmesh_offline_fp8_variants"].append({"tuning": name, **variant_results})
             save()
-        paged_decode_triton.FP8_TUNING = default_tuning
+        paged_decode_triton.FP8_TUNING, paged_decode_triton.FP8_MANY_TUNING = defaults
         if variants:
-            print("fp8 offline by decode tuning (same workload, new engine each):", flush=True)
-            print(f"  default {default_tuning}: {results['kvmesh_offline_fp8']:.0f} tok/s", flush=True)
+            print("fp8 offline by decode tuning (same workload, new engine each; default: "
+                  f"{' / '.join(paged_decode_triton.format_decode_tuning(t) for t in defaults)} by batch):", flush=True)
+            print(f"  default: {results['kvmesh_offline_fp8']:.0f} tok/s", flush=True)
             for v in results["kvmesh_offline_fp8_variants"]:
                 print(f"  {v['tuning']}: {v['kvmesh_offline_fp8']:.0f} tok/s", flush=True)
     gc.unfreeze()

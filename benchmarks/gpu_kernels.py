@@ -29,7 +29,13 @@ from triton.testing import do_bench
 from kernels.activation import silu_and_mul_ref
 from kernels.activation_triton import silu_and_mul_triton
 from kernels.paged_attention import paged_attention_ref
-from kernels.paged_decode_triton import DEFAULT_TUNING, FP8_TUNING, DecodeTuning, format_decode_tuning, paged_decode_attention, parse_decode_tuning
+from kernels.paged_decode_triton import (
+    DecodeTuning,
+    default_decode_tuning,
+    format_decode_tuning,
+    paged_decode_attention,
+    parse_decode_tuning,
+)
 from kernels.paged_prefill_triton import LONG_QUERY, PrefillTuning, default_prefill_tuning, paged_prefill_attention
 from kernels.rmsnorm import add_rms_norm_ref
 from kernels.rmsnorm_triton import rms_norm_triton
@@ -114,12 +120,13 @@ def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "
     split_counts = [int(x) for x in splits_arg.split(",") if x]
     for cache_dtype in (BF16, torch.float8_e4m3fn):
         fp8 = cache_dtype != BF16
-        default = FP8_TUNING if fp8 else DEFAULT_TUNING
-        tunings = [default]
-        if sweep:
-            tunings = [DecodeTuning(b, w, s) for b in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
-            tunings += [DecodeTuning(default.block_n, default.num_warps, default.num_stages, waves) for waves in (4, 8)]
         for batch, lo, ctx in cases:
+            default = default_decode_tuning(fp8, batch, HK, torch.device(DEV))
+            tunings = [default]
+            if sweep:
+                tunings = [DecodeTuning(b, w, s, heads_inner=True) for b in (32, 64, 128) for w in (2, 4, 8)
+                           for s in (2, 3)]
+                tunings += [dataclasses.replace(default, waves=waves) for waves in (4, 8)]
             k, v, table = paged_setup(batch, ctx)
             k, v = k.to(cache_dtype), v.to(cache_dtype)
             q = torch.randn(batch, HQ, D, device=DEV, dtype=BF16)
@@ -137,7 +144,7 @@ def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "
             name = f"paged decode {'fp8' if fp8 else 'bf16'}"
             for t, tuning in results[: 3 if sweep else 1]:
                 row(name, shape, t, nbytes=nbytes, ref=ref,
-                    note=f"block_n={tuning.block_n} warps={tuning.num_warps} stages={tuning.num_stages} waves={tuning.waves}")
+                    note=f"tuning={format_decode_tuning(tuning)} waves={tuning.waves}")
             if sweep:
                 row(name, shape, next(t for t, tu in results if tu == default), nbytes=nbytes, note="default tuning")
             if lo < ctx:  # what the engine's launch order gains over batch order
@@ -166,7 +173,7 @@ def bench_decode_graph(cases_arg: str, ahead_arg: str, variants_arg: str = "", r
             layers = [(k.to(cache_dtype), v.to(cache_dtype), t) for k, v, t in layers]
             q = torch.randn(batch, HQ, D, device=DEV, dtype=BF16)
             out = torch.empty_like(q)
-            default = FP8_TUNING if fp8 else DEFAULT_TUNING
+            default = default_decode_tuning(fp8, batch, HK, torch.device(DEV))
             tunings = list(dict.fromkeys([default] + [dataclasses.replace(default, table_ahead=int(a), num_stages=st)
                                                       for a in ahead_arg.split(",") if a for st in (2, 3)]
                                          + [parse_decode_tuning(v, default) for v in variants_arg.split(",") if v]))

@@ -98,20 +98,48 @@ def format_decode_tuning(tuning: DecodeTuning) -> str:
     return text + "".join(f"+{flag}" for flag, (name, value) in _FLAGS.items() if getattr(tuning, name) == value)
 
 
-DEFAULT_TUNING = DecodeTuning()
-FP8_TUNING = DEFAULT_TUNING
-"""An fp8 cache's default: the same as a 16-bit cache's since V is converted in registers
-(``benchmarks/gpu_kernels.py --sweep`` has the fp8 rows). Swept on an H100 (Llama-3-8B layer,
-32/8 heads, d 128): batch 256 x 700 tokens 162 us a layer (128-key tiles: 172; the bf16 cache:
-262; before the change: 190), batch 64 x 2048 119 us (3 stages: 124; before: 130).
+DEFAULT_TUNING = DecodeTuning(heads_inner=True)
+"""A 16-bit cache's tuning, and an fp8 cache's while few sequences share the card.
 
-Reading the block table a tile ahead (``table_ahead=1``, 3 stages) was measured as the engine
-runs the kernel, 32 layers in one CUDA graph, tunings replayed in turn (``gpu_kernels.py
---only decode_graph --decode-ahead 0,1``, H100): 158.0 against 162.2 us a layer at batch 256
-x 256-1152 tokens, but 158.8 against 151.0 at 256 x 700 and 142.2 against 110.1 at 64 x 2048
-(it costs 25 more registers: 3 programs an SM instead of 4); clearly faster only where the
-context is split (batch 16 x 1024: 20.9 against 27.1). Not the default: one small-batch case is too
-little to pick a split-dependent tuning on."""
+Measured as the engine runs the kernel (``gpu_kernels.py --only decode_graph``: 32 layers'
+launches in one CUDA graph, tunings replayed in turn; H100, Llama-3-8B layer, 32/8 heads,
+d 128, 16-token blocks). KV heads innermost in the grid (``heads_inner``): a sequence's
+eight programs run side by side and read the same cache blocks' neighbouring bytes. fp8,
+us a layer, 64/4/2 without -> with: 256 x 256-1152 tokens 162.3 -> 151.3, 256 x 700
+152.5 -> 152.2, 64 x 2048 108.2 -> 108.2, 16 x 1024 27.0 -> 26.7; bf16 251.5 -> 243.7,
+252.3 -> 248.8, 198.5 -> 197.9, 31.5 -> 31.4.
+
+Not kept: the block table read a tile ahead (``table_ahead``, 3 programs an SM instead of
+4: 256 x 700 158.8 against 151.0, 64 x 2048 142.2 against 110.1); fp8 V words loaded a
+tile ahead (``v_ahead``: 170.9 against 162.3 at 256 x 256-1152, K then no longer goes
+through ``cp.async``); register caps (``max_registers`` 96: 157.6 / 156.9 / 119.4 / 25.7)."""
+
+FP8_TUNING = DEFAULT_TUNING
+
+FP8_MANY_TUNING = DecodeTuning(block_n=32, num_warps=2, num_stages=2, heads_inner=True)
+"""An fp8 cache's tuning when the grid fills every SM's program slots at least once
+(``MANY_PROGRAMS_PER_SM``): small programs (2 warps, 32-key tiles, 110 registers, 21 KB
+of shared memory: 9 an SM, 18 warps, against 4 programs of 4 warps) keep more loads in
+flight. Same harness: 256 x 256-1152 141.1 us (64/4/2+h: 151.3), 256 x 700 144.0 (152.2),
+but 64 x 2048 133.3 (108.2) and 16 x 1024 32.0 (26.7), where the grid leaves most slots
+empty. Offline fp8 run (``gpu_bench.py --offline-fp8 --fp8-only --fp8-decode-variants``):
+9,446 tok/s against 9,112 / 9,249 (64/4/2, before and after)."""
+
+MANY_PROGRAMS_PER_SM = 9
+"""Programs of ``FP8_MANY_TUNING`` an H100 SM holds (``benchmarks/decode_sass.py --tuning
+32/2/2+h``); from ``batch * kv_heads >= MANY_PROGRAMS_PER_SM * SMs`` programs it is chosen."""
+
+
+def default_decode_tuning(fp8: bool, batch: int, kv_heads: int, device: torch.device) -> DecodeTuning:
+    """The tuning ``paged_decode_attention`` takes when given none."""
+    if fp8 and batch * kv_heads >= MANY_PROGRAMS_PER_SM * num_sms(device):
+        return FP8_MANY_TUNING
+    return FP8_TUNING if fp8 else DEFAULT_TUNING
+
+
+def default_tuning_batches(kv_heads: int, device: torch.device) -> tuple[int, ...]:
+    """Batch sizes that between them select every default tuning (for warm-up compiles)."""
+    return (1, -(-MANY_PROGRAMS_PER_SM * num_sms(device) // kv_heads))
 
 
 @triton.jit
@@ -341,7 +369,7 @@ def paged_decode_attention(
     ``rows`` ``[B]`` int32/int64; caches ``[blocks, block_size, Hk, D]``.
     ``num_splits`` defaults to ``choose_num_splits(B, Hk, W * block_size)``. The caches
     hold the query's dtype, or float8_e4m3fn read as ``stored * kv_scale``. ``tuning``
-    defaults to ``DEFAULT_TUNING``, ``FP8_TUNING`` for an fp8 cache.
+    defaults to ``default_decode_tuning`` (by cache dtype and grid size).
 
     ``order`` ``[B]`` int32, a permutation of ``0..B-1``: the order in which the
     sequences' programs are launched (``worker.models.attention.longest_first`` gives the
@@ -368,7 +396,7 @@ def paged_decode_attention(
     if batch == 0:
         return out
     fp8 = is_fp8(k_cache.dtype)
-    tuning = tuning or (FP8_TUNING if fp8 else DEFAULT_TUNING)
+    tuning = tuning or default_decode_tuning(fp8, batch, hk, query.device)
     splits = num_splits or choose_num_splits(batch, hk, block_tables.shape[1] * block_size, query.device, tuning)
     require(splits == next_pow2(splits) and splits <= MAX_SPLITS, f"num_splits must be a power of two <= {MAX_SPLITS}, got {splits}")
     require(kv_scale > 0, f"kv_scale must be > 0, got {kv_scale}")
