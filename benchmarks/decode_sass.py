@@ -12,7 +12,7 @@ Needs a Triton with its NVIDIA backend (ptxas, nvdisasm), e.g. the wheel that
 CUDA builds of torch install; the CPU build of torch does not bring one.
 
 Usage: python benchmarks/decode_sass.py [--kernel decode|prefill [--long]] [--cache bf16|fp8]
-       [--tuning 64/4/2[/96][+v][+h]] [--maxnreg N (prefill)] [--offsets-i64] [--no-v-words] [--sass out.sass]
+       [--tuning 64/4/2[+h]] [--maxnreg N (prefill)] [--offsets-i64] [--no-v-words] [--sass out.sass]
 
 Besides the instruction counts it prints the registers a thread holds, spill
 instructions and the programs an H100 SM can hold at once (the occupancy ncu
@@ -82,13 +82,10 @@ def compile_decode(cache: str, tuning: DecodeTuning, offsets_i32: bool, v_words:
     """The decode kernel at Llama-3-8B's decode shape (32/8 heads, d 128, 16-token blocks, one
     split), constexprs as ``paged_decode_attention`` sets them."""
     fp8 = cache == "fp8"
-    v_ahead = fp8 and v_words and tuning.v_ahead
     constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=tuning.block_n,
                       NUM_SPLITS=1, PRECISION="tf32", KV_FP8=fp8, USE_PDL=False, OFFSETS_I32=offsets_i32,
-                      V_WORDS=fp8 and v_words, ORDERED=True, TABLE_AHEAD=2 if v_ahead else tuning.table_ahead,
-                      V_AHEAD=v_ahead, HEADS_INNER=tuning.heads_inner)
-    return compile_sm90(_paged_decode_kernel, constexprs, POINTERS, cache, tuning.num_warps, tuning.num_stages,
-                        tuning.max_registers)
+                      V_WORDS=fp8 and v_words, ORDERED=True, HEADS_INNER=tuning.heads_inner)
+    return compile_sm90(_paged_decode_kernel, constexprs, POINTERS, cache, tuning.num_warps, tuning.num_stages)
 
 
 def compile_prefill(cache: str, tuning: PrefillTuning, maxnreg: int | None = None):
@@ -139,8 +136,8 @@ def main() -> None:
     parser.add_argument("--kernel", choices=("decode", "prefill"), default="decode")
     parser.add_argument("--long", action="store_true", help="prefill: the long-prompt tuning (else the short one)")
     parser.add_argument("--cache", choices=("bf16", "fp8"), default="fp8")
-    parser.add_argument("--tuning", default=None, metavar="BN/W/ST[/MAXNREG][+FLAG...]",
-                        help="decode: e.g. 64/4/2/96+v (kernels.paged_decode_triton.parse_decode_tuning); "
+    parser.add_argument("--tuning", default=None, metavar="BN/W/ST[+h]",
+                        help="decode: e.g. 32/2/2+h (kernels.paged_decode_triton.parse_decode_tuning); "
                              "default: the cache's default tuning")
     parser.add_argument("--offsets-i64", action="store_true", help="64-bit gather offsets (a cache over 2**31 elements)")
     parser.add_argument("--no-v-words", action="store_true", help="fp8: convert V after its shared-memory read")

@@ -262,11 +262,34 @@ def warm_up(engine, rng, tag: str) -> None:
     run_requests(engine, [random_prompt(rng, 2048)], 1, f"{tag}warm-prefill")
 
 
+def compiled_variants() -> dict[str, int]:
+    """Compiled variants of each of our Triton kernels in this process (its specialisations:
+    constexprs, and integer arguments by divisibility by 16)."""
+    import sys
+
+    from triton.runtime.jit import JITFunction
+
+    counts = {}
+    for name, module in list(sys.modules.items()):
+        if name.startswith("kernels.") and module is not None:
+            for attr, fn in vars(module).items():
+                if isinstance(fn, JITFunction):
+                    counts[f"{name}.{attr}"] = sum(len(cache[0]) for cache in fn.device_caches.values())
+    return counts
+
+
 def offline(engine, workload: list[list[int]], tag: str, results: dict, suffix: str = "") -> None:
     """The offline workload (256 new tokens each) on ``engine``: output tok/s, seconds, step
-    stats and preemptions into ``results`` as ``kvmesh_offline{suffix}``, ``..._s`` and so on."""
+    stats and preemptions into ``results`` as ``kvmesh_offline{suffix}``, ``..._s`` and so on;
+    and which Triton kernels compiled during it (a compile inside a measured run is a stall
+    serving would see too)."""
+    before = compiled_variants()
     with StepStats(engine) as stats:
         _, total, produced = run_requests(engine, workload, 256, tag)
+    compiled = {k: n - before.get(k, 0) for k, n in compiled_variants().items() if n > before.get(k, 0)}
+    results[f"kvmesh_offline{suffix}_compiled"] = compiled
+    if compiled:
+        print(f"Triton compiled during offline{suffix}: {compiled}", flush=True)
     assert produced == 256 * len(workload), produced
     results[f"kvmesh_offline{suffix}"] = produced / total
     results[f"kvmesh_offline{suffix}_s"] = total
@@ -450,10 +473,10 @@ def main() -> None:
                         help="KV cache of the engine: auto (bf16) or fp8_e4m3 (default %(default)s)")
     parser.add_argument("--offline-fp8", action="store_true",
                         help="then run the offline workload again on an engine with an fp8 KV cache")
-    parser.add_argument("--fp8-decode-variants", default="", metavar="BN/W/ST[/MAXNREG],...",
+    parser.add_argument("--fp8-decode-variants", default="", metavar="BN/W/ST[+h],...",
                         help="with --offline-fp8: then the fp8 offline run again on a new engine for each of these "
-                             "fp8 decode-attention tunings (each at every batch size, in place of FP8_TUNING and "
-                             "FP8_MANY_TUNING), and the default once more last")
+                             "fp8 decode-attention tunings (kernels.paged_decode_triton.FP8_TUNING), and the default "
+                             "once more last")
     parser.add_argument("--fp8-only", action="store_true",
                         help="no transformers and no bf16-cache engine: only the --offline-fp8 runs")
     parser.add_argument("--profile", action="store_true", help="profile decode steps at batch 1, 64 and 256 first")
@@ -553,8 +576,8 @@ def main() -> None:
         save()
     if args.offline_fp8:
         variants = [v for v in args.fp8_decode_variants.split(",") if v]
-        defaults = (paged_decode_triton.FP8_TUNING, paged_decode_triton.FP8_MANY_TUNING)
-        tunings = [None] + [paged_decode_triton.parse_decode_tuning(v, defaults[0]) for v in variants]
+        default_tuning = paged_decode_triton.FP8_TUNING
+        tunings = [None] + [paged_decode_triton.parse_decode_tuning(v, default_tuning) for v in variants]
         if variants:
             tunings.append(None)  # the default again: drift over the run shows as the two defaults' spread
             results["kvmesh_offline_fp8_variants"] = []
@@ -563,9 +586,8 @@ def main() -> None:
             engine = None  # its KV pool and CUDA graphs go before the fp8 engine sizes its own
             gc.collect()
             torch.cuda.empty_cache()
-            # read when the decode graphs are captured; a variant runs at every batch size
-            paged_decode_triton.FP8_TUNING, paged_decode_triton.FP8_MANY_TUNING = (tuning, tuning) if tuning else defaults
-            name = paged_decode_triton.format_decode_tuning(tuning) if tuning else "default"
+            paged_decode_triton.FP8_TUNING = tuning or default_tuning  # read when the decode graphs are captured
+            name = paged_decode_triton.format_decode_tuning(paged_decode_triton.FP8_TUNING) + ("" if tuning else " (default)")
             elapsed, engine = timed(lambda: build_engine("fp8_e4m3"))
             if not args.no_gc_freeze:
                 freeze_startup_heap()
@@ -579,11 +601,11 @@ def main() -> None:
                 run_offline_fp8(engine, args, random.Random(1000 + i), variant_results)
                 results["kvmesh_offline_fp8_variants"].append({"tuning": name, **variant_results})
             save()
-        paged_decode_triton.FP8_TUNING, paged_decode_triton.FP8_MANY_TUNING = defaults
+        paged_decode_triton.FP8_TUNING = default_tuning
         if variants:
-            print("fp8 offline by decode tuning (same workload, new engine each; default: "
-                  f"{' / '.join(paged_decode_triton.format_decode_tuning(t) for t in defaults)} by batch):", flush=True)
-            print(f"  default: {results['kvmesh_offline_fp8']:.0f} tok/s", flush=True)
+            print("fp8 offline by decode tuning (same workload, new engine each):", flush=True)
+            print(f"  {paged_decode_triton.format_decode_tuning(default_tuning)} (default): "
+                  f"{results['kvmesh_offline_fp8']:.0f} tok/s", flush=True)
             for v in results["kvmesh_offline_fp8_variants"]:
                 print(f"  {v['tuning']}: {v['kvmesh_offline_fp8']:.0f} tok/s", flush=True)
     gc.unfreeze()

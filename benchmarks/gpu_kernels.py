@@ -30,8 +30,9 @@ from kernels.activation import silu_and_mul_ref
 from kernels.activation_triton import silu_and_mul_triton
 from kernels.paged_attention import paged_attention_ref
 from kernels.paged_decode_triton import (
+    DEFAULT_TUNING,
+    FP8_TUNING,
     DecodeTuning,
-    default_decode_tuning,
     format_decode_tuning,
     paged_decode_attention,
     parse_decode_tuning,
@@ -121,7 +122,7 @@ def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "
     for cache_dtype in (BF16, torch.float8_e4m3fn):
         fp8 = cache_dtype != BF16
         for batch, lo, ctx in cases:
-            default = default_decode_tuning(fp8, batch, HK, torch.device(DEV))
+            default = FP8_TUNING if fp8 else DEFAULT_TUNING
             tunings = [default]
             if sweep:
                 tunings = [DecodeTuning(b, w, s, heads_inner=True) for b in (32, 64, 128) for w in (2, 4, 8)
@@ -157,11 +158,11 @@ def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "
             del k, v
 
 
-def bench_decode_graph(cases_arg: str, ahead_arg: str, variants_arg: str = "", rounds: int = 20) -> None:
+def bench_decode_graph(cases_arg: str, variants_arg: str = "", rounds: int = 20) -> None:
     """Decode attention as the engine runs it: 32 launches, one per layer's own cache, inside
-    one CUDA graph (no launch overhead, nothing left in L2); default tuning, and with the
-    block table read ahead (``--decode-ahead``) at 2 and 3 stages, and ``--decode-variants``
-    (``BLOCK_N/WARPS/STAGES[/MAXNREG]``, comma-separated). The tunings' graphs are
+    one CUDA graph (no launch overhead, nothing left in L2); default tuning and
+    ``--decode-variants`` (``BLOCK_N/WARPS/STAGES[+h]``, comma-separated,
+    ``parse_decode_tuning``). The tunings' graphs are
     replayed in turn, ``rounds`` times after a warm-up, and each gets the median of its
     replays: measured one after the other, whichever came first ran slower (~7 %)."""
     for batch, lo, ctx in (parse_case(c) for c in cases_arg.split(",")):
@@ -173,10 +174,8 @@ def bench_decode_graph(cases_arg: str, ahead_arg: str, variants_arg: str = "", r
             layers = [(k.to(cache_dtype), v.to(cache_dtype), t) for k, v, t in layers]
             q = torch.randn(batch, HQ, D, device=DEV, dtype=BF16)
             out = torch.empty_like(q)
-            default = default_decode_tuning(fp8, batch, HK, torch.device(DEV))
-            tunings = list(dict.fromkeys([default] + [dataclasses.replace(default, table_ahead=int(a), num_stages=st)
-                                                      for a in ahead_arg.split(",") if a for st in (2, 3)]
-                                         + [parse_decode_tuning(v, default) for v in variants_arg.split(",") if v]))
+            default = FP8_TUNING if fp8 else DEFAULT_TUNING
+            tunings = list(dict.fromkeys([default] + [parse_decode_tuning(v, default) for v in variants_arg.split(",") if v]))
             graphs = []
             for tuning in list(tunings):
                 def step():
@@ -207,9 +206,7 @@ def bench_decode_graph(cases_arg: str, ahead_arg: str, variants_arg: str = "", r
             for tuning, ts in zip(tunings, times):
                 row(f"paged decode {'fp8' if fp8 else 'bf16'} (graph)", shape, sorted(ts)[len(ts) // 2],
                     nbytes=sum(ctx_list) * HK * D * 2 * (1 if fp8 else 2),
-                    note=f"block_n={tuning.block_n} warps={tuning.num_warps} stages={tuning.num_stages} "
-                         f"table_ahead={tuning.table_ahead} maxnreg={tuning.max_registers} "
-                         f"tuning={format_decode_tuning(tuning)}"
+                    note=f"tuning={format_decode_tuning(tuning)}"
                          + (" (default)" if tuning == default else ""))
             del layers, graphs
 
@@ -318,7 +315,6 @@ def main() -> None:
     parser.add_argument("--decode-cases", default=DECODE_CASES,
                         help="batch x context of the decode rows: BxC, or BxLO-HI for contexts uniform in [LO, HI]")
     parser.add_argument("--decode-splits", default="", help="also time the default tuning at these split counts")
-    parser.add_argument("--decode-ahead", default="", help="decode_graph: also block-table loads this many tiles ahead")
     parser.add_argument("--decode-variants", default="",
                         help="decode_graph: also these tunings, BLOCK_N/WARPS/STAGES[/MAXNREG] comma-separated")
     parser.add_argument("--json", default=None)
@@ -327,7 +323,7 @@ def main() -> None:
     random.seed(0)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     parts = {"gemm": bench_gemm, "decode": lambda: bench_decode(args.sweep, args.decode_cases, args.decode_splits), "prefill": lambda: bench_prefill(args.sweep),
-             "decode_graph": lambda: bench_decode_graph(args.decode_cases, args.decode_ahead, args.decode_variants),
+             "decode_graph": lambda: bench_decode_graph(args.decode_cases, args.decode_variants),
              "elementwise": bench_elementwise}
     for name in args.only.split(","):
         parts[name]()

@@ -50,96 +50,55 @@ class DecodeTuning:
     num_stages: int = 2
     waves: int = 2
     """Splits are chosen so that about this many waves of programs fill the card."""
-    table_ahead: int = 0
-    """Tiles ahead of the one being read at which each program loads its block-table
-    entries (0: just before the K/V loads that need them; 1 or 2)."""
-    v_ahead: bool = False
-    """fp8 V (read as words into registers, not through ``cp.async``): load the next tile's
-    words while this one is computed (the block table then runs two tiles ahead)."""
-    heads_inner: bool = False
+    heads_inner: bool = True
     """Launch a sequence's KV heads next to each other (grid ``(heads, batch, splits)``):
     programs running together read neighbouring bytes of the same cache blocks."""
-    max_registers: int | None = None
-    """Registers a thread may hold (ptxas ``maxnreg``); None: the compiler's choice. The fp8
-    kernel takes 111 at the default tuning, which leaves 4 programs (16 warps) an SM, and
-    ncu finds it latency-bound at that occupancy; capped at 96 or 80 it compiles without
-    spills to 5 programs an SM (``benchmarks/decode_sass.py --maxnreg``). Not timed yet."""
 
 
-_FLAGS = {"v": ("v_ahead", True), "h": ("heads_inner", True), "t1": ("table_ahead", 1), "t2": ("table_ahead", 2)}
+_FLAGS = {"h": ("heads_inner", True)}
 
 
 def parse_decode_tuning(text: str, base: DecodeTuning) -> DecodeTuning:
-    """``BLOCK_N/WARPS/STAGES[/MAXNREG][+FLAG...]``, e.g. ``32/4/2/72`` or ``64/4/2+v+h``:
-    ``base`` with those (flags: ``v`` v_ahead, ``h`` heads_inner, ``t1``/``t2`` table_ahead).
-    The benchmarks' way of naming a tuning on the command line; ``format_decode_tuning``
-    writes it."""
+    """``BLOCK_N/WARPS/STAGES[+FLAG...]``, e.g. ``32/2/2`` or ``64/4/2+h``: ``base`` with
+    those (flag ``h``: heads_inner; without it, off). The benchmarks' way of naming a tuning
+    on the command line; ``format_decode_tuning`` writes it."""
     numbers, *flags = text.split("+")
     try:
-        block_n, warps, stages, *cap = (int(x) for x in numbers.split("/"))
+        block_n, warps, stages = (int(x) for x in numbers.split("/"))
     except ValueError:
-        raise ValueError(f"decode tuning {text!r}: expected BLOCK_N/WARPS/STAGES[/MAXNREG][+FLAG...], "
-                         "e.g. 64/4/2 or 32/4/2/72+v") from None
-    if len(cap) > 1:
-        raise ValueError(f"decode tuning {text!r}: at most four numbers, BLOCK_N/WARPS/STAGES[/MAXNREG]")
+        raise ValueError(f"decode tuning {text!r}: expected BLOCK_N/WARPS/STAGES[+FLAG...], e.g. 64/4/2 or 32/2/2+h") from None
     unknown = [f for f in flags if f not in _FLAGS]
     if unknown:
         raise ValueError(f"decode tuning {text!r}: unknown flag(s) {unknown}; allowed: {sorted(_FLAGS)}")
     tuning = dataclasses.replace(base, block_n=block_n, num_warps=warps, num_stages=stages,
-                                 max_registers=cap[0] if cap else None, v_ahead=False, heads_inner=False, table_ahead=0)
+                                 **{name: False for name, _ in _FLAGS.values()})
     return dataclasses.replace(tuning, **dict(_FLAGS[f] for f in flags))
 
 
 def format_decode_tuning(tuning: DecodeTuning) -> str:
     """``tuning`` as ``parse_decode_tuning`` reads it (``waves`` left out)."""
     text = f"{tuning.block_n}/{tuning.num_warps}/{tuning.num_stages}"
-    if tuning.max_registers:
-        text += f"/{tuning.max_registers}"
     return text + "".join(f"+{flag}" for flag, (name, value) in _FLAGS.items() if getattr(tuning, name) == value)
 
 
-DEFAULT_TUNING = DecodeTuning(heads_inner=True)
-"""A 16-bit cache's tuning, and an fp8 cache's while few sequences share the card.
+DEFAULT_TUNING = DecodeTuning()
+"""The tuning of both caches (an fp8 cache converts V in registers, so the same tiles fit).
 
 Measured as the engine runs the kernel (``gpu_kernels.py --only decode_graph``: 32 layers'
 launches in one CUDA graph, tunings replayed in turn; H100, Llama-3-8B layer, 32/8 heads,
-d 128, 16-token blocks). KV heads innermost in the grid (``heads_inner``): a sequence's
-eight programs run side by side and read the same cache blocks' neighbouring bytes. fp8,
-us a layer, 64/4/2 without -> with: 256 x 256-1152 tokens 162.3 -> 151.3, 256 x 700
-152.5 -> 152.2, 64 x 2048 108.2 -> 108.2, 16 x 1024 27.0 -> 26.7; bf16 251.5 -> 243.7,
-252.3 -> 248.8, 198.5 -> 197.9, 31.5 -> 31.4.
+d 128, 16-token blocks), us a layer. KV heads innermost in the grid (``heads_inner``; the
+eight programs of a sequence run side by side and read neighbouring bytes of the same cache
+blocks), 64/4/2 without -> with, fp8: 256 sequences x 256-1152 tokens 158.7 -> 148.5,
+256 x 700 152.1 -> 151.5, 192 x 700 115.4 -> 115.3, 128 x 256-1152 97.2 -> 81.1, 64 x 2048
+108.2 -> 108.3, 16 x 1024 27.1 -> 26.9; bf16 251.5 -> 243.9, 252.0 -> 248.5, 191.1 -> 190.3,
+138.0 -> 131.1, 198.4 -> 198.1, 31.7 -> 31.5.
 
-Not kept: the block table read a tile ahead (``table_ahead``, 3 programs an SM instead of
-4: 256 x 700 158.8 against 151.0, 64 x 2048 142.2 against 110.1); fp8 V words loaded a
-tile ahead (``v_ahead``: 170.9 against 162.3 at 256 x 256-1152, K then no longer goes
-through ``cp.async``); register caps (``max_registers`` 96: 157.6 / 156.9 / 119.4 / 25.7)."""
+Measured and not kept: small programs (32/2/2+h: 9 an SM) win at 256 x 256-1152 (138.9) and
+256 x 700 (143.4) but lose at 192 x 700 (131.6), 128 x 256-1152 (106.8), 64 x 2048 (133.5)
+and 16 x 1024 (32.1), ~1 % of the offline run; the block table or fp8 V read a tile ahead
+(more registers, fewer programs an SM; V ahead takes K off ``cp.async``); register caps."""
 
 FP8_TUNING = DEFAULT_TUNING
-
-FP8_MANY_TUNING = DecodeTuning(block_n=32, num_warps=2, num_stages=2, heads_inner=True)
-"""An fp8 cache's tuning when the grid fills every SM's program slots at least once
-(``MANY_PROGRAMS_PER_SM``): small programs (2 warps, 32-key tiles, 110 registers, 21 KB
-of shared memory: 9 an SM, 18 warps, against 4 programs of 4 warps) keep more loads in
-flight. Same harness: 256 x 256-1152 141.1 us (64/4/2+h: 151.3), 256 x 700 144.0 (152.2),
-but 64 x 2048 133.3 (108.2) and 16 x 1024 32.0 (26.7), where the grid leaves most slots
-empty. Offline fp8 run (``gpu_bench.py --offline-fp8 --fp8-only --fp8-decode-variants``):
-9,446 tok/s against 9,112 / 9,249 (64/4/2, before and after)."""
-
-MANY_PROGRAMS_PER_SM = 9
-"""Programs of ``FP8_MANY_TUNING`` an H100 SM holds (``benchmarks/decode_sass.py --tuning
-32/2/2+h``); from ``batch * kv_heads >= MANY_PROGRAMS_PER_SM * SMs`` programs it is chosen."""
-
-
-def default_decode_tuning(fp8: bool, batch: int, kv_heads: int, device: torch.device) -> DecodeTuning:
-    """The tuning ``paged_decode_attention`` takes when given none."""
-    if fp8 and batch * kv_heads >= MANY_PROGRAMS_PER_SM * num_sms(device):
-        return FP8_MANY_TUNING
-    return FP8_TUNING if fp8 else DEFAULT_TUNING
-
-
-def default_tuning_batches(kv_heads: int, device: torch.device) -> tuple[int, ...]:
-    """Batch sizes that between them select every default tuning (for warm-up compiles)."""
-    return (1, -(-MANY_PROGRAMS_PER_SM * num_sms(device) // kv_heads))
 
 
 @triton.jit
@@ -150,7 +109,7 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr, USE_PDL: tl.constexpr, OFFSETS_I32: tl.constexpr, V_WORDS: tl.constexpr,
-    ORDERED: tl.constexpr, TABLE_AHEAD: tl.constexpr, V_AHEAD: tl.constexpr, HEADS_INNER: tl.constexpr,
+    ORDERED: tl.constexpr, HEADS_INNER: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     if HEADS_INNER:
@@ -188,29 +147,10 @@ def _paged_decode_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table = bt_ptr + b * bt_sb
-    if TABLE_AHEAD > 0:
-        ahead0 = _tile_blocks(table, start, end, BLOCK_N, BLOCK_SIZE)
-    if TABLE_AHEAD > 1:
-        ahead1 = _tile_blocks(table, start + BLOCK_N, end, BLOCK_N, BLOCK_SIZE)
-    if V_AHEAD:  # (TABLE_AHEAD == 2)
-        words_next = _v_words(vc_ptr, ahead0, start, end, kh, vw_sb, vw_st, vw_sh, BLOCK_N, BLOCK_SIZE, BLOCK_D,
-                              OFFSETS_I32)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < end
-        if TABLE_AHEAD == 0:
-            block = _tile_blocks(table, n0, end, BLOCK_N, BLOCK_SIZE)
-        elif TABLE_AHEAD == 1:
-            block = ahead0
-            ahead0 = _tile_blocks(table, n0 + BLOCK_N, end, BLOCK_N, BLOCK_SIZE)
-        else:
-            block = ahead0
-            ahead0 = ahead1
-            ahead1 = _tile_blocks(table, n0 + 2 * BLOCK_N, end, BLOCK_N, BLOCK_SIZE)
-        if V_AHEAD:  # the next tile's V words are in flight while this tile is computed
-            words = words_next
-            words_next = _v_words(vc_ptr, ahead0, n0 + BLOCK_N, end, kh, vw_sb, vw_st, vw_sh, BLOCK_N, BLOCK_SIZE,
-                                  BLOCK_D, OFFSETS_I32)
+        block = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0)
         offset = n % BLOCK_SIZE
         if not OFFSETS_I32:
             block = block.to(tl.int64)
@@ -227,9 +167,7 @@ def _paged_decode_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if V_WORDS:  # fp8 V read as int32 words, converted in registers (fp8_words_to_f16 says why)
-            if not V_AHEAD:
-                words = _v_words(vc_ptr, block, n0, end, kh, vw_sb, vw_st, vw_sh, BLOCK_N, BLOCK_SIZE, BLOCK_D,
-                                 OFFSETS_I32)
+            words = _v_words(vc_ptr, block, n0, end, kh, vw_sb, vw_st, vw_sh, BLOCK_N, BLOCK_SIZE, BLOCK_D, OFFSETS_I32)
             v = fp8_words_to_f16(words, BLOCK_N, BLOCK_D)
         else:
             v_row = block * vc_sb + offset * vc_st + kh * vc_sh
@@ -273,13 +211,6 @@ def _v_words(vc_ptr, block, n0, end, kh, vw_sb, vw_st, vw_sh, BLOCK_N: tl.conste
     w_row = block * vw_sb + offset * vw_st + kh * vw_sh
     w = tl.arange(0, BLOCK_D // 4)
     return tl.load(vc_ptr.to(tl.pointer_type(tl.int32)) + w_row[:, None] + w[None, :], mask=(n < end)[:, None], other=0)
-
-
-@triton.jit
-def _tile_blocks(table, n0, end, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """The cache block of each key of the tile at ``n0`` (0 past ``end``)."""
-    n = n0 + tl.arange(0, BLOCK_N)
-    return tl.load(table + n // BLOCK_SIZE, mask=n < end, other=0)
 
 
 @triton.jit
@@ -369,7 +300,7 @@ def paged_decode_attention(
     ``rows`` ``[B]`` int32/int64; caches ``[blocks, block_size, Hk, D]``.
     ``num_splits`` defaults to ``choose_num_splits(B, Hk, W * block_size)``. The caches
     hold the query's dtype, or float8_e4m3fn read as ``stored * kv_scale``. ``tuning``
-    defaults to ``default_decode_tuning`` (by cache dtype and grid size).
+    defaults to ``DEFAULT_TUNING``, ``FP8_TUNING`` for an fp8 cache.
 
     ``order`` ``[B]`` int32, a permutation of ``0..B-1``: the order in which the
     sequences' programs are launched (``worker.models.attention.longest_first`` gives the
@@ -396,7 +327,7 @@ def paged_decode_attention(
     if batch == 0:
         return out
     fp8 = is_fp8(k_cache.dtype)
-    tuning = tuning or default_decode_tuning(fp8, batch, hk, query.device)
+    tuning = tuning or (FP8_TUNING if fp8 else DEFAULT_TUNING)
     splits = num_splits or choose_num_splits(batch, hk, block_tables.shape[1] * block_size, query.device, tuning)
     require(splits == next_pow2(splits) and splits <= MAX_SPLITS, f"num_splits must be a power of two <= {MAX_SPLITS}, got {splits}")
     require(kv_scale > 0, f"kv_scale must be > 0, got {kv_scale}")
@@ -413,7 +344,6 @@ def paged_decode_attention(
     else:
         m = l = acc = locks = out  # unused
     v_words = fp8 and query.is_cuda and query.dtype != torch.float32 and block_d == dim and readable_as_words(v_cache)
-    v_ahead = v_words and tuning.v_ahead
     _paged_decode_kernel[(hk, batch, splits) if tuning.heads_inner else (batch, hk, splits)](
         query, k_cache, v_cache, block_tables, context_lens, rows, rows if order is None else order, out, m, l, acc,
         locks,
@@ -426,9 +356,7 @@ def paged_decode_attention(
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), HEAD_DIM=dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=tuning.block_n, NUM_SPLITS=splits, PRECISION=precision, KV_FP8=fp8,
         OFFSETS_I32=offsets_fit_int32(k_cache) and offsets_fit_int32(v_cache),
-        V_WORDS=v_words, ORDERED=order is not None and splits == 1, TABLE_AHEAD=2 if v_ahead else tuning.table_ahead,
-        V_AHEAD=v_ahead, HEADS_INNER=tuning.heads_inner,
+        V_WORDS=v_words, ORDERED=order is not None and splits == 1, HEADS_INNER=tuning.heads_inner,
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_launch(query.device),
-        **({"maxnreg": tuning.max_registers} if tuning.max_registers else {}),
     )
     return out

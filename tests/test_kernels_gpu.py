@@ -236,32 +236,16 @@ def test_paged_decode_fallback_paths(monkeypatch, kv_cache, fallback):
 
 
 @pytest.mark.parametrize("kv_cache", KV_CACHES)
-@pytest.mark.parametrize("tuning", ["64/4/3+t1", "64/4/3+t2", "64/4/2+v", "32/4/2+v+h", "64/4/2", "32/2/2+h",
-                                    "64/4/2/80", "32/4/2/72"])
+@pytest.mark.parametrize("tuning", ["64/4/2", "32/2/2+h", "32/4/3+h", "128/8/2+h"])
 def test_paged_decode_tunings(kv_cache, tuning):
-    """Tunings besides the defaults (``parse_decode_tuning``): block-table entries read one or
-    two tiles ahead, fp8 V words loaded a tile ahead, KV heads innermost in the grid, register
-    caps (ptxas ``maxnreg``; the CPU interpreter ignores it); contexts that end inside, at and
-    just past a tile."""
+    """Tunings besides the default (``parse_decode_tuning``): sequences innermost in the grid
+    (no ``+h``), other tiles, warps and stages; contexts that end inside, at and just past a
+    tile."""
     from kernels.paged_decode_triton import DEFAULT_TUNING, parse_decode_tuning
 
     parsed = parse_decode_tuning(tuning, DEFAULT_TUNING)
     for splits in (1, 4):
         _check_decode(DTYPES[0], splits, (16, 32, 8, 128, [1, 31, 63, 64, 65, 200, 300]), kv_cache, parsed)
-
-
-@pytest.mark.parametrize("kv_cache", KV_CACHES)
-def test_paged_decode_many_sequences_default(kv_cache):
-    """Enough sequences that an fp8 cache's default is ``FP8_MANY_TUNING`` (small programs)."""
-    from kernels.backend import num_sms
-    from kernels.paged_decode_triton import FP8_MANY_TUNING, MANY_PROGRAMS_PER_SM, default_decode_tuning
-
-    kv_heads = 8
-    batch = -(-MANY_PROGRAMS_PER_SM * num_sms(torch.device(DEVICE)) // kv_heads)
-    assert default_decode_tuning(True, batch, kv_heads, torch.device(DEVICE)) == FP8_MANY_TUNING
-    assert default_decode_tuning(True, batch - 1, kv_heads, torch.device(DEVICE)) != FP8_MANY_TUNING
-    rng = random.Random(batch)
-    _check_decode(DTYPES[0], 1, (16, 32, kv_heads, 128, [rng.randint(1, 80) for _ in range(batch)]), kv_cache)
 
 
 def _check_decode(dtype, splits, case, kv_cache, tuning=None):

@@ -110,38 +110,29 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _compile_attention_variants(self) -> None:
-        """Launch the decode kernel once per split count and per batch-size tuning it can
-        choose (on empty contexts: nothing is read) and the prefill kernel once per tuning it
-        can choose (a two-token prompt), so no step ever waits for Triton's compiler."""
-        from kernels.paged_decode_triton import MAX_SPLITS, default_tuning_batches  # CUDA only
+        """Launch the decode kernel once per split count it can choose (on empty contexts:
+        nothing is read) and the prefill kernel once per tuning it can choose (a two-token
+        prompt), so no step ever waits for Triton's compiler."""
+        from kernels.paged_decode_triton import MAX_SPLITS  # CUDA only: CPU machines need no Triton
         from kernels.paged_prefill_triton import LONG_QUERY
 
         mc, dev = self.model_config, self.device
+        q = torch.zeros((4, mc.num_heads, mc.head_dim), dtype=self.dtype, device=dev)
         i32 = dict(dtype=torch.int32, device=dev)
         attn = self.model.layers[0].self_attn.attn
-
-        def decode(batch: int, splits: int | None) -> None:
-            q = torch.zeros((batch, mc.num_heads, mc.head_dim), dtype=self.dtype, device=dev)
-            batch_meta = DecodeBatch(rows=torch.arange(batch, **i32), block_tables=torch.zeros((batch, 16), **i32),
-                                     context_lens=torch.zeros(batch, **i32), num_splits=splits,
-                                     order=torch.arange(batch, **i32))
-            meta = AttentionMetadata(torch.full((batch,), -1, **i32), batch_meta.block_tables, [], [], decode=batch_meta)
-            attn(q, self.kv_cache[0, 0], self.kv_cache[0, 1], meta)
-
         splits = 1
         while splits <= MAX_SPLITS:
-            decode(4, splits)
+            decode = DecodeBatch(rows=torch.arange(4, **i32), block_tables=torch.zeros((4, 16), **i32),
+                                 context_lens=torch.zeros(4, **i32), num_splits=splits, order=torch.arange(4, **i32))
+            meta = AttentionMetadata(torch.full((4,), -1, **i32), decode.block_tables, [], [], decode=decode)
+            attn(q, self.kv_cache[0, 0], self.kv_cache[0, 1], meta)
             splits *= 2
-        for batch in default_tuning_batches(mc.num_kv_heads, dev):
-            if batch <= self.config.max_num_seqs:
-                decode(batch, None)
-        q = torch.zeros((2, mc.num_heads, mc.head_dim), dtype=self.dtype, device=dev)
         for max_query_len in (2, LONG_QUERY):  # the short- and the long-prompt tuning
             two = torch.tensor([2], **i32)
             prefill = PrefillBatch(query_start=torch.zeros(1, **i32), query_lens=two, context_lens=two,
                                    block_tables=torch.zeros((1, 16), **i32), max_query_len=max_query_len)
             meta = AttentionMetadata(torch.full((2,), -1, **i32), prefill.block_tables, [], [], prefill=prefill)
-            attn(q, self.kv_cache[0, 0], self.kv_cache[0, 1], meta)
+            attn(q[:2], self.kv_cache[0, 0], self.kv_cache[0, 1], meta)
         torch.cuda.synchronize(dev)
 
     def bytes_per_block(self) -> int:
