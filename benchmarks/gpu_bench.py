@@ -199,7 +199,8 @@ def run_requests(
 
 
 class StepStats:
-    """Wall time of ``engine.step`` per kind of step (decode-only or mixed) while active.
+    """Wall time of ``engine.step`` per kind of step (decode-only or mixed) while active, and
+    of each mixed step.
 
     A step call ends when the host has read a step's tokens, so the time between the
     ends of two calls is the GPU time of the step read in the second: the one launched
@@ -207,7 +208,7 @@ class StepStats:
 
     def __init__(self, engine) -> None:
         self.engine = engine
-        self.stats = {"decode_steps": 0, "decode_s": 0.0, "mixed_steps": 0, "mixed_s": 0.0}
+        self.stats = {"decode_steps": 0, "decode_s": 0.0, "mixed_steps": 0, "mixed_s": 0.0, "mixed_ms": []}
 
     def __enter__(self):
         engine, runner = self.engine, self.engine.runner
@@ -226,15 +227,31 @@ class StepStats:
             finally:
                 kind = launched[-2] if engine.async_scheduling else launched[-1]
                 if kind is not None:
+                    elapsed = time.perf_counter() - start
                     self.stats[f"{kind}_steps"] += 1
-                    self.stats[f"{kind}_s"] += time.perf_counter() - start
+                    self.stats[f"{kind}_s"] += elapsed
+                    if kind == "mixed":  # each one: a slow first step (a one-time cost) shows here
+                        self.stats["mixed_ms"].append(round(1e3 * elapsed, 1))
                 del launched[:-1]
 
         engine.step, runner.launch = step, launch
+        self.stats["gc_ms"] = {}  # the garbage collector's pauses by generation: a full collection stalls the host
+        gc_started = [0.0]
+
+        def on_gc(phase: str, info: dict) -> None:
+            if phase == "start":
+                gc_started[0] = time.perf_counter()
+            else:
+                key = f"gen{info['generation']}"
+                self.stats["gc_ms"][key] = round(self.stats["gc_ms"].get(key, 0.0) + 1e3 * (time.perf_counter() - gc_started[0]), 2)
+
+        self.on_gc = on_gc
+        gc.callbacks.append(on_gc)
         return self.stats
 
     def __exit__(self, *exc) -> None:
         self.engine.step, self.engine.runner.launch = self.originals
+        gc.callbacks.remove(self.on_gc)
 
 
 BATCH1_RUNS = 3
