@@ -28,6 +28,7 @@ import torch
 from kernels.kv_quant import FP8_KV_DTYPE
 from worker.engine.config import EngineConfig
 from worker.engine.cuda_graph import DecodeGraphs, PrefillGraphs
+from worker.engine.staging import PinnedStaging
 from worker.engine.sampler import PendingSample, fill_placeholders, sample_async, to_device
 from worker.engine.scheduler import SchedulerOutput
 from worker.models.attention import AttentionMetadata, DecodeBatch, PrefillBatch, longest_first, set_kv_cache_scale
@@ -76,6 +77,8 @@ class ModelRunner:
             self.model.init_rope(self.max_model_len, self.device)
         set_kv_cache_scale(self.model, config.kv_cache_scale)
         self.on_gpu = self.device.type == "cuda"
+        self._staging = PinnedStaging(self._metadata_capacity(), self.device) if self.on_gpu else None
+        """Pinned buffers of the step metadata's host-to-device copy (``staging.py`` says why)."""
         self.num_blocks = self._num_kv_blocks()
         self.logits_observer: Callable[[list[str], torch.Tensor], None] | None = None
         """Sees each step's sampling logits (request ids, ``[S, V]`` float32): for parity tests and debugging."""
@@ -146,6 +149,15 @@ class ModelRunner:
     def _blocks_per_seq(self) -> int:
         return -(-self.max_model_len // self.config.block_size)
 
+    def _metadata_capacity(self) -> int:
+        """Most int32 values ``_gpu_metadata`` can produce for one step: ids, positions and
+        slots per token, six per-sequence arrays and the logit rows, the block tables twice
+        (all, and split into decode and prefill) at their padded width, 3 padding each."""
+        cfg = self.config
+        rows = cfg.max_num_seqs
+        width = -(-self._blocks_per_seq() // 16) * 16
+        return 3 * cfg.max_num_batched_tokens + 7 * rows + 2 * rows * width + 13 * 3
+
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
@@ -171,14 +183,23 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
         weights = torch.cuda.memory_allocated(dev)
-        n = min(cfg.max_num_batched_tokens, self.max_model_len)
-        table = list(range(-(-n // cfg.block_size)))
+        # the largest step: max_num_batched_tokens prompt tokens, in as few sequences as
+        # max_model_len allows (a step of 8,192 tokens may hold two 4,096-token prompts)
+        lens = [min(self.max_model_len, cfg.max_num_batched_tokens - start)
+                for start in range(0, cfg.max_num_batched_tokens, self.max_model_len)][: cfg.max_num_seqs]
+        n = sum(lens)
+        tables, positions, slots, first = [], [], [], 0
+        for length in lens:
+            blocks = -(-length // cfg.block_size)
+            tables.append(list(range(first, first + blocks)))
+            positions += range(length)
+            slots += range(first * cfg.block_size, first * cfg.block_size + length)
+            first += blocks
         mc = self.model_config
-        scratch = torch.zeros((mc.num_layers, 2, len(table), cfg.block_size, mc.num_kv_heads, mc.head_dim),
+        scratch = torch.zeros((mc.num_layers, 2, first, cfg.block_size, mc.num_kv_heads, mc.head_dim),
                               dtype=self.kv_dtype, device=dev)
-        ids = [0] * n
-        slots = list(range(n))
-        meta, flat = self._gpu_metadata([n], [n], [table], ids, list(range(n)), slots, [n - 1] * min(cfg.max_num_seqs, n))
+        meta, flat = self._gpu_metadata(lens, lens, tables, [0] * n, positions, slots,
+                                        [n - 1] * min(cfg.max_num_seqs, n))
         hidden = self.model(flat["ids"], flat["positions"], scratch, meta)
         self.model.compute_logits(hidden.index_select(0, flat["logit_rows"])).argmax(dim=-1)
         torch.cuda.synchronize(dev)
@@ -340,8 +361,7 @@ class ModelRunner:
             "pre_tables": table[pre].ravel(),
         }
         padded = [np.pad(a, (0, -a.size % 4)) for a in parts.values()]
-        host = torch.from_numpy(np.concatenate(padded)).pin_memory()
-        flat = host.to(self.device, non_blocking=True)
+        flat = self._staging.copy(np.concatenate(padded))
         out: dict[str, torch.Tensor] = {}
         at = 0
         for (name, arr), pad in zip(parts.items(), padded):
