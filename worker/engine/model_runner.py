@@ -102,6 +102,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if self.on_gpu:
             self._compile_attention_variants()
+            self._load_logits_kernels()
         self.prefill_graphs: PrefillGraphs | None = None
         if self.on_gpu and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self._graph_batch_size(), self._blocks_per_seq(),
@@ -137,6 +138,19 @@ class ModelRunner:
             meta = AttentionMetadata(torch.full((2,), -1, **i32), prefill.block_tables, [], [], prefill=prefill)
             attn(q[:2], self.kv_cache[0, 0], self.kv_cache[0, 1], meta)
         torch.cuda.synchronize(dev)
+
+    @torch.inference_mode()
+    def _load_logits_kernels(self) -> None:
+        """Compute logits (and their argmax) once for every number of rows a step can sample,
+        1 to ``max_num_seqs``, so that each matmul kernel cuBLAS picks by row count is loaded
+        now. CUDA loads a kernel's module on its first launch (lazy loading), and loading
+        allocates device memory, which synchronizes the device: in the middle of serving that
+        leaves the host behind the step just launched instead of preparing the next."""
+        mc = self.model_config
+        hidden = torch.zeros((self.config.max_num_seqs, mc.hidden_size), dtype=self.dtype, device=self.device)
+        for rows in range(1, self.config.max_num_seqs + 1):
+            self.model.compute_logits(hidden[:rows]).argmax(dim=-1)
+        torch.cuda.synchronize(self.device)
 
     def bytes_per_block(self) -> int:
         mc = self.model_config
