@@ -28,7 +28,6 @@ import torch
 from kernels.kv_quant import FP8_KV_DTYPE
 from worker.engine.config import EngineConfig
 from worker.engine.cuda_graph import DecodeGraphs, PrefillGraphs
-from worker.engine.staging import PinnedStaging
 from worker.engine.sampler import PendingSample, fill_placeholders, sample_async, to_device
 from worker.engine.scheduler import SchedulerOutput
 from worker.models.attention import AttentionMetadata, DecodeBatch, PrefillBatch, longest_first, set_kv_cache_scale
@@ -77,8 +76,6 @@ class ModelRunner:
             self.model.init_rope(self.max_model_len, self.device)
         set_kv_cache_scale(self.model, config.kv_cache_scale)
         self.on_gpu = self.device.type == "cuda"
-        self._staging = PinnedStaging(self._metadata_capacity(), self.device) if self.on_gpu else None
-        """Pinned buffers of the step metadata's host-to-device copy (``staging.py`` says why)."""
         self.num_blocks = self._num_kv_blocks()
         self.logits_observer: Callable[[list[str], torch.Tensor], None] | None = None
         """Sees each step's sampling logits (request ids, ``[S, V]`` float32): for parity tests and debugging."""
@@ -162,15 +159,6 @@ class ModelRunner:
 
     def _blocks_per_seq(self) -> int:
         return -(-self.max_model_len // self.config.block_size)
-
-    def _metadata_capacity(self) -> int:
-        """Most int32 values ``_gpu_metadata`` can produce for one step: ids, positions and
-        slots per token, six per-sequence arrays and the logit rows, the block tables twice
-        (all, and split into decode and prefill) at their padded width, 3 padding each."""
-        cfg = self.config
-        rows = cfg.max_num_seqs
-        width = -(-self._blocks_per_seq() // 16) * 16
-        return 3 * cfg.max_num_batched_tokens + 7 * rows + 2 * rows * width + 13 * 3
 
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
@@ -375,7 +363,8 @@ class ModelRunner:
             "pre_tables": table[pre].ravel(),
         }
         padded = [np.pad(a, (0, -a.size % 4)) for a in parts.values()]
-        flat = self._staging.copy(np.concatenate(padded))
+        host = torch.from_numpy(np.concatenate(padded)).pin_memory()
+        flat = host.to(self.device, non_blocking=True)
         out: dict[str, torch.Tensor] = {}
         at = 0
         for (name, arr), pad in zip(parts.items(), padded):
