@@ -23,9 +23,13 @@ Measured (kvmesh in-process, no gRPC):
 ``--offline-fp8`` then (after the engine above is freed) builds a second
 engine on the same weights with an fp8 KV cache and runs the same offline
 workload (``kvmesh_offline_fp8``), so one run compares the two caches.
+``--fp8-only --fp8-decode-variants 32/2/2+h,...`` runs only that fp8 offline
+workload, once per decode-attention tuning on a fresh engine (the default first
+and last). Each offline run records its steps' wall times, the garbage
+collector's pauses and any Triton compile that happened during it.
 
 Usage: python benchmarks/gpu_bench.py [--json out.json] [--hf none|eager|all] [--kv-cache-dtype auto|fp8_e4m3]
-       [--offline-fp8]
+       [--offline-fp8 [--fp8-only] [--fp8-decode-variants BN/W/ST[+h],...]] [--no-prefill-cuda-graphs]
 """
 
 from __future__ import annotations
