@@ -518,6 +518,8 @@ def main() -> None:
     args = parser.parse_args()
     if (args.fp8_only or args.fp8_decode_variants) and not args.offline_fp8:
         parser.error("--fp8-only and --fp8-decode-variants need --offline-fp8")
+    if args.fp8_only and args.hf_generate_batch:
+        parser.error("--fp8-only runs no transformers: leave out --hf-generate-batch")
     if args.fp8_only:
         args.hf = "none"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -604,27 +606,29 @@ def main() -> None:
         if variants:
             tunings.append(None)  # the default again: drift over the run shows as the two defaults' spread
             results["kvmesh_offline_fp8_variants"] = []
-        for i, tuning in enumerate(tunings):
-            gc.unfreeze()  # frozen objects in cycles are never freed
-            engine = None  # its KV pool and CUDA graphs go before the fp8 engine sizes its own
-            gc.collect()
-            torch.cuda.empty_cache()
-            paged_decode_triton.FP8_TUNING = tuning or default_tuning  # read when the decode graphs are captured
-            name = paged_decode_triton.format_decode_tuning(paged_decode_triton.FP8_TUNING) + ("" if tuning else " (default)")
-            elapsed, engine = timed(lambda: build_engine("fp8_e4m3"))
-            if not args.no_gc_freeze:
-                freeze_startup_heap()
-            results["kv_blocks_fp8"] = engine.runner.num_blocks
-            print(f"kvmesh engine with fp8 KV cache ready in {elapsed:.0f} s: {results['kv_blocks_fp8']} KV blocks; "
-                  f"decode tuning {name}", flush=True)
-            if i == 0:
-                run_offline_fp8(engine, args, rng, results)
-            else:
-                variant_results: dict = {}
-                run_offline_fp8(engine, args, random.Random(1000 + i), variant_results)
-                results["kvmesh_offline_fp8_variants"].append({"tuning": name, **variant_results})
-            save()
-        paged_decode_triton.FP8_TUNING = default_tuning
+        try:
+            for i, tuning in enumerate(tunings):
+                gc.unfreeze()  # frozen objects in cycles are never freed
+                engine = None  # its KV pool and CUDA graphs go before the fp8 engine sizes its own
+                gc.collect()
+                torch.cuda.empty_cache()
+                paged_decode_triton.FP8_TUNING = tuning or default_tuning  # read when the decode graphs are captured
+                name = paged_decode_triton.format_decode_tuning(paged_decode_triton.FP8_TUNING) + ("" if tuning else " (default)")
+                elapsed, engine = timed(lambda: build_engine("fp8_e4m3"))
+                if not args.no_gc_freeze:
+                    freeze_startup_heap()
+                results["kv_blocks_fp8"] = engine.runner.num_blocks
+                print(f"kvmesh engine with fp8 KV cache ready in {elapsed:.0f} s: {results['kv_blocks_fp8']} KV blocks; "
+                      f"decode tuning {name}", flush=True)
+                if i == 0:
+                    run_offline_fp8(engine, args, rng, results)
+                else:
+                    variant_results: dict = {}
+                    run_offline_fp8(engine, args, random.Random(1000 + i), variant_results)
+                    results["kvmesh_offline_fp8_variants"].append({"tuning": name, **variant_results})
+                save()
+        finally:
+            paged_decode_triton.FP8_TUNING = default_tuning
         if variants:
             print("fp8 offline by decode tuning (same workload, new engine each):", flush=True)
             print(f"  {paged_decode_triton.format_decode_tuning(default_tuning)} (default): "

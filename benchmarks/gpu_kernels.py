@@ -316,7 +316,7 @@ def main() -> None:
                         help="batch x context of the decode rows: BxC, or BxLO-HI for contexts uniform in [LO, HI]")
     parser.add_argument("--decode-splits", default="", help="also time the default tuning at these split counts")
     parser.add_argument("--decode-variants", default="",
-                        help="decode_graph: also these tunings, BLOCK_N/WARPS/STAGES[/MAXNREG] comma-separated")
+                        help="decode_graph: also these tunings, BLOCK_N/WARPS/STAGES[+h] comma-separated (parse_decode_tuning)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -70,6 +70,9 @@ def parse_decode_tuning(text: str, base: DecodeTuning) -> DecodeTuning:
     unknown = [f for f in flags if f not in _FLAGS]
     if unknown:
         raise ValueError(f"decode tuning {text!r}: unknown flag(s) {unknown}; allowed: {sorted(_FLAGS)}")
+    if block_n < 16 or block_n & (block_n - 1) or warps < 1 or warps & (warps - 1) or stages < 1:
+        raise ValueError(f"decode tuning {text!r}: BLOCK_N must be a power of two >= 16, WARPS a power of two, "
+                         "STAGES >= 1")
     tuning = dataclasses.replace(base, block_n=block_n, num_warps=warps, num_stages=stages,
                                  **{name: False for name, _ in _FLAGS.values()})
     return dataclasses.replace(tuning, **dict(_FLAGS[f] for f in flags))
@@ -346,7 +349,8 @@ def paged_decode_attention(
     else:
         m = l = acc = locks = out  # unused
     v_words = fp8 and query.is_cuda and query.dtype != torch.float32 and block_d == dim and readable_as_words(v_cache)
-    _paged_decode_kernel[(hk, batch, splits) if tuning.heads_inner else (batch, hk, splits)](
+    heads_inner = tuning.heads_inner and batch <= 65535  # a grid's second dimension holds at most 65,535
+    _paged_decode_kernel[(hk, batch, splits) if heads_inner else (batch, hk, splits)](
         query, k_cache, v_cache, block_tables, context_lens, rows, rows if order is None else order, out, m, l, acc,
         locks,
         query.stride(0), query.stride(1),
@@ -358,7 +362,7 @@ def paged_decode_attention(
         GROUP=group, BLOCK_G=max(16, next_pow2(group)), HEAD_DIM=dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=tuning.block_n, NUM_SPLITS=splits, PRECISION=precision, KV_FP8=fp8,
         OFFSETS_I32=offsets_fit_int32(k_cache) and offsets_fit_int32(v_cache),
-        V_WORDS=v_words, ORDERED=order is not None and splits == 1, HEADS_INNER=tuning.heads_inner,
+        V_WORDS=v_words, ORDERED=order is not None and splits == 1, HEADS_INNER=heads_inner,
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_launch(query.device),
     )
     return out

@@ -278,11 +278,16 @@ def _check_decode(dtype, splits, case, kv_cache, tuning=None):
     assert torch.equal(again[rows], got)
 
 
-def test_paged_decode_launch_order_changes_nothing():
+@pytest.mark.parametrize("heads_inner", [True, False])
+def test_paged_decode_launch_order_changes_nothing(heads_inner):
     """The engine launches the decode kernel's sequences longest first (``order``, used with
     one split): every sequence's output is bit for bit what batch order gives, padding rows
-    included."""
-    from kernels.paged_decode_triton import paged_decode_attention
+    included; with either grid order (KV heads or sequences innermost)."""
+    import dataclasses
+
+    from kernels.paged_decode_triton import DEFAULT_TUNING, paged_decode_attention
+
+    tuning = dataclasses.replace(DEFAULT_TUNING, heads_inner=heads_inner)
     from worker.models.attention import longest_first
 
     ctx_lens = [17, 300, 0, 64, 129, 1]
@@ -291,26 +296,31 @@ def test_paged_decode_launch_order_changes_nothing():
     lens = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
     rows = torch.arange(len(ctx_lens), device=DEVICE)
     splits = 1
-    plain = paged_decode_attention(q, k_cache, v_cache, table.to(torch.int32), lens, rows, 0.1, torch.full_like(q, float("nan")), splits)
+    plain = paged_decode_attention(q, k_cache, v_cache, table.to(torch.int32), lens, rows, 0.1, torch.full_like(q, float("nan")),
+                                   splits, tuning=tuning)
     order = longest_first(ctx_lens)
     assert order.tolist() == [1, 4, 3, 0, 5, 2]
     ordered = paged_decode_attention(q, k_cache, v_cache, table.to(torch.int32), lens, rows, 0.1, torch.full_like(q, float("nan")),
-                                     splits, order=torch.from_numpy(order).to(DEVICE))
+                                     splits, tuning=tuning, order=torch.from_numpy(order).to(DEVICE))
     assert torch.equal(plain, ordered)
     with pytest.raises(ValueError, match="order must be"):
         paged_decode_attention(q, k_cache, v_cache, table.to(torch.int32), lens, rows, 0.1, torch.empty_like(q), splits,
                                order=torch.from_numpy(order).long().to(DEVICE))
 
 
-def test_paged_decode_empty_context_gives_zeros():
-    from kernels.paged_decode_triton import paged_decode_attention
+@pytest.mark.parametrize("heads_inner", [True, False])
+def test_paged_decode_empty_context_gives_zeros(heads_inner):
+    import dataclasses
 
+    from kernels.paged_decode_triton import DEFAULT_TUNING, paged_decode_attention
+
+    tuning = dataclasses.replace(DEFAULT_TUNING, heads_inner=heads_inner)
     k_cache, v_cache, table = _paged_setup([5, 1], 16, 2, 64, DTYPES[0])
     q = torch.randn(2, 4, 64, device=DEVICE).to(DTYPES[0])
     for splits in (1, 4):
         out = torch.full_like(q, float("nan"))
         paged_decode_attention(q, k_cache, v_cache, table, torch.tensor([5, 0], dtype=torch.int32, device=DEVICE),
-                               torch.arange(2, device=DEVICE), 0.125, out, splits)
+                               torch.arange(2, device=DEVICE), 0.125, out, splits, tuning=tuning)
         assert torch.equal(out[1], torch.zeros_like(out[1]))
         assert not out[0].isnan().any()
 

@@ -141,13 +141,16 @@ class ModelRunner:
     @torch.inference_mode()
     def _load_logits_kernels(self) -> None:
         """Compute logits (and their argmax) once for every number of rows a step can sample,
-        1 to ``max_num_seqs``, so that each matmul kernel cuBLAS picks by row count is loaded
-        now. CUDA loads a kernel's module on its first launch (lazy loading), and loading
-        allocates device memory, which synchronizes the device: in the middle of serving that
-        leaves the host behind the step just launched instead of preparing the next."""
-        mc = self.model_config
-        hidden = torch.zeros((self.config.max_num_seqs, mc.hidden_size), dtype=self.dtype, device=self.device)
-        for rows in range(1, self.config.max_num_seqs + 1):
+        1 to min(``max_num_seqs``, ``max_num_batched_tokens``), so that each matmul kernel
+        cuBLAS picks by row count is loaded now. CUDA loads a kernel's module on its first
+        launch (lazy loading), and loading allocates device memory, which synchronizes the
+        device: in the middle of serving that leaves the host behind the step just launched
+        instead of preparing the next. Greedy sampling only: the first non-greedy step still
+        loads the sampler's kernels."""
+        mc, cfg = self.model_config, self.config
+        most = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)  # the memory profile's logit rows
+        hidden = torch.zeros((most, mc.hidden_size), dtype=self.dtype, device=self.device)
+        for rows in range(1, most + 1):
             self.model.compute_logits(hidden[:rows]).argmax(dim=-1)
         torch.cuda.synchronize(self.device)
 
