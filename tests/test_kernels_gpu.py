@@ -286,10 +286,9 @@ def test_paged_decode_launch_order_changes_nothing(heads_inner):
     import dataclasses
 
     from kernels.paged_decode_triton import DEFAULT_TUNING, paged_decode_attention
-
-    tuning = dataclasses.replace(DEFAULT_TUNING, heads_inner=heads_inner)
     from worker.models.attention import longest_first
 
+    tuning = dataclasses.replace(DEFAULT_TUNING, heads_inner=heads_inner)
     ctx_lens = [17, 300, 0, 64, 129, 1]
     k_cache, v_cache, table = _paged_setup([max(c, 1) for c in ctx_lens], 16, 2, 128, DTYPES[0])
     q = torch.randn(len(ctx_lens), 8, 128, device=DEVICE).to(DTYPES[0])
