@@ -96,10 +96,13 @@ def _decode_batched(
     table = block_tables[:, :n_blocks]
     k = dequantize_ref(k_cache[table].flatten(1, 2)[:, :max_len], query.dtype, kv_scale)  # [B, L, Hk, D]
     v = dequantize_ref(v_cache[table].flatten(1, 2)[:, :max_len], query.dtype, kv_scale)
-    k = k.transpose(1, 2)  # [B, Hk, L, D]
-    v = v.transpose(1, 2)
     lens = torch.tensor(context_lens, device=query.device)
     mask = torch.arange(max_len, device=query.device)[None, :] < lens[:, None]  # [B, L]
+    # A shorter sequence's gathered rows past its length are other blocks' bytes or stale
+    # slots, which may hold anything (NaN included): masked scores give them zero weight,
+    # but 0 * NaN is NaN, so they are zeroed too.
+    k = k.masked_fill(~mask[:, :, None, None], 0).transpose(1, 2)  # [B, Hk, L, D]
+    v = v.masked_fill(~mask[:, :, None, None], 0).transpose(1, 2)
     # the query heads sharing one KV head become that head's query rows, so no
     # KV head is ever copied: q [B, Hk, group, D] against k [B, Hk, L, D]
     q = query.view(batch, -1, group, query.shape[-1])

@@ -177,7 +177,9 @@ def _assert_fp8_close(out: torch.Tensor, ref: torch.Tensor, max_fraction: float)
 
 def _paged_setup(ctx_lens, block_size, kv_heads, head_dim, dtype, kv_cache="model"):
     """Random caches and shuffled block tables holding each sequence's context; ``kv_cache``
-    "fp8": the caches hold random values quantized with ``FP8_SCALE``."""
+    "fp8": the caches hold random values quantized with ``FP8_SCALE``. The slots past each
+    context in its last block hold NaN, as a block's stale slots may (a reused block): kernels
+    must not let them into any output (a zero weight is not enough: 0 * NaN is NaN)."""
     needed = [(c + block_size - 1) // block_size for c in ctx_lens]
     num_blocks = sum(needed) + 5
     perm = torch.randperm(num_blocks).tolist()
@@ -188,6 +190,10 @@ def _paged_setup(ctx_lens, block_size, kv_heads, head_dim, dtype, kv_cache="mode
     width = max(needed) + 2  # tables wider than needed, padded with garbage ids
     table = torch.tensor([t + [random.randrange(num_blocks) for _ in range(width - len(t))] for t in tables])
     k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, head_dim, device=DEVICE) for _ in range(2))
+    for blocks, ctx in zip(tables, ctx_lens):
+        if ctx % block_size:
+            k_cache[blocks[-1], ctx % block_size :] = float("nan")
+            v_cache[blocks[-1], ctx % block_size :] = float("nan")
     if kv_cache == "fp8":
         return quantize_ref(k_cache, FP8_KV_DTYPE, FP8_SCALE), quantize_ref(v_cache, FP8_KV_DTYPE, FP8_SCALE), table.to(DEVICE)
     return k_cache.to(dtype), v_cache.to(dtype), table.to(DEVICE)

@@ -137,6 +137,35 @@ def test_attention_over_fp8_cache_equals_dense_over_dequantized(q_lens):
     assert not torch.allclose(other, out, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [FP8_KV_DTYPE, torch.float32])
+def test_batched_decode_reference_ignores_stale_nan_slots(dtype):
+    """A block's slots past a sequence's length may hold anything (a reused block), NaN
+    included. The batched decode path gathers every sequence's context padded to the
+    longest, so a shorter sequence's padding reads such slots (and other blocks named by
+    its table's padding): masked scores give them zero weight, and 0 * NaN is NaN, so they
+    must be zeroed too. Same output as over a clean cache, bit for bit."""
+    heads, kv_heads, dim, block_size, num_blocks = 6, 2, 8, 4, 12
+    ctx_lens, tables = [3, 14, 6], torch.arange(12).view(3, 4)
+    query = torch.randn(3, heads, dim, generator=torch.Generator().manual_seed(3))
+    outs = []
+    for stale in (False, True):
+        k_cache, v_cache = (torch.zeros(num_blocks, block_size, kv_heads, dim, dtype=dtype) for _ in range(2))
+        if stale:
+            for c in (k_cache, v_cache):
+                if dtype == FP8_KV_DTYPE:
+                    c.view(torch.uint8).fill_(0x7F)  # e4m3fn NaN
+                else:
+                    c.fill_(float("nan"))
+        gen = torch.Generator().manual_seed(0)
+        for table, ctx in zip(tables.tolist(), ctx_lens):
+            k, v = torch.randn(2, ctx, kv_heads, dim, generator=gen)
+            slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(ctx)])
+            store_kv_ref(k, v, k_cache, v_cache, slots, 1.0)
+        outs.append(paged_attention_ref(query, k_cache, v_cache, tables, ctx_lens, [1, 1, 1], dim**-0.5, 1.0))
+    assert outs[0].isfinite().all()
+    assert torch.equal(outs[1], outs[0])
+
+
 # ---- engine ------------------------------------------------------------------
 
 
