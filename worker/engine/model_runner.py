@@ -78,6 +78,8 @@ class ModelRunner:
             self.model.init_rope(self.max_model_len, self.device)
         set_kv_cache_scale(self.model, config.kv_cache_scale)
         self.on_gpu = self.device.type == "cuda"
+        self._graph_reserve: int | None = None
+        """Bytes the KV budget left for the CUDA graphs (when it was profiled)."""
         self.num_blocks = self._num_kv_blocks()
         self.logits_observer: Callable[[list[str], torch.Tensor], None] | None = None
         """Sees each step's sampling logits (request ids, ``[S, V]`` float32): for parity tests and debugging."""
@@ -104,12 +106,27 @@ class ModelRunner:
             self._load_logits_kernels()
         self.prefill_graphs: PrefillGraphs | None = None
         if self.on_gpu and not config.enforce_eager:
+            before = torch.cuda.memory_reserved(self.device)
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self._graph_batch_size(), self._blocks_per_seq(),
                                        self._previous_tokens)
             if config.prefill_cuda_graphs:
                 self.prefill_graphs = PrefillGraphs(
                     self.model, self.kv_cache, self._blocks_per_seq(), self._previous_tokens,
                     min(config.max_num_batched_tokens, self.max_model_len), self.graphs.pool)
+            self._log_graph_memory(torch.cuda.memory_reserved(self.device) - before)
+
+    def _log_graph_memory(self, held: int) -> None:
+        """What capturing the graphs took from the device, beside what the KV budget set aside
+        for them (the activation peak of a full step, a bound the graphs, at most 512 tokens
+        each, should stay far below: the numbers say how far, for sizing it tighter)."""
+        if self._graph_reserve is None:
+            logger.info("CUDA graphs hold %.2f GiB", held / _GIB)
+        elif held <= self._graph_reserve:
+            logger.info("CUDA graphs hold %.2f GiB of the %.2f GiB set aside for them", held / _GIB,
+                        self._graph_reserve / _GIB)
+        else:
+            logger.warning("CUDA graphs hold %.2f GiB, more than the %.2f GiB set aside for them: the device may run "
+                           "out of memory near gpu_memory_utilization 1.0", held / _GIB, self._graph_reserve / _GIB)
 
     @torch.inference_mode()
     def _compile_attention_variants(self) -> None:
@@ -217,6 +234,7 @@ class ModelRunner:
         outside_torch = total - free - torch.cuda.memory_reserved(dev)
         activations = peak - weights
         graphs = activations if not cfg.enforce_eager else 0
+        self._graph_reserve = graphs
         budget = int(total * cfg.gpu_memory_utilization) - peak - outside_torch - graphs
         logger.info(
             "GPU memory: %.2f GiB total x %.2f utilization; weights %.2f GiB, activation peak %.2f GiB "
