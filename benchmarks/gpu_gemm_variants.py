@@ -15,7 +15,11 @@ step: nothing stays in L2), median of ``--replays`` replays:
 * ``inductor``: ``torch.compile(mode="max-autotune-no-cudagraphs")``, which
   benchmarks its Triton matmul templates against cuBLAS and keeps the fastest.
 
-Usage: python benchmarks/gpu_gemm_variants.py [--rows 256,128] [--inductor-rows 256] [--json out.json]
+* ``rows/N`` (``--chunks N,...``): the product in N row chunks, one cuBLAS call each
+  into its rows of one output (prefill-sized steps: does a long matmul lose rate?).
+
+Usage: python benchmarks/gpu_gemm_variants.py [--rows 256,128] [--inductor-rows 256] [--chunks 2,4] [--copies 32]
+       [--json out.json]
 """
 
 from __future__ import annotations
@@ -61,14 +65,25 @@ def graph_time(fn, xs, ws, replays: int) -> float:
     return statistics.median(times)
 
 
-def variants(inductor: bool) -> dict:
+def variants(inductor: bool, chunks: list[int]) -> dict:
     def cublas(x, w):
         return F.linear(x, w)
 
     def swapped(x, w):
         return torch.mm(w, x.t())
 
+    def chunked(parts: int):
+        def fn(x, w):
+            out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
+            step = -(-x.shape[0] // parts)
+            for i in range(0, x.shape[0], step):
+                torch.mm(x[i : i + step], w.t(), out=out[i : i + step])
+            return out
+        return fn
+
     out = {"cublas": cublas, "cublaslt": cublas, "bias": None, "swapped": swapped}
+    if chunks:
+        out.update({f"rows/{parts}": chunked(parts) for parts in chunks})
     if inductor:
         out["inductor"] = torch.compile(cublas, mode="max-autotune-no-cudagraphs", dynamic=False)
     return out
@@ -79,6 +94,9 @@ def main() -> None:
     parser.add_argument("--rows", default="256,128,512")
     parser.add_argument("--replays", type=int, default=30)
     parser.add_argument("--inductor-rows", default="256", help="rows that also try inductor ('' for none)")
+    parser.add_argument("--chunks", default="",
+                        help="also the product in this many row chunks, one cuBLAS call each, comma-separated")
+    parser.add_argument("--copies", type=int, default=COPIES, help="distinct weights and inputs cycled through")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -86,10 +104,10 @@ def main() -> None:
     rows_out = []
     inductor_rows = {int(r) for r in args.inductor_rows.split(",") if r}
     for m in (int(r) for r in args.rows.split(",")):
-        fns = variants(m in inductor_rows)
+        fns = variants(m in inductor_rows, [int(c) for c in args.chunks.split(",") if c])
         for name, (n, k) in SHAPES.items():
-            ws = [torch.randn(n, k, device="cuda", dtype=BF16) * 0.02 for _ in range(COPIES)]
-            xs = [torch.randn(m, k, device="cuda", dtype=BF16) for _ in range(COPIES)]
+            ws = [torch.randn(n, k, device="cuda", dtype=BF16) * 0.02 for _ in range(args.copies)]
+            xs = [torch.randn(m, k, device="cuda", dtype=BF16) for _ in range(args.copies)]
             bias = torch.zeros(n, device="cuda", dtype=BF16)
             want = F.linear(xs[0], ws[0]).float()
             result = {"rows": m, "shape": name, "n": n, "k": k}

@@ -23,8 +23,9 @@ else:
 _SKINNY_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x`` ``[T, K]``, ``weight`` ``[N, K]`` -> ``[T, N]``.
+def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` ``[T, K]``, ``weight`` ``[N, K]`` -> ``[T, N]``, written to ``out`` if given
+    (contiguous ``[T, N]``, ``x``'s dtype: a CUDA graph's static output buffer).
 
     ``weight`` must not be written by a kernel of the same step: with programmatic
     dependent launch the skinny kernel reads its first weight tile before waiting for
@@ -38,5 +39,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         and x.stride(1) == 1
         and weight.is_contiguous()
     ):
-        return skinny_matmul_triton(x, weight)
+        return skinny_matmul_triton(x, weight, out=out)
+    if out is not None:
+        return torch.mm(x, weight.t(), out=out)
     return F.linear(x, weight)

@@ -158,10 +158,11 @@ def default_tuning(n: int, k: int, sms: int = 132) -> SkinnyTuning:
 
 
 def skinny_matmul_triton(
-    x: torch.Tensor, weight: torch.Tensor, tuning: SkinnyTuning | None = None
+    x: torch.Tensor, weight: torch.Tensor, tuning: SkinnyTuning | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``x`` ``[M, K]``, ``M <= MAX_ROWS``, unit inner stride;
-    ``weight`` ``[N, K]`` contiguous rows. Returns ``[M, N]`` in ``x``'s dtype."""
+    ``weight`` ``[N, K]`` contiguous rows. Returns ``[M, N]`` in ``x``'s dtype (``out``, a
+    contiguous ``[M, N]`` tensor, if given)."""
     require(x.dim() == 2 and weight.dim() == 2, f"x and weight must be 2-D, got {tuple(x.shape)}, {tuple(weight.shape)}")
     m = x.shape[0]
     n, k = weight.shape
@@ -172,7 +173,10 @@ def skinny_matmul_triton(
     require(x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16),
             f"x and weight must share a 16-bit float dtype, got {x.dtype} and {weight.dtype}")
     require_device(x, weight)
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    require(out.shape == (m, n) and out.dtype == x.dtype and out.is_contiguous() and out.device == x.device,
+            f"out must be a contiguous [{m}, {n}] {x.dtype} tensor on {x.device}, got {tuple(out.shape)} {out.dtype}")
     if m == 0:
         return out
     t = tuning or default_tuning(n, k, num_sms(x.device))

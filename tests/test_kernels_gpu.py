@@ -464,9 +464,14 @@ def test_linear_dispatch(dtype):
     from kernels.linear_triton import MAX_ROWS
 
     w = torch.randn(96, 128, device=DEVICE, dtype=dtype)
+    buffer = torch.full((MAX_ROWS + 1, 96), float("nan"), device=DEVICE, dtype=dtype)
     for m in (1, MAX_ROWS, MAX_ROWS + 1):
         x = torch.randn(m, 128, device=DEVICE, dtype=dtype)
-        assert _rel(linear(x, w), F.linear(x.float(), w.float())) < SKINNY_TOL
+        got = linear(x, w)
+        assert _rel(got, F.linear(x.float(), w.float())) < SKINNY_TOL
+        # into a given buffer (a CUDA graph's shared logits): the same product, written there
+        into = linear(x, w, out=buffer[:m])
+        assert into.data_ptr() == buffer.data_ptr() and torch.equal(buffer[:m], got)
 
 
 def test_skinny_matmul_rejects_bad_inputs():
@@ -481,3 +486,6 @@ def test_skinny_matmul_rejects_bad_inputs():
         skinny_matmul_triton(torch.randn(2, 64, device=DEVICE), w.float())
     with pytest.raises(ValueError, match="unit inner stride"):
         skinny_matmul_triton(torch.randn(64, 2, device=DEVICE, dtype=torch.float16).t(), w)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        skinny_matmul_triton(torch.randn(2, 64, device=DEVICE, dtype=torch.float16), w,
+                             out=torch.empty(2, 31, device=DEVICE, dtype=torch.float16))

@@ -29,7 +29,7 @@ import torch
 
 from kernels.kv_quant import FP8_KV_DTYPE
 from worker.engine.config import EngineConfig
-from worker.engine.cuda_graph import DecodeGraphs, PrefillGraphs
+from worker.engine.cuda_graph import DecodeGraphs, PrefillGraphs, prefill_graph_sizes
 from worker.engine.sampler import PendingSample, fill_placeholders, sample_async, to_device
 from worker.engine.scheduler import SchedulerOutput
 from worker.models.attention import AttentionMetadata, DecodeBatch, PrefillBatch, longest_first, set_kv_cache_scale
@@ -120,12 +120,12 @@ class ModelRunner:
         for them (the activation peak of a full step, a bound the graphs, at most 512 tokens
         each, should stay far below: the numbers say how far, for sizing it tighter)."""
         if self._graph_reserve is None:
-            logger.info("CUDA graphs hold %.2f GiB", held / _GIB)
+            logger.info("CUDA graphs hold %.3f GiB", held / _GIB)
         elif held <= self._graph_reserve:
-            logger.info("CUDA graphs hold %.2f GiB of the %.2f GiB set aside for them", held / _GIB,
+            logger.info("CUDA graphs hold %.3f GiB of the %.3f GiB set aside for them", held / _GIB,
                         self._graph_reserve / _GIB)
         else:
-            logger.warning("CUDA graphs hold %.2f GiB, more than the %.2f GiB set aside for them: the device may run "
+            logger.warning("CUDA graphs hold %.3f GiB, more than the %.3f GiB set aside for them: the device may run "
                            "out of memory near gpu_memory_utilization 1.0", held / _GIB, self._graph_reserve / _GIB)
 
     @torch.inference_mode()
@@ -200,8 +200,8 @@ class ModelRunner:
     def _profile_kv_budget(self) -> int:
         """Bytes left for the KV pool: ``total * gpu_memory_utilization`` minus the
         peak of a forward pass over a full step budget (weights included), memory
-        held outside PyTorch (CUDA context, cuBLAS), and the same activation peak
-        again for the CUDA graphs' pool."""
+        held outside PyTorch (CUDA context, cuBLAS), and what the CUDA graphs will
+        hold (``_profile_graph_memory``)."""
         dev, cfg = self.device, self.config
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
@@ -220,7 +220,8 @@ class ModelRunner:
             slots += range(first * cfg.block_size, first * cfg.block_size + length)
             first += blocks
         mc = self.model_config
-        scratch = torch.zeros((mc.num_layers, 2, first, cfg.block_size, mc.num_kv_heads, mc.head_dim),
+        graph_blocks = -(-self._largest_prefill_graph() // cfg.block_size)
+        scratch = torch.zeros((mc.num_layers, 2, max(first, graph_blocks), cfg.block_size, mc.num_kv_heads, mc.head_dim),
                               dtype=self.kv_dtype, device=dev)
         meta, flat = self._gpu_metadata(lens, lens, tables, [0] * n, positions, slots,
                                         [n - 1] * min(cfg.max_num_seqs, n))
@@ -228,12 +229,13 @@ class ModelRunner:
         self.model.compute_logits(hidden.index_select(0, flat["logit_rows"])).argmax(dim=-1)
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev) - scratch.numel() * scratch.element_size()
-        del scratch, hidden, meta, flat
+        del hidden, meta, flat
+        graphs = self._profile_graph_memory(scratch) if not cfg.enforce_eager else 0
+        del scratch
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
         outside_torch = total - free - torch.cuda.memory_reserved(dev)
         activations = peak - weights
-        graphs = activations if not cfg.enforce_eager else 0
         self._graph_reserve = graphs
         budget = int(total * cfg.gpu_memory_utilization) - peak - outside_torch - graphs
         logger.info(
@@ -249,6 +251,45 @@ class ModelRunner:
                 "taken by weights, activations and graphs; raise gpu_memory_utilization or lower max_num_batched_tokens"
             )
         return budget
+
+    def _largest_prefill_graph(self) -> int:
+        """Tokens of the largest prefill graph the runner captures (0 without prefill graphs)."""
+        cfg = self.config
+        if cfg.enforce_eager or not cfg.prefill_cuda_graphs:
+            return 0
+        return prefill_graph_sizes(min(cfg.max_num_batched_tokens, self.max_model_len))[-1]
+
+    def _profile_graph_memory(self, scratch: torch.Tensor) -> int:
+        """Bytes the CUDA graphs will hold: the activation peak of the largest decode graph's
+        step and of the largest prefill graph's, profiled eagerly (every graph captures into
+        one pool, largest first, so the largest sets its size), the larger of the two, plus the
+        logits buffers the graphs share (``cuda_graph.logit_buffer``). Sized from the full
+        step's activation peak instead, the reserve was 0.91 GiB at Llama-3-8B's shape where
+        the graphs held 0.65 (most of it one logits output per decode graph, now shared), and
+        too small for SmolLM2, whose 49k-token vocabulary outweighs its activations."""
+        dev = self.device
+        vocab_bytes = self.model.lm_head.weight.shape[0] * self.model.lm_head.weight.element_size()
+        rows = self._graph_batch_size()
+        shapes = [([1] * rows, [[0]] * rows)]  # one token per sequence, each reading one cache row
+        prefill = self._largest_prefill_graph()
+        if prefill:
+            shapes.append(([prefill], [list(range(-(-prefill // self.config.block_size)))]))
+        peak = 0
+        for q_lens, tables in shapes:
+            n = sum(q_lens)
+            torch.cuda.synchronize(dev)
+            base = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            # positions 0 and no slots written: values do not matter, shapes do
+            meta, flat = self._gpu_metadata(q_lens, q_lens, tables, [0] * n, [0] * n, [-1] * n,
+                                            [sum(q_lens[: i + 1]) - 1 for i in range(len(q_lens))])
+            hidden = self.model(flat["ids"], flat["positions"], scratch, meta)
+            out = torch.empty((len(q_lens), vocab_bytes // hidden.element_size()), dtype=hidden.dtype, device=dev)
+            self.model.compute_logits(hidden.index_select(0, flat["logit_rows"]), out=out)
+            torch.cuda.synchronize(dev)
+            peak = max(peak, torch.cuda.max_memory_allocated(dev) - base - out.numel() * out.element_size())
+            del meta, flat, hidden, out
+        return peak + (rows + (1 if prefill else 0)) * vocab_bytes
 
     # ---- the step ------------------------------------------------------------
     @torch.inference_mode()

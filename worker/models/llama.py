@@ -120,9 +120,10 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits ``[S, V]`` in the model's dtype. Not widened here: a greedy step's argmax
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[S, V]`` in the model's dtype (into ``out`` if given: a CUDA graph's
+        static buffer). Not widened here: a greedy step's argmax
         reads them as they are (widening is exact, so the argmax is the same), and the
         sampler widens to float32 only where it computes with them (a float32 copy of a
         256 x 128k batch costs a decode step ~0.1 ms on an H100)."""
-        return linear(hidden, self.lm_head.weight)
+        return linear(hidden, self.lm_head.weight, out=out)
