@@ -13,7 +13,9 @@ Two paths share the step's host-side bookkeeping:
   (``cuda_graph.py``), and with ``prefill_cuda_graphs`` so does a step that
   prefills one sequence alone (up to 512 tokens). The KV pool gets what
   ``gpu_memory_utilization`` leaves after the weights, a profiled activation
-  peak (of the largest step ``max_num_batched_tokens`` allows) and the graphs.
+  peak (of the largest step ``max_num_batched_tokens`` allows) and what the
+  graphs will hold (profiled from their largest shapes; logged beside what they
+  then hold).
   Before serving, every attention kernel variant is compiled and every logits
   matmul size is run once, so that no step waits for a compiler or a kernel load.
 """
