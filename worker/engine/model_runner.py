@@ -48,7 +48,7 @@ _GRAPH_SLACK = 64 << 20
 """Added to the CUDA graphs' profiled memory: what the allocator rounds up (a request of 1-10
 MiB takes a 20 MiB segment of the graphs' own pool) and holds for the capture stream (cuBLAS
 workspace). Measured on an H100: SmolLM2's graphs held 27 MiB against 12 profiled,
-Llama-3-8B's 119 against 118."""
+Llama-3-8B's 0.119 GiB against 0.118."""
 _GIB = 2**30
 
 
@@ -125,8 +125,8 @@ class ModelRunner:
 
     def _log_graph_memory(self, held: int) -> None:
         """What capturing the graphs took from the device, beside what the KV budget set aside
-        for them (the activation peak of a full step, a bound the graphs, at most 512 tokens
-        each, should stay far below: the numbers say how far, for sizing it tighter)."""
+        for them (``_profile_graph_memory``): a warning if the estimate fell short, since the
+        KV pool then leaves less headroom than ``gpu_memory_utilization`` promises."""
         if self._graph_reserve is None:
             logger.info("CUDA graphs hold %.3f GiB", held / _GIB)
         elif held <= self._graph_reserve:
@@ -271,12 +271,12 @@ class ModelRunner:
         """Bytes the CUDA graphs will hold: the activation peak of the largest decode graph's
         step and of the largest prefill graph's, profiled eagerly (every graph captures into
         one pool, largest first, so the largest sets its size), the larger of the two, plus the
-        logits buffers the graphs share (``cuda_graph.logit_buffer``) and ``_GRAPH_SLACK``. Sized from the full
-        step's activation peak instead, the reserve was 0.91 GiB at Llama-3-8B's shape where
+        logits buffers the graphs share (``cuda_graph.logit_buffer``) and ``_GRAPH_SLACK``.
+        Sized from the full step's activation peak instead, the reserve was 0.91 GiB at Llama-3-8B's shape where
         the graphs held 0.65 (most of it one logits output per decode graph, now shared), and
         too small for SmolLM2, whose 49k-token vocabulary outweighs its activations."""
         dev = self.device
-        vocab_bytes = self.model.lm_head.weight.shape[0] * self.model.lm_head.weight.element_size()
+        lm_head = self.model.lm_head.weight
         rows = self._graph_batch_size()
         shapes = [([1] * rows, [[0]] * rows)]  # one token per sequence, each reading one cache row
         prefill = self._largest_prefill_graph()
@@ -292,12 +292,13 @@ class ModelRunner:
             meta, flat = self._gpu_metadata(q_lens, q_lens, tables, [0] * n, [0] * n, [-1] * n,
                                             [sum(q_lens[: i + 1]) - 1 for i in range(len(q_lens))])
             hidden = self.model(flat["ids"], flat["positions"], scratch, meta)
-            out = torch.empty((len(q_lens), vocab_bytes // hidden.element_size()), dtype=hidden.dtype, device=dev)
+            out = torch.empty((len(q_lens), lm_head.shape[0]), dtype=lm_head.dtype, device=dev)
             self.model.compute_logits(hidden.index_select(0, flat["logit_rows"]), out=out)
             torch.cuda.synchronize(dev)
             peak = max(peak, torch.cuda.max_memory_allocated(dev) - base - out.numel() * out.element_size())
             del meta, flat, hidden, out
-        return peak + (rows + (1 if prefill else 0)) * vocab_bytes + _GRAPH_SLACK
+        buffers = (rows + (1 if prefill else 0)) * lm_head.shape[0] * lm_head.element_size()
+        return peak + buffers + _GRAPH_SLACK
 
     # ---- the step ------------------------------------------------------------
     @torch.inference_mode()
