@@ -45,10 +45,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 DEFAULT_CPU_KV_BYTES = 1 << 30
 MAX_GRAPH_BATCH = 512
 _GRAPH_SLACK = 64 << 20
-"""Added to the CUDA graphs' profiled memory: what the allocator rounds up (a request of 1-10
-MiB takes a 20 MiB segment of the graphs' own pool) and holds for the capture stream (cuBLAS
-workspace). Measured on an H100: SmolLM2's graphs held 27 MiB against 12 profiled,
-Llama-3-8B's 0.119 GiB against 0.118."""
+"""Added to the CUDA graphs' profiled memory for what the profile cannot see, most likely the
+allocator's rounding (PyTorch serves requests of 1-10 MiB from 20 MiB segments, and the graphs'
+pool has its own) and the capture stream's cuBLAS workspace. Measured on an H100: SmolLM2's
+graphs held 27 MiB against 12 profiled, Llama-3-8B's 0.119 GiB against 0.118."""
 _GIB = 2**30
 
 
