@@ -22,6 +22,7 @@ Two paths share the step's host-side bookkeeping:
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 from typing import Callable
@@ -31,9 +32,10 @@ import torch
 
 from kernels.kv_quant import FP8_KV_DTYPE
 from worker.engine.config import EngineConfig
-from worker.engine.cuda_graph import DecodeGraphs, PrefillGraphs, prefill_graph_sizes
+from worker.engine.cuda_graph import DecodeGraphs, PrefillGraphs
 from worker.engine.sampler import PendingSample, fill_placeholders, sample_async, to_device
 from worker.engine.scheduler import SchedulerOutput
+from worker.engine.types import SamplingOptions
 from worker.models.attention import AttentionMetadata, DecodeBatch, PrefillBatch, longest_first, set_kv_cache_scale
 from worker.models.config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
@@ -44,11 +46,6 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CPU_KV_BYTES = 1 << 30
 MAX_GRAPH_BATCH = 512
-_GRAPH_SLACK = 64 << 20
-"""Added to the CUDA graphs' profiled memory for what the profile cannot see, most likely the
-allocator's rounding (PyTorch serves requests of 1-10 MiB from 20 MiB segments, and the graphs'
-pool has its own) and the capture stream's cuBLAS workspace. Measured on an H100: SmolLM2's
-graphs held 27 MiB against 12 profiled, Llama-3-8B's 0.119 GiB against 0.118."""
 _GIB = 2**30
 
 
@@ -87,6 +84,9 @@ class ModelRunner:
         self.on_gpu = self.device.type == "cuda"
         self._graph_reserve: int | None = None
         """Bytes the KV budget left for the CUDA graphs (when it was profiled)."""
+        rows = max(config.max_num_seqs, MAX_GRAPH_BATCH)
+        self._previous_tokens = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        """The last launched step's sampled tokens by row: where placeholders are filled from."""
         self.num_blocks = self._num_kv_blocks()
         self.logits_observer: Callable[[list[str], torch.Tensor], None] | None = None
         """Sees each step's sampling logits (request ids, ``[S, V]`` float32): for parity tests and debugging."""
@@ -102,9 +102,6 @@ class ModelRunner:
             self.kv_cache.numel() * self.kv_cache.element_size() / 2**20, str(self.kv_dtype).removeprefix("torch."),
             config.kv_cache_scale, self.device,
         )
-        rows = max(config.max_num_seqs, MAX_GRAPH_BATCH)
-        self._previous_tokens = torch.zeros(rows, dtype=torch.int64, device=self.device)
-        """The last launched step's sampled tokens by row: where placeholders are filled from."""
         self._token_host = [torch.zeros(rows, dtype=torch.int64).pin_memory() for _ in range(2)] if self.on_gpu else None
         self._launches = 0
         self.graphs: DecodeGraphs | None = None
@@ -113,23 +110,28 @@ class ModelRunner:
             self._load_logits_kernels()
         self.prefill_graphs: PrefillGraphs | None = None
         if self.on_gpu and not config.enforce_eager:
-            torch.cuda.empty_cache()  # as capturing does: then the difference below is the graphs' alone
-            before = torch.cuda.memory_reserved(self.device)
-            self.graphs = DecodeGraphs(self.model, self.kv_cache, self._graph_batch_size(), self._blocks_per_seq(),
-                                       self._previous_tokens)
-            if config.prefill_cuda_graphs:
-                self.prefill_graphs = PrefillGraphs(
-                    self.model, self.kv_cache, self._blocks_per_seq(), self._previous_tokens,
-                    min(config.max_num_batched_tokens, self.max_model_len), self.graphs.pool)
-            self._log_graph_memory(torch.cuda.memory_reserved(self.device) - before)
+            held, (self.graphs, self.prefill_graphs) = _device_memory_taken(self.device, lambda: self._capture_graphs(
+                self.kv_cache))
+            self._log_graph_memory(held)
+
+    def _capture_graphs(self, kv_cache: torch.Tensor) -> tuple[DecodeGraphs, PrefillGraphs | None]:
+        """The decode graphs and, with ``prefill_cuda_graphs``, the prefill graphs (one memory pool)."""
+        cfg = self.config
+        decode = DecodeGraphs(self.model, kv_cache, self._graph_batch_size(), self._blocks_per_seq(),
+                              self._previous_tokens)
+        prefill = None
+        if cfg.prefill_cuda_graphs:
+            prefill = PrefillGraphs(self.model, kv_cache, self._blocks_per_seq(), self._previous_tokens,
+                                    min(cfg.max_num_batched_tokens, self.max_model_len), decode.pool)
+        return decode, prefill
 
     def _log_graph_memory(self, held: int) -> None:
         """What capturing the graphs took from the device, beside what the KV budget set aside
-        for them (``_profile_graph_memory``): a warning if the estimate fell short, since the
-        KV pool then leaves less headroom than ``gpu_memory_utilization`` promises."""
+        for them (the same graphs' memory, measured by a trial capture): a warning if they took
+        more, since the KV pool then leaves less headroom than ``gpu_memory_utilization`` promises."""
         if self._graph_reserve is None:
             logger.info("CUDA graphs hold %.3f GiB", held / _GIB)
-        elif held <= self._graph_reserve:
+        elif held <= self._graph_reserve + (16 << 20):  # free memory moves in 2 MiB pages
             logger.info("CUDA graphs hold %.3f GiB of the %.3f GiB set aside for them", held / _GIB,
                         self._graph_reserve / _GIB)
         else:
@@ -206,14 +208,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_kv_budget(self) -> int:
-        """Bytes left for the KV pool: ``total * gpu_memory_utilization`` minus the
-        peak of a forward pass over a full step budget (weights included), memory
-        held outside PyTorch (CUDA context, cuBLAS), and what the CUDA graphs will
-        hold (``_profile_graph_memory``)."""
+        """Bytes left for the KV pool: ``total * gpu_memory_utilization`` minus what the
+        device holds once the model is loaded and warm (weights, CUDA context, kernels,
+        workspaces), the activation peak of the largest step ``max_num_batched_tokens``
+        allows or of sampling the most rows a step samples (the larger: the two never
+        overlap), and what the CUDA graphs take, measured by capturing them once against a
+        scratch cache (``_trial_capture``)."""
         dev, cfg = self.device, self.config
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
         weights = torch.cuda.memory_allocated(dev)
         # the largest step: max_num_batched_tokens prompt tokens, in as few sequences as
         # max_model_len allows (a step of 8,192 tokens may hold two 4,096-token prompts)
@@ -228,77 +231,73 @@ class ModelRunner:
             slots += range(first * cfg.block_size, first * cfg.block_size + length)
             first += blocks
         mc = self.model_config
-        graph_blocks = -(-self._largest_prefill_graph() // cfg.block_size)
-        scratch = torch.zeros((mc.num_layers, 2, max(first, graph_blocks), cfg.block_size, mc.num_kv_heads, mc.head_dim),
+        scratch = torch.zeros((mc.num_layers, 2, first, cfg.block_size, mc.num_kv_heads, mc.head_dim),
                               dtype=self.kv_dtype, device=dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
         meta, flat = self._gpu_metadata(lens, lens, tables, [0] * n, positions, slots,
                                         [n - 1] * min(cfg.max_num_seqs, n))
         hidden = self.model(flat["ids"], flat["positions"], scratch, meta)
         self.model.compute_logits(hidden.index_select(0, flat["logit_rows"])).argmax(dim=-1)
         torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev) - scratch.numel() * scratch.element_size()
+        step = torch.cuda.max_memory_allocated(dev) - base
         del hidden, meta, flat
-        graphs = self._profile_graph_memory(scratch) if not cfg.enforce_eager else 0
+        sampling = self._profile_sampling()
+        graphs = self._trial_capture(scratch) if not cfg.enforce_eager else 0
         del scratch
+        gc.collect()
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
-        outside_torch = total - free - torch.cuda.memory_reserved(dev)
-        activations = peak - weights
+        held = total - free  # weights, context, kernels, workspaces: what stays
+        activations = max(step, sampling)
         self._graph_reserve = graphs
-        budget = int(total * cfg.gpu_memory_utilization) - peak - outside_torch - graphs
+        budget = int(total * cfg.gpu_memory_utilization) - held - activations - graphs
         logger.info(
-            "GPU memory: %.2f GiB total x %.2f utilization; weights %.2f GiB, activation peak %.2f GiB "
-            "(%d-token step), outside PyTorch %.2f GiB, CUDA-graph reserve %.2f GiB -> KV pool %.2f GiB",
-            total / _GIB, cfg.gpu_memory_utilization, weights / _GIB, activations / _GIB, n,
-            outside_torch / _GIB, graphs / _GIB, budget / _GIB,
+            "GPU memory: %.2f GiB total x %.2f utilization; held %.2f GiB (weights %.2f), activation peak %.2f GiB "
+            "(%d-token step %.2f, sampling %d rows %.2f), CUDA graphs %.2f GiB -> KV pool %.2f GiB",
+            total / _GIB, cfg.gpu_memory_utilization, held / _GIB, weights / _GIB, activations / _GIB, n, step / _GIB,
+            self._sampled_rows(), sampling / _GIB, graphs / _GIB, budget / _GIB,
         )
         if budget < 2 * self.bytes_per_block():
             raise ValueError(
                 f"no GPU memory left for the KV pool: {total * cfg.gpu_memory_utilization / _GIB:.2f} GiB allowed "
-                f"(gpu_memory_utilization={cfg.gpu_memory_utilization}), {(peak + outside_torch + graphs) / _GIB:.2f} GiB "
+                f"(gpu_memory_utilization={cfg.gpu_memory_utilization}), {(held + activations + graphs) / _GIB:.2f} GiB "
                 "taken by weights, activations and graphs; raise gpu_memory_utilization or lower max_num_batched_tokens"
             )
         return budget
 
-    def _largest_prefill_graph(self) -> int:
-        """Tokens of the largest prefill graph the runner captures (0 without prefill graphs)."""
-        cfg = self.config
-        if cfg.enforce_eager or not cfg.prefill_cuda_graphs:
-            return 0
-        return prefill_graph_sizes(min(cfg.max_num_batched_tokens, self.max_model_len))[-1]
+    def _sampled_rows(self) -> int:
+        """The most rows one step samples: one per running sequence."""
+        return min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
 
-    def _profile_graph_memory(self, scratch: torch.Tensor) -> int:
-        """Bytes the CUDA graphs will hold: the activation peak of the largest decode graph's
-        step and of the largest prefill graph's, profiled eagerly (every graph captures into
-        one pool, largest first, so the largest sets its size), the larger of the two, plus the
-        logits buffers the graphs share (``cuda_graph.logit_buffer``) and ``_GRAPH_SLACK``.
-        Sized from the full step's activation peak instead, the reserve was 0.91 GiB at Llama-3-8B's shape where
-        the graphs held 0.65 (most of it one logits output per decode graph, now shared), and
-        too small for SmolLM2, whose 49k-token vocabulary outweighs its activations."""
+    def _profile_sampling(self) -> int:
+        """The memory peak of sampling the most rows a step samples with every option that
+        costs memory (temperature, top-k and top-p: a float32 copy, a sort with int64
+        indices, masks; log-probabilities with 20 alternatives), logits included."""
         dev = self.device
         lm_head = self.model.lm_head.weight
-        rows = self._graph_batch_size()
-        shapes = [([1] * rows, [[0]] * rows)]  # one token per sequence, each reading one cache row
-        prefill = self._largest_prefill_graph()
-        if prefill:
-            shapes.append(([prefill], [list(range(-(-prefill // self.config.block_size)))]))
-        peak = 0
-        for q_lens, tables in shapes:
-            n = sum(q_lens)
-            torch.cuda.synchronize(dev)
-            base = torch.cuda.memory_allocated(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            # positions 0 and no slots written: values do not matter, shapes do
-            meta, flat = self._gpu_metadata(q_lens, q_lens, tables, [0] * n, [0] * n, [-1] * n,
-                                            [sum(q_lens[: i + 1]) - 1 for i in range(len(q_lens))])
-            hidden = self.model(flat["ids"], flat["positions"], scratch, meta)
-            out = torch.empty((len(q_lens), lm_head.shape[0]), dtype=lm_head.dtype, device=dev)
-            self.model.compute_logits(hidden.index_select(0, flat["logit_rows"]), out=out)
-            torch.cuda.synchronize(dev)
-            peak = max(peak, torch.cuda.max_memory_allocated(dev) - base - out.numel() * out.element_size())
-            del meta, flat, hidden, out
-        buffers = (rows + (1 if prefill else 0)) * lm_head.shape[0] * lm_head.element_size()
-        return peak + buffers + _GRAPH_SLACK
+        rows = self._sampled_rows()
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        logits = torch.zeros((rows, lm_head.shape[0]), dtype=lm_head.dtype, device=dev)
+        costly = SamplingOptions(temperature=0.7, top_p=0.9, top_k=50, logprobs=True, top_logprobs=20)
+        sample_async(logits, [costly] * rows, [None] * rows).tokens.sum().item()
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        del logits
+        return peak
+
+    def _trial_capture(self, scratch: torch.Tensor) -> int:
+        """Bytes the CUDA graphs take: captured once against ``scratch`` (capturing reads no
+        cache row and writes none), measured as free device memory before the capture
+        against after their release, then released. What the first capture in a process
+        also pays for good (the capture stream's cuBLAS workspace, kernels loaded for the
+        first time) stays, and the budget counts it among what the device holds. An estimate
+        from the largest graph's activation peak missed those: a review measured 77 MiB set
+        aside on an H100 for a SmolLM2-shaped engine whose graphs took 174."""
+        held, graphs = _device_memory_taken(self.device, lambda: self._capture_graphs(scratch))
+        del graphs
+        return _device_memory_freed(self.device, held)
 
     # ---- the step ------------------------------------------------------------
     @torch.inference_mode()
@@ -460,3 +459,27 @@ class ModelRunner:
             prefill=prefill,
         )
         return meta, out
+
+
+def _device_memory_taken(device: torch.device, make):
+    """``make()``'s result, and the device memory it took (free memory before against
+    after, so allocations outside PyTorch's allocator count too)."""
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()  # cached blocks would hide allocations (capturing empties the cache too)
+    before, _ = torch.cuda.mem_get_info(device)
+    result = make()
+    torch.cuda.synchronize(device)
+    after, _ = torch.cuda.mem_get_info(device)
+    return before - after, result
+
+
+def _device_memory_freed(device: torch.device, taken: int) -> int:
+    """Of ``taken`` bytes just taken, how many collecting garbage and emptying PyTorch's
+    cache give back (call after dropping the references)."""
+    before, _ = torch.cuda.mem_get_info(device)
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    after, _ = torch.cuda.mem_get_info(device)
+    return min(taken, after - before)
