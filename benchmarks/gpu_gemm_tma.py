@@ -76,6 +76,7 @@ def main() -> None:
     rows_out = []
     for m in (int(r) for r in args.rows.split(",")):
         total = {"cublas": 0.0}
+        ran: dict[str, int] = {}
         for name, (n, k) in SHAPES.items():
             ws = [torch.randn(n, k, device="cuda", dtype=BF16) * 0.02 for _ in range(args.copies)]
             xs = [torch.randn(m, k, device="cuda", dtype=BF16) for _ in range(args.copies)]
@@ -97,12 +98,15 @@ def main() -> None:
                     continue
                 result["configs"].append({"config": label, "us": us})
                 total[label] = total.get(label, 0.0) + us
+                ran[label] = ran.get(label, 0) + 1
                 cells.append(f"{label} {us:6.1f}")
             print(f"M={m:<4} {name:<8} " + "  ".join(cells), flush=True)
             rows_out.append(result)
             del ws, xs
             torch.cuda.empty_cache()
-        best = min((v, k) for k, v in total.items() if k != "cublas" and len(total) > 1) if len(total) > 1 else None
+        # only configurations that ran on every shape: a partial total would look fast
+        ran_all = {k: v for k, v in total.items() if k != "cublas" and ran[k] == len(SHAPES)}
+        best = min((v, k) for k, v in ran_all.items()) if ran_all else None
         print(f"M={m} layer total: cublas {total['cublas']:.1f} us" +
               (f", best single config {best[1]} {best[0]:.1f} us" if best else ""), flush=True)
     if args.json:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import HAS_TRITON, use_triton
+from kernels.backend import HAS_TRITON, require, use_triton
 
 if HAS_TRITON:
     from kernels.linear_triton import MAX_ROWS, skinny_matmul_triton
@@ -30,6 +30,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
     ``weight`` must not be written by a kernel of the same step: with programmatic
     dependent launch the skinny kernel reads its first weight tile before waiting for
     the previous kernel (``pdl_triton.py``); model weights are constant."""
+    if out is not None:  # torch.mm would resize a wrong one (with a warning) and write it anyway
+        shape = (x.shape[0], weight.shape[0])
+        require(out.shape == shape and out.dtype == x.dtype and out.is_contiguous() and out.device == x.device,
+                f"out must be a contiguous {list(shape)} {x.dtype} tensor on {x.device}, "
+                f"got {tuple(out.shape)} {out.dtype}")
     if (
         use_triton(x)
         and x.dim() == 2

@@ -464,14 +464,18 @@ def test_linear_dispatch(dtype):
     from kernels.linear_triton import MAX_ROWS
 
     w = torch.randn(96, 128, device=DEVICE, dtype=dtype)
-    buffer = torch.full((MAX_ROWS + 1, 96), float("nan"), device=DEVICE, dtype=dtype)
     for m in (1, MAX_ROWS, MAX_ROWS + 1):
         x = torch.randn(m, 128, device=DEVICE, dtype=dtype)
         got = linear(x, w)
         assert _rel(got, F.linear(x.float(), w.float())) < SKINNY_TOL
-        # into a given buffer (a CUDA graph's shared logits): the same product, written there
+        # into the first rows of a given buffer (a CUDA graph's shared logits): the same
+        # product, written there and nowhere else
+        buffer = torch.full((MAX_ROWS + 2, 96), float("nan"), device=DEVICE, dtype=dtype)
         into = linear(x, w, out=buffer[:m])
         assert into.data_ptr() == buffer.data_ptr() and torch.equal(buffer[:m], got)
+        assert buffer[m:].isnan().all()
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        linear(x, w, out=torch.empty(x.shape[0], 95, device=DEVICE, dtype=dtype))
 
 
 def test_skinny_matmul_rejects_bad_inputs():

@@ -89,7 +89,8 @@ class ModelRunner:
         """The last launched step's sampled tokens by row: where placeholders are filled from."""
         self.num_blocks = self._num_kv_blocks()
         self.logits_observer: Callable[[list[str], torch.Tensor], None] | None = None
-        """Sees each step's sampling logits (request ids, ``[S, V]`` float32): for parity tests and debugging."""
+        """Sees each step's sampling logits (request ids, ``[S, V]`` float32): for parity tests and debugging.
+        The tensor may be a CUDA graph's logits buffer, which the next step overwrites: copy what you keep."""
         mc = model_config
         self.kv_cache = torch.zeros(
             (mc.num_layers, 2, self.num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim),
