@@ -75,14 +75,14 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
     rows_out = []
     for m in (int(r) for r in args.rows.split(",")):
-        total = {"cublas": 0.0}
-        ran: dict[str, int] = {}
+        cublas_total = 0.0
+        times: dict[str, list[float]] = {}  # by configuration, one entry per shape it ran on
         for name, (n, k) in SHAPES.items():
             ws = [torch.randn(n, k, device="cuda", dtype=BF16) * 0.02 for _ in range(args.copies)]
             xs = [torch.randn(m, k, device="cuda", dtype=BF16) for _ in range(args.copies)]
             want = F.linear(xs[0], ws[0]).float()
             base = graph_time(lambda x, w: F.linear(x, w), xs, ws, args.replays)
-            total["cublas"] += base
+            cublas_total += base
             result = {"rows": m, "shape": name, "cublas_us": base, "configs": []}
             cells = [f"cublas {base:6.1f}"]
             for cfg in CONFIGS:
@@ -97,17 +97,15 @@ def main() -> None:
                     print(f"M={m} {name} {label}: {type(e).__name__}: {str(e)[:160]}", flush=True)
                     continue
                 result["configs"].append({"config": label, "us": us})
-                total[label] = total.get(label, 0.0) + us
-                ran[label] = ran.get(label, 0) + 1
+                times.setdefault(label, []).append(us)
                 cells.append(f"{label} {us:6.1f}")
             print(f"M={m:<4} {name:<8} " + "  ".join(cells), flush=True)
             rows_out.append(result)
             del ws, xs
             torch.cuda.empty_cache()
         # only configurations that ran on every shape: a partial total would look fast
-        ran_all = {k: v for k, v in total.items() if k != "cublas" and ran[k] == len(SHAPES)}
-        best = min((v, k) for k, v in ran_all.items()) if ran_all else None
-        print(f"M={m} layer total: cublas {total['cublas']:.1f} us" +
+        best = min(((sum(ts), label) for label, ts in times.items() if len(ts) == len(SHAPES)), default=None)
+        print(f"M={m} layer total: cublas {cublas_total:.1f} us" +
               (f", best single config {best[1]} {best[0]:.1f} us" if best else ""), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows_out, indent=2))

@@ -175,9 +175,8 @@ class ModelRunner:
         device: in the middle of serving that leaves the host behind the step just launched
         instead of preparing the next. Greedy sampling only: the first non-greedy step still
         loads the sampler's kernels."""
-        mc, cfg = self.model_config, self.config
-        most = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)  # the memory profile's logit rows
-        hidden = torch.zeros((most, mc.hidden_size), dtype=self.dtype, device=self.device)
+        most = self._sampled_rows()
+        hidden = torch.zeros((most, self.model_config.hidden_size), dtype=self.dtype, device=self.device)
         for rows in range(1, most + 1):
             self.model.compute_logits(hidden[:rows]).argmax(dim=-1)
         torch.cuda.synchronize(self.device)
