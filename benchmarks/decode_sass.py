@@ -12,7 +12,7 @@ Needs a Triton with its NVIDIA backend (ptxas, nvdisasm), e.g. the wheel that
 CUDA builds of torch install; the CPU build of torch does not bring one.
 
 Usage: python benchmarks/decode_sass.py [--kernel decode|prefill [--long]] [--cache bf16|fp8]
-       [--tuning 64/4/2[+h]] [--maxnreg N (prefill)] [--offsets-i64] [--no-v-words] [--sass out.sass]
+       [--batch 256] [--tuning 64/4/2[+h]] [--maxnreg N (prefill)] [--offsets-i64] [--no-v-words] [--sass out.sass]
 
 Besides the instruction counts it prints the registers a thread holds, spill
 instructions and the programs an H100 SM can hold at once (the occupancy ncu
@@ -34,9 +34,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from kernels.paged_decode_triton import (
-    DEFAULT_TUNING,
-    FP8_TUNING,
     DecodeTuning,
+    decode_tuning,
     _paged_decode_kernel,
     format_decode_tuning,
     parse_decode_tuning,
@@ -139,6 +138,8 @@ def main() -> None:
     parser.add_argument("--tuning", default=None, metavar="BN/W/ST[+h]",
                         help="decode: e.g. 32/2/2+h (kernels.paged_decode_triton.parse_decode_tuning); "
                              "default: the cache's default tuning")
+    parser.add_argument("--batch", type=int, default=256,
+                        help="decode: the batch size whose default tuning is compiled (an fp8 cache's depends on it)")
     parser.add_argument("--offsets-i64", action="store_true", help="64-bit gather offsets (a cache over 2**31 elements)")
     parser.add_argument("--no-v-words", action="store_true", help="fp8: convert V after its shared-memory read")
     parser.add_argument("--maxnreg", type=int, default=None, help="prefill: cap the registers a thread may hold")
@@ -149,7 +150,7 @@ def main() -> None:
         compiled = compile_prefill(args.cache, prefill, args.maxnreg)
         report(compiled, f"prefill, {args.cache} cache, {prefill}", prefill.num_warps, args.sass)
         return
-    tuning = FP8_TUNING if args.cache == "fp8" else DEFAULT_TUNING
+    tuning = decode_tuning(args.batch, args.cache == "fp8")
     if args.tuning:
         tuning = parse_decode_tuning(args.tuning, tuning)
     compiled = compile_decode(args.cache, tuning, not args.offsets_i64, not args.no_v_words)

@@ -498,7 +498,8 @@ def main() -> None:
                         help="then run the offline workload again on an engine with an fp8 KV cache")
     parser.add_argument("--fp8-decode-variants", default="", metavar="BN/W/ST[+h],...",
                         help="with --offline-fp8: then the fp8 offline run again on a new engine for each of these "
-                             "fp8 decode-attention tunings (kernels.paged_decode_triton.FP8_TUNING), and the default "
+                             "fp8 decode-attention tunings, each at every batch size (in place of "
+                             "kernels.paged_decode_triton.FP8_TUNINGS, the tuning by batch size), and the default "
                              "once more last")
     parser.add_argument("--fp8-only", action="store_true",
                         help="no transformers and no bf16-cache engine: only the --offline-fp8 runs")
@@ -601,8 +602,9 @@ def main() -> None:
         save()
     if args.offline_fp8:
         variants = [v for v in args.fp8_decode_variants.split(",") if v]
-        default_tuning = paged_decode_triton.FP8_TUNING
-        tunings = [None] + [paged_decode_triton.parse_decode_tuning(v, default_tuning) for v in variants]
+        default_tunings = paged_decode_triton.FP8_TUNINGS
+        tunings = [None] + [paged_decode_triton.parse_decode_tuning(v, paged_decode_triton.DEFAULT_TUNING)
+                            for v in variants]
         if variants:
             tunings.append(None)  # the default again: drift over the run shows as the two defaults' spread
             results["kvmesh_offline_fp8_variants"] = []
@@ -612,8 +614,9 @@ def main() -> None:
                 engine = None  # its KV pool and CUDA graphs go before the fp8 engine sizes its own
                 gc.collect()
                 torch.cuda.empty_cache()
-                paged_decode_triton.FP8_TUNING = tuning or default_tuning  # read when the decode graphs are captured
-                name = paged_decode_triton.format_decode_tuning(paged_decode_triton.FP8_TUNING) + ("" if tuning else " (default)")
+                # read when the decode graphs are captured
+                paged_decode_triton.FP8_TUNINGS = ((0, tuning),) if tuning else default_tunings
+                name = paged_decode_triton.format_decode_tuning(tuning) if tuning else "by batch (default)"
                 elapsed, engine = timed(lambda: build_engine("fp8_e4m3"))
                 if not args.no_gc_freeze:
                     freeze_startup_heap()
@@ -628,10 +631,10 @@ def main() -> None:
                     results["kvmesh_offline_fp8_variants"].append({"tuning": name, **variant_results})
                 save()
         finally:
-            paged_decode_triton.FP8_TUNING = default_tuning
+            paged_decode_triton.FP8_TUNINGS = default_tunings
         if variants:
             print("fp8 offline by decode tuning (same workload, new engine each):", flush=True)
-            print(f"  {paged_decode_triton.format_decode_tuning(default_tuning)} (default): "
+            print(f"  by batch (default): "
                   f"{results['kvmesh_offline_fp8']:.0f} tok/s", flush=True)
             for v in results["kvmesh_offline_fp8_variants"]:
                 print(f"  {v['tuning']}: {v['kvmesh_offline_fp8']:.0f} tok/s", flush=True)

@@ -30,9 +30,8 @@ from kernels.activation import silu_and_mul_ref
 from kernels.activation_triton import silu_and_mul_triton
 from kernels.paged_attention import paged_attention_ref
 from kernels.paged_decode_triton import (
-    DEFAULT_TUNING,
-    FP8_TUNING,
     DecodeTuning,
+    decode_tuning,
     format_decode_tuning,
     paged_decode_attention,
     parse_decode_tuning,
@@ -122,7 +121,7 @@ def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "
     for cache_dtype in (BF16, torch.float8_e4m3fn):
         fp8 = cache_dtype != BF16
         for batch, lo, ctx in cases:
-            default = FP8_TUNING if fp8 else DEFAULT_TUNING
+            default = decode_tuning(batch, fp8)
             tunings = [default]
             if sweep:
                 tunings = [DecodeTuning(b, w, s, heads_inner=True) for b in (32, 64, 128) for w in (2, 4, 8)
@@ -174,7 +173,7 @@ def bench_decode_graph(cases_arg: str, variants_arg: str = "", rounds: int = 20)
             layers = [(k.to(cache_dtype), v.to(cache_dtype), t) for k, v, t in layers]
             q = torch.randn(batch, HQ, D, device=DEV, dtype=BF16)
             out = torch.empty_like(q)
-            default = FP8_TUNING if fp8 else DEFAULT_TUNING
+            default = decode_tuning(batch, fp8)
             tunings = list(dict.fromkeys([default] + [parse_decode_tuning(v, default) for v in variants_arg.split(",") if v]))
             graphs = []
             for tuning in list(tunings):

@@ -85,7 +85,8 @@ def format_decode_tuning(tuning: DecodeTuning) -> str:
 
 
 DEFAULT_TUNING = DecodeTuning()
-"""The tuning of both caches (an fp8 cache converts V in registers, so the same tiles fit).
+"""The tuning of a bf16 cache at every batch size, and of an fp8 cache below 112 sequences
+(``FP8_TUNINGS``; an fp8 cache converts V in registers, so the same tiles fit).
 
 Measured as the engine runs the kernel (``gpu_kernels.py --only decode_graph``: 32 layers'
 launches in one CUDA graph, tunings replayed in turn; H100, Llama-3-8B layer, 32/8 heads,
@@ -96,12 +97,43 @@ blocks), 64/4/2 without -> with, fp8: 256 sequences x 256-1152 tokens 158.7 -> 1
 108.2 -> 108.3, 16 x 1024 27.1 -> 26.9; bf16 251.5 -> 243.9, 252.0 -> 248.5, 191.1 -> 190.3,
 138.0 -> 131.1, 198.4 -> 198.1, 31.7 -> 31.5.
 
-Measured and not kept: small programs (32/2/2+h: 9 an SM) win at 256 x 256-1152 (138.9) and
-256 x 700 (143.4) but lose at 192 x 700 (131.6), 128 x 256-1152 (106.8), 64 x 2048 (133.5)
-and 16 x 1024 (32.1), ~1 % of the offline run; the block table or fp8 V read a tile ahead
-(more registers, fewer programs an SM; V ahead takes K off ``cp.async``); register caps."""
+Small programs (32/2/2+h: 9 an SM) win at 256 x 256-1152 (138.9) and 256 x 700 (143.4) but
+lose at 192 x 700 (131.6), 128 x 256-1152 (106.8), 64 x 2048 (133.5) and 16 x 1024 (32.1):
+an fp8 cache takes one-warp programs at large batches only (``FP8_TUNINGS``). Measured and not
+kept: the block table or fp8 V read a tile ahead (more registers, fewer programs an SM; V
+ahead takes K off ``cp.async``); register caps."""
 
-FP8_TUNING = DEFAULT_TUNING
+FP8_TUNINGS: tuple[tuple[int, DecodeTuning], ...] = (
+    (176, DecodeTuning(block_n=32, num_warps=1, num_stages=2)),
+    (112, DecodeTuning(block_n=64, num_warps=2, num_stages=2)),
+    (0, DEFAULT_TUNING),
+)
+"""An fp8 cache's tuning by batch size: ``(least batch, tuning)``, the first that the batch
+reaches (``decode_tuning``). At full batches one-warp programs win: no softmax reduction
+or probability tile crosses warps, and the many small programs an SM keep enough loads in
+flight; below ~170 sequences too few of them are launched to fill the card.
+
+Measured as the engine runs the kernel (``gpu_kernels.py --only decode_graph``, H100,
+Llama-3-8B layer, contexts uniform in 128-1280 as in the offline benchmark's decode
+steps), us a layer, 64/4/2+h -> 32/1/2+h -> 64/2/2+h: 256 sequences 154.8 -> 140.7 ->
+147.1, 224: 144.8 -> 134.1 -> 138.9, 192: 125.6 -> 116.2 -> 123.8, 160: 104.1 -> 109.2
+-> 93.1, 128: 84.4 -> 116.9 -> 79.3, 96: 64.2 -> 89.5 -> 71.5; 64 x 640: 39.1 -> 43.3 ->
+42.0. Offline benchmark (``gpu_bench.py --fp8-only --offline-fp8 --fp8-decode-variants``,
+one tuning for every batch): 9,278 / 9,306 (64/4/2+h, before and after) -> 9,489 (32/1/2+h)
+and 9,406 (64/2/2+h) tok/s; this table on another H100: 9,590 / 9,609. A bf16 cache keeps
+``DEFAULT_TUNING`` at every batch: it reads ~2.96 TB/s with any of these tunings at 192-256
+sequences (bandwidth-bound already). Measured and not kept: the products transposed, keys
+as the MMA tiles' rows and the query heads (padded to 8, not 16) as columns: half the MMAs,
+fewer registers (32/1/2: 176 against 193, 11 programs an SM), yet 141.3 against 139.6 us at
+256 sequences and offline 9,551 (branch ``exp/decode-keys-as-rows``): the kernel waits on
+memory latency, not on instructions."""
+
+
+def decode_tuning(batch: int, fp8: bool) -> DecodeTuning:
+    """The tuning the launcher takes for ``batch`` sequences when none is given."""
+    if not fp8:
+        return DEFAULT_TUNING
+    return next(tuning for least, tuning in FP8_TUNINGS if batch >= least)
 
 
 @triton.jit
@@ -305,7 +337,7 @@ def paged_decode_attention(
     ``rows`` ``[B]`` int32/int64; caches ``[blocks, block_size, Hk, D]``.
     ``num_splits`` defaults to ``choose_num_splits(B, Hk, W * block_size)``. The caches
     hold the query's dtype, or float8_e4m3fn read as ``stored * kv_scale``. ``tuning``
-    defaults to ``DEFAULT_TUNING``, ``FP8_TUNING`` for an fp8 cache.
+    defaults to ``decode_tuning(B, fp8)``: by batch size for an fp8 cache.
 
     ``order`` ``[B]`` int32, a permutation of ``0..B-1``: the order in which the
     sequences' programs are launched (``worker.models.attention.longest_first`` gives the
@@ -332,7 +364,7 @@ def paged_decode_attention(
     if batch == 0:
         return out
     fp8 = is_fp8(k_cache.dtype)
-    tuning = tuning or (FP8_TUNING if fp8 else DEFAULT_TUNING)
+    tuning = tuning or decode_tuning(batch, fp8)
     splits = num_splits or choose_num_splits(batch, hk, block_tables.shape[1] * block_size, query.device, tuning)
     require(splits == next_pow2(splits) and splits <= MAX_SPLITS, f"num_splits must be a power of two <= {MAX_SPLITS}, got {splits}")
     require(kv_scale > 0, f"kv_scale must be > 0, got {kv_scale}")

@@ -242,7 +242,7 @@ def test_paged_decode_fallback_paths(monkeypatch, kv_cache, fallback):
 
 
 @pytest.mark.parametrize("kv_cache", KV_CACHES)
-@pytest.mark.parametrize("tuning", ["64/4/2", "32/2/2+h", "32/4/3+h", "128/8/2+h"])
+@pytest.mark.parametrize("tuning", ["64/4/2", "32/2/2+h", "32/4/3+h", "128/8/2+h", "32/1/2+h", "64/2/2+h"])
 def test_paged_decode_tunings(kv_cache, tuning):
     """Tunings besides the default (``parse_decode_tuning``): sequences innermost in the grid
     (no ``+h``), other tiles, warps and stages; contexts that end inside, at and just past a
@@ -252,6 +252,24 @@ def test_paged_decode_tunings(kv_cache, tuning):
     parsed = parse_decode_tuning(tuning, DEFAULT_TUNING)
     for splits in (1, 4):
         _check_decode(DTYPES[0], splits, (16, 32, 8, 128, [1, 31, 63, 64, 65, 200, 300]), kv_cache, parsed)
+
+
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
+@pytest.mark.parametrize("batch", [120, 180])
+def test_paged_decode_default_tuning_by_batch(kv_cache, batch):
+    """Without a tuning the launcher takes ``decode_tuning(batch, fp8)``: for an fp8 cache
+    the large-batch entries of ``FP8_TUNINGS`` (one- and two-warp programs), checked here
+    through the default path at batch sizes that select them."""
+    from kernels.paged_decode_triton import DEFAULT_TUNING, FP8_TUNINGS, decode_tuning
+
+    fp8 = kv_cache == "fp8"
+    expected = next(t for least, t in FP8_TUNINGS if batch >= least) if fp8 else DEFAULT_TUNING
+    assert decode_tuning(batch, fp8) == expected
+    if fp8:
+        assert expected != DEFAULT_TUNING, "the table no longer differs at this batch: pick other batch sizes"
+    rng = random.Random(batch)
+    ctx_lens = [rng.randint(1, 90) for _ in range(batch)]
+    _check_decode(DTYPES[0], None, (16, 8, 2, 128, ctx_lens), kv_cache)
 
 
 def _check_decode(dtype, splits, case, kv_cache, tuning=None):

@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from kernels.kv_quant import FP8_KV_DTYPE
+from kernels.kv_quant import FP8_KV_DTYPE, is_fp8
 from worker.engine.config import EngineConfig
 from worker.engine.cuda_graph import DecodeGraphs, PrefillGraphs
 from worker.engine.sampler import PendingSample, fill_placeholders, sample_async, to_device
@@ -141,29 +141,37 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _compile_attention_variants(self) -> None:
-        """Launch the decode kernel once per split count it can choose (on empty contexts:
-        nothing is read) and the prefill kernel once per tuning it can choose (a two-token
+        """Launch the decode kernel once per (tuning, split count) it can choose (on empty
+        contexts: nothing is read; an fp8 cache's tuning depends on the batch size,
+        ``decode_tuning``) and the prefill kernel once per tuning it can choose (a two-token
         prompt), so no step ever waits for Triton's compiler."""
-        from kernels.paged_decode_triton import MAX_SPLITS  # CUDA only: CPU machines need no Triton
+        # CUDA only: CPU machines need no Triton
+        from kernels.paged_decode_triton import FP8_TUNINGS, choose_num_splits, decode_tuning
         from kernels.paged_prefill_triton import LONG_QUERY
 
         mc, dev = self.model_config, self.device
-        q = torch.zeros((4, mc.num_heads, mc.head_dim), dtype=self.dtype, device=dev)
         i32 = dict(dtype=torch.int32, device=dev)
         attn = self.model.layers[0].self_attn.attn
-        splits = 1
-        while splits <= MAX_SPLITS:
-            decode = DecodeBatch(rows=torch.arange(4, **i32), block_tables=torch.zeros((4, 16), **i32),
-                                 context_lens=torch.zeros(4, **i32), num_splits=splits, order=torch.arange(4, **i32))
-            meta = AttentionMetadata(torch.full((4,), -1, **i32), decode.block_tables, [], [], decode=decode)
-            attn(q, self.kv_cache[0, 0], self.kv_cache[0, 1], meta)
-            splits *= 2
+        fp8 = is_fp8(self.kv_cache.dtype)
+        width = self._blocks_per_seq()
+        for batch in sorted({1} | ({least for least, _ in FP8_TUNINGS if least > 1} if fp8 else set())):
+            q = torch.zeros((batch, mc.num_heads, mc.head_dim), dtype=self.dtype, device=dev)
+            most = choose_num_splits(batch, mc.num_kv_heads, width * self.config.block_size, dev, decode_tuning(batch, fp8))
+            splits = 1
+            while splits <= most:
+                decode = DecodeBatch(rows=torch.arange(batch, **i32), block_tables=torch.zeros((batch, width), **i32),
+                                     context_lens=torch.zeros(batch, **i32), num_splits=splits,
+                                     order=torch.arange(batch, **i32))
+                meta = AttentionMetadata(torch.full((batch,), -1, **i32), decode.block_tables, [], [], decode=decode)
+                attn(q, self.kv_cache[0, 0], self.kv_cache[0, 1], meta)
+                splits *= 2
+        q = torch.zeros((2, mc.num_heads, mc.head_dim), dtype=self.dtype, device=dev)
         for max_query_len in (2, LONG_QUERY):  # the short- and the long-prompt tuning
             two = torch.tensor([2], **i32)
             prefill = PrefillBatch(query_start=torch.zeros(1, **i32), query_lens=two, context_lens=two,
                                    block_tables=torch.zeros((1, 16), **i32), max_query_len=max_query_len)
             meta = AttentionMetadata(torch.full((2,), -1, **i32), prefill.block_tables, [], [], prefill=prefill)
-            attn(q[:2], self.kv_cache[0, 0], self.kv_cache[0, 1], meta)
+            attn(q, self.kv_cache[0, 0], self.kv_cache[0, 1], meta)
         torch.cuda.synchronize(dev)
 
     @torch.inference_mode()

@@ -1,0 +1,164 @@
+"""Can the MLP's memory passes join its matmuls at prefill sizes? Two fusions, each against what the engine runs.
+
+A mixed step of the offline run (8,192 prompt rows) spends ~164 ms in cuBLAS
+matmuls, which run at the power-capped H100's rate and will not get faster,
+and ~13 ms in two bandwidth-bound passes this script tries to fold into them:
+
+* ``gate_up``: the engine runs ``F.linear(x, W_gate_up)`` (cuBLAS), then
+  ``silu_and_mul`` reads the 2 x 14,336-wide product back and writes the
+  14,336-wide gate (7.6 ms a step). Against it: a Triton matmul that keeps the
+  gate and the up product of one output tile in two accumulators (the same
+  row tile of ``x`` feeds both; the weight stays as loaded, gate rows then up
+  rows) and writes only ``silu(gate) * up``. Both products are rounded to
+  bf16 before the gate, as the engine's two-pass form rounds them.
+* ``residual``: the engine runs ``F.linear`` for the o and down projections,
+  then ``add_rms_norm`` reads the product and the residual and writes the sum
+  and the normalised rows (5.6 ms of norms a step). Against it:
+  ``residual.addmm_(x, W.T)`` (cuBLAS adds the residual in its epilogue; beta
+  = 1), then ``rms_norm`` reads one tensor and writes one.
+
+Each variant runs inside one CUDA graph over ``--copies`` distinct weights
+(``gpu_gemm_variants.graph_time``: nothing stays in L2) and is checked against
+the engine's form first. An experiment: the engine takes a fusion only if it
+wins here and then in ``gpu_bench.py``.
+
+Usage: python benchmarks/gpu_mlp_fusions.py [--rows 8192,2048,256] [--only gate_up|residual] [--copies 8]
+       [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from benchmarks.gpu_gemm_variants import BF16, FFN, HIDDEN, graph_time
+from kernels.activation_triton import silu_and_mul_triton
+from kernels.rmsnorm_triton import rms_norm_triton
+
+CONFIGS = [  # BLOCK_M, BLOCK_N (each of gate and up), BLOCK_K, stages, warps, GROUP_M
+    (128, 128, 64, 3, 8, 8), (128, 128, 64, 4, 8, 8), (128, 64, 64, 4, 4, 8), (128, 64, 64, 5, 4, 8),
+    (64, 128, 64, 4, 4, 8), (128, 128, 64, 4, 8, 16), (256, 64, 64, 3, 8, 8),
+]
+
+
+@triton.jit
+def _gate_up_silu(x_desc, g_desc, u_desc, out_desc, M, I, K,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """``out[M, I] = silu(x @ Wg.T) * (x @ Wu.T)``. Programs go in groups of ``GROUP_M`` row
+    tiles per column tile, so a weight tile is read from DRAM about once per group."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(I, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    m0 = (first_m + (pid % per_group) % size_m) * BLOCK_M
+    n0 = ((pid % per_group) // size_m) * BLOCK_N
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = x_desc.load([m0, k0])
+        acc_g = tl.dot(x, g_desc.load([n0, k0]).T, acc_g)
+        acc_u = tl.dot(x, u_desc.load([n0, k0]).T, acc_u)
+    gate = acc_g.to(out_desc.dtype).to(tl.float32)
+    up = acc_u.to(out_desc.dtype).to(tl.float32)
+    out = gate / (1.0 + tl.exp(-gate)) * up
+    out_desc.store([m0, n0], out.to(out_desc.dtype))
+
+
+def gate_up_silu(x: torch.Tensor, w: torch.Tensor, cfg) -> torch.Tensor:
+    bm, bn, bk, stages, warps, group_m = cfg
+    m, k = x.shape
+    inter = w.shape[0] // 2
+    out = torch.empty((m, inter), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(inter, bn),)
+    _gate_up_silu[grid](
+        TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w[:inter], [bn, bk]),
+        TensorDescriptor.from_tensor(w[inter:], [bn, bk]), TensorDescriptor.from_tensor(out, [bm, bn]),
+        m, inter, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_stages=stages, num_warps=warps,
+    )
+    return out
+
+
+def bench_gate_up(m: int, copies: int, replays: int) -> dict:
+    ws = [torch.randn(2 * FFN, HIDDEN, device="cuda", dtype=BF16) * 0.02 for _ in range(copies)]
+    xs = [torch.randn(m, HIDDEN, device="cuda", dtype=BF16) for _ in range(copies)]
+    want = silu_and_mul_triton(F.linear(xs[0], ws[0])).float()
+    base = graph_time(lambda x, w: silu_and_mul_triton(F.linear(x, w)), xs, ws, replays)
+    mm_only = graph_time(lambda x, w: F.linear(x, w), xs, ws, replays)
+    result = {"rows": m, "cublas_plus_silu_us": base, "cublas_only_us": mm_only, "configs": []}
+    cells = [f"cuBLAS+silu {base:7.1f} (matmul {mm_only:7.1f})"]
+    for cfg in CONFIGS:
+        label = "/".join(map(str, cfg))
+        try:
+            got = gate_up_silu(xs[0], ws[0], cfg).float()
+            err = (got - want).abs().max().item() / want.abs().max().item()
+            if err > 2e-2:
+                raise AssertionError(f"wrong result: relative error {err:.2e}")
+            us = graph_time(lambda x, w, cfg=cfg: gate_up_silu(x, w, cfg), xs, ws, replays)
+        except Exception as e:  # out of shared memory, say: the others still run
+            print(f"  gate_up M={m} {label}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+            continue
+        result["configs"].append({"config": label, "us": us})
+        cells.append(f"{label} {us:7.1f}")
+    print(f"gate_up M={m:<5} " + "  ".join(cells), flush=True)
+    return result
+
+
+def bench_residual(m: int, name: str, n_in: int, copies: int, replays: int) -> dict:
+    ws = [torch.randn(HIDDEN, n_in, device="cuda", dtype=BF16) * 0.02 for _ in range(copies)]
+    xs = [torch.randn(m, n_in, device="cuda", dtype=BF16) for _ in range(copies)]
+    norm_w = torch.rand(HIDDEN, device="cuda", dtype=BF16) + 0.5
+    residual = torch.randn(m, HIDDEN, device="cuda", dtype=BF16)
+    start = residual.clone()
+
+    def engine(x, w):
+        return rms_norm_triton(F.linear(x, w), norm_w, 1e-5, residual)
+
+    def fused(x, w):
+        residual.addmm_(x, w.t())
+        return rms_norm_triton(residual, norm_w, 1e-5)
+
+    want_norm, want_sum = engine(xs[0], ws[0])
+    got_norm = fused(xs[0], ws[0])
+    err = max((got_norm.float() - want_norm.float()).abs().max().item() / want_norm.float().abs().max().item(),
+              (residual.float() - want_sum.float()).abs().max().item() / want_sum.float().abs().max().item())
+    residual.copy_(start)
+    base = graph_time(engine, xs, ws, replays)
+    addmm = graph_time(fused, xs, ws, replays)
+    print(f"residual {name:<5} M={m:<5} linear+add_rms_norm {base:7.1f}  addmm_+rms_norm {addmm:7.1f} us "
+          f"(max rel. difference {err:.1e})", flush=True)
+    return {"rows": m, "shape": name, "linear_add_norm_us": base, "addmm_norm_us": addmm, "rel_diff": err}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="8192,2048,256")
+    parser.add_argument("--copies", type=int, default=8)
+    parser.add_argument("--replays", type=int, default=15)
+    parser.add_argument("--only", choices=("gate_up", "residual"), default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
+    results = []
+    for m in (int(r) for r in args.rows.split(",")):
+        if args.only != "residual":
+            results.append(bench_gate_up(m, args.copies, args.replays))
+            torch.cuda.empty_cache()
+        for name, n_in in (("o", HIDDEN), ("down", FFN)) if args.only != "gate_up" else ():
+            results.append(bench_residual(m, name, n_in, args.copies, args.replays))
+            torch.cuda.empty_cache()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
