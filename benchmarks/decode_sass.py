@@ -12,7 +12,7 @@ Needs a Triton with its NVIDIA backend (ptxas, nvdisasm), e.g. the wheel that
 CUDA builds of torch install; the CPU build of torch does not bring one.
 
 Usage: python benchmarks/decode_sass.py [--kernel decode|prefill [--long]] [--cache bf16|fp8]
-       [--batch 256] [--tuning 64/4/2[+h]] [--maxnreg N (prefill)] [--offsets-i64] [--no-v-words] [--sass out.sass]
+       [--batch 256] [--tuning 64/4/2[/REGS][+h]] [--maxnreg N (prefill)] [--offsets-i64] [--no-v-words] [--sass out.sass]
 
 Besides the instruction counts it prints the registers a thread holds, spill
 instructions and the programs an H100 SM can hold at once (the occupancy ncu
@@ -84,7 +84,8 @@ def compile_decode(cache: str, tuning: DecodeTuning, offsets_i32: bool, v_words:
     constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=tuning.block_n,
                       NUM_SPLITS=1, PRECISION="tf32", KV_FP8=fp8, USE_PDL=False, OFFSETS_I32=offsets_i32,
                       V_WORDS=fp8 and v_words, ORDERED=True, HEADS_INNER=tuning.heads_inner)
-    return compile_sm90(_paged_decode_kernel, constexprs, POINTERS, cache, tuning.num_warps, tuning.num_stages)
+    return compile_sm90(_paged_decode_kernel, constexprs, POINTERS, cache, tuning.num_warps, tuning.num_stages,
+                        tuning.max_registers)
 
 
 def compile_prefill(cache: str, tuning: PrefillTuning, maxnreg: int | None = None):
@@ -109,9 +110,11 @@ def registers(cubin: bytes) -> int:
 
 
 def programs_per_sm(regs: int, shared: int, warps: int) -> int:
-    """Resident programs an H100 SM holds: 64k registers (allocated 8 at a time a thread)
-    and 228 KB of shared memory (1 KB of it reserved a program), at most 64 warps."""
-    by_regs = 65536 // (-(-regs // 8) * 8 * 32 * warps)
+    """Resident programs an H100 SM holds: 64k registers in four 16k quarters, one a
+    scheduler, a warp's registers (8 at a time a thread) all in one quarter; 228 KB of
+    shared memory (1 KB of it reserved a program); at most 64 warps. (ncu agrees: a
+    one-warp program of 193 registers, 8 an SM.)"""
+    by_regs = 4 * (16384 // (-(-regs // 8) * 8 * 32)) // warps
     by_shared = (228 << 10) // (shared + 1024)
     return min(by_regs, by_shared, 64 // warps)
 

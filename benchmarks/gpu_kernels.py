@@ -10,7 +10,7 @@ bounds batch 1) and at 2048 and 8192 rows (prefill: compute-bound; the
 TFLOP/s an engine's prefill can reach at most).
 
 Usage: python benchmarks/gpu_kernels.py [--sweep] [--only gemm,decode,decode_graph,prefill,elementwise]
-       [--decode-cases 256x700,256x256-1152,64x2048] [--decode-splits 1,2,4] [--json out.json]
+       [--decode-cases 256x700,256x256-1152,64x2048] [--decode-splits 1,2,4] [--heads-major] [--json out.json]
 """
 
 from __future__ import annotations
@@ -88,12 +88,20 @@ def parse_case(case: str) -> tuple[int, int, int]:
     return int(batch), int(lo), int(hi or lo)
 
 
+HEADS_MAJOR = False
+"""``--heads-major``: caches laid out as the engine's CUDA pool (``ModelRunner._allocate_kv``:
+each KV head's rows of a block together), else in their natural order."""
+
+
 def paged_setup(batch: int, ctx: int):
     blocks_per = -(-ctx // BS)
     num_blocks = max(batch * blocks_per + 8, 4096)
     perm = torch.randperm(num_blocks)[: batch * blocks_per].view(batch, blocks_per)
-    k = torch.randn(num_blocks, BS, HK, D, device=DEV, dtype=BF16)
+    shape = (num_blocks, HK, BS, D) if HEADS_MAJOR else (num_blocks, BS, HK, D)
+    k = torch.randn(shape, device=DEV, dtype=BF16)
     v = torch.randn_like(k)
+    if HEADS_MAJOR:  # the kernels' [blocks, block_size, Hk, D] view (.to() keeps these strides)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
     return k, v, perm.to(DEV, torch.int32)
 
 
@@ -316,8 +324,13 @@ def main() -> None:
     parser.add_argument("--decode-splits", default="", help="also time the default tuning at these split counts")
     parser.add_argument("--decode-variants", default="",
                         help="decode_graph: also these tunings, BLOCK_N/WARPS/STAGES[+h] comma-separated (parse_decode_tuning)")
+    parser.add_argument("--heads-major", action="store_true",
+                        help="decode/prefill caches laid out as the engine's CUDA pool (each KV head's rows of a block "
+                             "together); default: natural order [blocks, block_size, heads, dim]")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    global HEADS_MAJOR
+    HEADS_MAJOR = args.heads_major
     torch.manual_seed(0)
     random.seed(0)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)

@@ -23,11 +23,16 @@ def store_kv_ref(
     slot_mapping: torch.Tensor,
     kv_scale: float = 1.0,
 ) -> None:
-    """``key``/``value``: ``[T, Hk, D]``; caches: ``[num_blocks, block_size, Hk, D]``; ``slot_mapping``: ``[T]`` int64;
-    ``kv_scale``: the fp8 cache's scale (unused by other cache dtypes)."""
+    """``key``/``value``: ``[T, Hk, D]``; caches: ``[num_blocks, block_size, Hk, D]`` (any
+    strides: a strided view of another layout is written in place); ``slot_mapping``: ``[T]``
+    int64; ``kv_scale``: the fp8 cache's scale (unused by other cache dtypes)."""
+    block_size = k_cache.shape[1]
     for new, cache in ((key, k_cache), (value, v_cache)):
         stored = quantize_ref(new, cache.dtype, kv_scale)
-        if is_fp8(cache.dtype):  # index_copy_ has no float8 kernel: copy the bytes
+        if is_fp8(cache.dtype):  # index_put_ has no float8 kernel: copy the bytes
             stored, cache = stored.view(torch.uint8), cache.view(torch.uint8)
-        cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, stored)
+        if cache.is_contiguous():
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, stored)
+        else:
+            cache[slot_mapping // block_size, slot_mapping % block_size] = stored
 

@@ -53,27 +53,38 @@ class DecodeTuning:
     heads_inner: bool = True
     """Launch a sequence's KV heads next to each other (grid ``(heads, batch, splits)``):
     programs running together read neighbouring bytes of the same cache blocks."""
+    max_registers: int | None = None
+    """Cap on a thread's registers (ptxas ``maxnreg``); None: the compiler's choice. An SM's
+    register file is split among its four schedulers (16k registers each): a one-warp
+    program of 193 registers fits twice a quarter (8 an SM), of at most 168, three times."""
 
 
 _FLAGS = {"h": ("heads_inner", True)}
 
 
 def parse_decode_tuning(text: str, base: DecodeTuning) -> DecodeTuning:
-    """``BLOCK_N/WARPS/STAGES[+FLAG...]``, e.g. ``32/2/2`` or ``64/4/2+h``: ``base`` with
-    those (flag ``h``: heads_inner; without it, off). The benchmarks' way of naming a tuning
-    on the command line; ``format_decode_tuning`` writes it."""
+    """``BLOCK_N/WARPS/STAGES[/REGISTERS][+FLAG...]``, e.g. ``32/2/2``, ``64/4/2+h`` or
+    ``32/1/2/168+h``: ``base`` with those (``REGISTERS``: ``max_registers``, else none; flag
+    ``h``: heads_inner; without it, off). The benchmarks' way of naming a tuning on the
+    command line; ``format_decode_tuning`` writes it."""
     numbers, *flags = text.split("+")
     try:
-        block_n, warps, stages = (int(x) for x in numbers.split("/"))
+        block_n, warps, stages, *regs = (int(x) for x in numbers.split("/"))
+        if len(regs) > 1:
+            raise ValueError
     except ValueError:
-        raise ValueError(f"decode tuning {text!r}: expected BLOCK_N/WARPS/STAGES[+FLAG...], e.g. 64/4/2 or 32/2/2+h") from None
+        raise ValueError(f"decode tuning {text!r}: expected BLOCK_N/WARPS/STAGES[/REGISTERS][+FLAG...], "
+                         "e.g. 64/4/2, 32/2/2+h or 32/1/2/168+h") from None
     unknown = [f for f in flags if f not in _FLAGS]
     if unknown:
         raise ValueError(f"decode tuning {text!r}: unknown flag(s) {unknown}; allowed: {sorted(_FLAGS)}")
     if block_n < 16 or block_n & (block_n - 1) or warps < 1 or warps & (warps - 1) or stages < 1:
         raise ValueError(f"decode tuning {text!r}: BLOCK_N must be a power of two >= 16, WARPS a power of two, "
                          "STAGES >= 1")
+    if regs and not 24 <= regs[0] <= 255:
+        raise ValueError(f"decode tuning {text!r}: REGISTERS must be in [24, 255]")
     tuning = dataclasses.replace(base, block_n=block_n, num_warps=warps, num_stages=stages,
+                                 max_registers=regs[0] if regs else None,
                                  **{name: False for name, _ in _FLAGS.values()})
     return dataclasses.replace(tuning, **dict(_FLAGS[f] for f in flags))
 
@@ -81,6 +92,8 @@ def parse_decode_tuning(text: str, base: DecodeTuning) -> DecodeTuning:
 def format_decode_tuning(tuning: DecodeTuning) -> str:
     """``tuning`` as ``parse_decode_tuning`` reads it (``waves`` left out)."""
     text = f"{tuning.block_n}/{tuning.num_warps}/{tuning.num_stages}"
+    if tuning.max_registers:
+        text += f"/{tuning.max_registers}"
     return text + "".join(f"+{flag}" for flag, (name, value) in _FLAGS.items() if getattr(tuning, name) == value)
 
 
@@ -396,5 +409,6 @@ def paged_decode_attention(
         OFFSETS_I32=offsets_fit_int32(k_cache) and offsets_fit_int32(v_cache),
         V_WORDS=v_words, ORDERED=order is not None and splits == 1, HEADS_INNER=heads_inner,
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_launch(query.device),
+        **({"maxnreg": tuning.max_registers} if tuning.max_registers else {}),
     )
     return out

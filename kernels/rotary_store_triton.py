@@ -55,9 +55,9 @@ def _rotate(src, dst, src_st, src_sh, dst_st, dst_sh, t, cos, sin, n_heads, inv_
 @triton.jit
 def _rotary_store_kernel(
     q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr, slot_ptr, cs_ptr,
-    q_st, q_sh, k_st, k_sh, v_st, qo_st, qo_sh, kc_sb, kc_st, kc_sh, vc_sb, vc_st, cs_stride,
+    q_st, q_sh, k_st, k_sh, v_st, qo_st, qo_sh, kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, cs_stride,
     n_q_heads, n_k_heads, n_v_elems, inv_scale,
-    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_V: tl.constexpr, KV_FP8: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
@@ -77,11 +77,11 @@ def _rotary_store_kernel(
                     HALF, BLOCK_HK, BLOCK_HALF, KV_FP8)
             i = tl.arange(0, BLOCK_V)
             value = tl.load(v_ptr + t * v_st + i, mask=i < n_v_elems)
-            vc = vc_ptr + (slot // BLOCK_SIZE) * vc_sb + (slot % BLOCK_SIZE) * vc_st
+            vc = vc_ptr + (slot // BLOCK_SIZE) * vc_sb + (slot % BLOCK_SIZE) * vc_st + (i // HEAD_DIM) * vc_sh + i % HEAD_DIM
             if KV_FP8:
-                tl.store(vc + i, to_fp8(value.to(tl.float32), inv_scale, vc_ptr.dtype.element_ty), mask=i < n_v_elems)
+                tl.store(vc, to_fp8(value.to(tl.float32), inv_scale, vc_ptr.dtype.element_ty), mask=i < n_v_elems)
             else:
-                tl.store(vc + i, value.to(vc_ptr.dtype.element_ty), mask=i < n_v_elems)
+                tl.store(vc, value.to(vc_ptr.dtype.element_ty), mask=i < n_v_elems)
 
 
 def rotary_and_store_triton(
@@ -90,7 +90,8 @@ def rotary_and_store_triton(
 ) -> torch.Tensor:
     """``q`` ``[T, Hq, D]``, ``k``/``v`` ``[T, Hk, D]`` (unit stride along D, each token's
     value heads contiguous: views of a fused projection are fine); caches
-    ``[blocks, block_size, Hk, D]`` with each slot's heads contiguous; ``positions`` and
+    ``[blocks, block_size, Hk, D]`` with unit stride along D (any other strides: the
+    engine's CUDA pool keeps each KV head's rows of a block together); ``positions`` and
     ``slot_mapping`` ``[T]`` int32/int64. The caches hold the activations' dtype, or
     float8_e4m3fn with scale ``kv_scale``. Returns the rotated queries (contiguous)."""
     require(q.dim() == 3 and k.dim() == 3 and k.shape == v.shape,
@@ -105,7 +106,7 @@ def rotary_and_store_triton(
     require(k_cache.dim() == 4 and k_cache.shape == v_cache.shape and tuple(k_cache.shape[2:]) == (hk, dim),
             f"caches must be [blocks, block_size, {hk}, {dim}], got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        require(c.stride(3) == 1 and c.stride(2) == dim, f"{name} must have contiguous heads per slot, got strides {c.stride()}")
+        require(c.stride(3) == 1, f"{name} must have unit stride along head_dim, got strides {c.stride()}")
     check_cache_dtype(q.dtype, k_cache, v_cache)
     require(kv_scale > 0, f"kv_scale must be > 0, got {kv_scale}")
     for name, x in (("positions", positions), ("slot_mapping", slot_mapping)):
@@ -122,8 +123,8 @@ def rotary_and_store_triton(
         q, k, v, qo, k_cache, v_cache, positions, slot_mapping, cos_sin_cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), qo.stride(0), qo.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        cos_sin_cache.stride(0), q.shape[1], hk, hk * dim, inverse_scale(kv_scale),
-        HALF=half, BLOCK_HQ=next_pow2(q.shape[1]), BLOCK_HK=next_pow2(hk), BLOCK_HALF=next_pow2(half),
+        v_cache.stride(2), cos_sin_cache.stride(0), q.shape[1], hk, hk * dim, inverse_scale(kv_scale),
+        HALF=half, HEAD_DIM=dim, BLOCK_HQ=next_pow2(q.shape[1]), BLOCK_HK=next_pow2(hk), BLOCK_HALF=next_pow2(half),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_V=next_pow2(hk * dim), KV_FP8=is_fp8(k_cache.dtype), num_warps=4,
         **pdl_launch(q.device),
     )

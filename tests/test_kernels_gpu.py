@@ -113,10 +113,16 @@ def test_silu_and_mul(dtype, tokens, d):
 @pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize("tokens", [1, 9, 100])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (9, 3, 64), (32, 8, 128)])
-def test_rotary_and_store(dtype, block_size, tokens, heads, kv_heads, head_dim, kv_cache):
+@pytest.mark.parametrize("heads_major", [False, True], ids=["natural", "heads_major"])
+def test_rotary_and_store(dtype, block_size, tokens, heads, kv_heads, head_dim, kv_cache, heads_major):
     """Rotated queries returned, rotated keys and the values in their cache slots, against
-    the composition of the torch references; negative slots leave the cache alone."""
+    the composition of the torch references; negative slots leave the cache alone. Also into
+    caches laid out as the engine's CUDA pool is (``heads_major``: each KV head's rows of a
+    block together, a strided view)."""
     from kernels.rotary_store_triton import rotary_and_store_triton
+
+    if heads_major and block_size == 1:
+        pytest.skip("one-slot blocks: both layouts are the same")
 
     cache = build_cos_sin_cache(head_dim, 4096, 500000.0, None, torch.float32, torch.device(DEVICE))
     # q, k and v as views of one fused projection, as the model passes them
@@ -133,15 +139,18 @@ def test_rotary_and_store(dtype, block_size, tokens, heads, kv_heads, head_dim, 
     slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:tokens]
     skipped = torch.rand(tokens, device=DEVICE) < 0.2  # padding rows of a graph batch
     caches = [torch.randn(num_blocks, block_size, kv_heads, head_dim, device=DEVICE).to(cache_dtype) for _ in range(4)]
+    if heads_major:
+        caches = [_heads_major(c) for c in caches]
     caches[2].copy_(caches[0])
     caches[3].copy_(caches[1])
     q_out = rotary_and_store_triton(q, k, v, pos, cache, caches[0], caches[1], torch.where(skipped, -1, slots).to(torch.int32),
                                     kv_scale)
     q_ref = rotary_and_store_ref(q, k, v, pos, cache, caches[2], caches[3], slots, kv_scale)
     if skipped.any():  # the reference has no padding: undo its writes of the skipped tokens
-        flat = [(c.view(torch.uint8) if fp8 else c).view(-1, kv_heads, head_dim) for c in caches]
-        flat[2][slots[skipped]] = flat[0][slots[skipped]]
-        flat[3][slots[skipped]] = flat[1][slots[skipped]]
+        raw = [c.view(torch.uint8) if fp8 else c for c in caches]
+        where = (slots[skipped] // block_size, slots[skipped] % block_size)
+        raw[2][where] = raw[0][where]
+        raw[3][where] = raw[1][where]
     if fp8:
         _assert_fp8_close(caches[1], caches[3], 0.0)
         _assert_fp8_close(caches[0], caches[2], 1e-3)
@@ -199,6 +208,12 @@ def _paged_setup(ctx_lens, block_size, kv_heads, head_dim, dtype, kv_cache="mode
     return k_cache.to(dtype), v_cache.to(dtype), table.to(DEVICE)
 
 
+def _heads_major(cache: torch.Tensor) -> torch.Tensor:
+    """``cache`` ``[blocks, block_size, Hk, D]`` as the engine's CUDA pool holds it: a view of
+    ``[blocks, Hk, block_size, D]`` storage (``ModelRunner._allocate_kv``)."""
+    return cache.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _reference(q, k_cache, v_cache, table, ctx_lens, q_lens, scale):
     """The torch reference in float32 on the same (rounded) inputs; an fp8 cache dequantized with ``FP8_SCALE``."""
     k, v = (dequantize_ref(c, torch.float32, FP8_SCALE).float() for c in (k_cache, v_cache))
@@ -242,7 +257,8 @@ def test_paged_decode_fallback_paths(monkeypatch, kv_cache, fallback):
 
 
 @pytest.mark.parametrize("kv_cache", KV_CACHES)
-@pytest.mark.parametrize("tuning", ["64/4/2", "32/2/2+h", "32/4/3+h", "128/8/2+h", "32/1/2+h", "64/2/2+h"])
+@pytest.mark.parametrize("tuning", ["64/4/2", "32/2/2+h", "32/4/3+h", "128/8/2+h", "32/1/2+h", "64/2/2+h",
+                                    "32/1/2/168+h"])
 def test_paged_decode_tunings(kv_cache, tuning):
     """Tunings besides the default (``parse_decode_tuning``): sequences innermost in the grid
     (no ``+h``), other tiles, warps and stages; contexts that end inside, at and just past a
@@ -272,13 +288,27 @@ def test_paged_decode_default_tuning_by_batch(kv_cache, batch):
     _check_decode(DTYPES[0], None, (16, 8, 2, 128, ctx_lens), kv_cache)
 
 
-def _check_decode(dtype, splits, case, kv_cache, tuning=None):
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
+@pytest.mark.parametrize("tuning", [None, "64/4/2+h", "32/1/2+h"])
+def test_paged_decode_heads_major_pool(kv_cache, tuning):
+    """Caches laid out as the engine's CUDA pool (each KV head's rows of a block together, a
+    strided view): the tunings an fp8 cache takes at large and small batches, split and not."""
+    from kernels.paged_decode_triton import DEFAULT_TUNING, parse_decode_tuning
+
+    parsed = parse_decode_tuning(tuning, DEFAULT_TUNING) if tuning else None
+    for splits in (1, 4):
+        _check_decode(DTYPES[0], splits, (16, 32, 8, 128, [1, 31, 64, 65, 300]), kv_cache, parsed, heads_major=True)
+
+
+def _check_decode(dtype, splits, case, kv_cache, tuning=None, heads_major=False):
     from kernels.paged_decode_triton import paged_decode_attention
 
     block_size, heads, kv_heads, head_dim, ctx_lens = case
     if INTERPRET and max(ctx_lens) > 1100:
         pytest.skip("long contexts are too slow in the interpreter")
     k_cache, v_cache, table = _paged_setup(ctx_lens, block_size, kv_heads, head_dim, dtype, kv_cache)
+    if heads_major:
+        k_cache, v_cache = _heads_major(k_cache), _heads_major(v_cache)
     batch = len(ctx_lens)
     # query rows of the sequences sit among other rows, in a shuffled order
     n_rows = batch + 3
@@ -386,13 +416,25 @@ def test_paged_prefill_tunings(kv_cache, variant):
     _check_prefill(dtype, (16, 32, 8, 128, [(200, 333), (2, 2), (64, 100), (129, 129)]), kv_cache, tuning)
 
 
-def _check_prefill(dtype, case, kv_cache, tuning=None):
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
+@pytest.mark.parametrize("max_query", ["short", "long"])
+def test_paged_prefill_heads_major_pool(kv_cache, max_query):
+    """Caches laid out as the engine's CUDA pool (a strided view); both prompt tunings."""
+    seqs = [(200, 333), (2, 2), (64, 100)] + ([(1600, 1700)] if max_query == "long" else [])
+    if INTERPRET and max_query == "long":
+        pytest.skip("long prompts are too slow in the interpreter")
+    _check_prefill(DTYPES[0], (16, 32, 8, 128, seqs), kv_cache, heads_major=True)
+
+
+def _check_prefill(dtype, case, kv_cache, tuning=None, heads_major=False):
     from kernels.paged_prefill_triton import paged_prefill_attention
 
     block_size, heads, kv_heads, head_dim, seqs = case
     q_lens = [q for q, _ in seqs]
     ctx_lens = [c for _, c in seqs]
     k_cache, v_cache, table = _paged_setup(ctx_lens, block_size, kv_heads, head_dim, dtype, kv_cache)
+    if heads_major:
+        k_cache, v_cache = _heads_major(k_cache), _heads_major(v_cache)
     total = sum(q_lens)
     q = torch.randn(total, heads, head_dim, device=DEVICE).to(dtype)
     out = torch.full_like(q, float("nan"))
