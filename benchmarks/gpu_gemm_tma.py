@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from benchmarks.gpu_gemm_variants import BF16, SHAPES, graph_time
+from benchmarks.gpu_gemm_variants import BF16, SHAPES, checked_graph_time, graph_time
 
 CONFIGS = [  # BLOCK_M, BLOCK_N, BLOCK_K, stages, warps
     (128, 128, 64, 4, 4), (128, 128, 64, 5, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8),
@@ -88,11 +88,8 @@ def main() -> None:
             for cfg in CONFIGS:
                 label = "/".join(map(str, cfg))
                 try:
-                    got = matmul_tma(xs[0], ws[0], cfg).float()
-                    err = (got - want).abs().max().item() / want.abs().max().item()
-                    if err > 1e-2:
-                        raise AssertionError(f"wrong result: relative error {err:.2e}")
-                    us = graph_time(lambda x, w, cfg=cfg: matmul_tma(x, w, cfg), xs, ws, args.replays)
+                    us = checked_graph_time(lambda x, w, cfg=cfg: matmul_tma(x, w, cfg), xs, ws, want, 1e-2,
+                                            args.replays)
                 except Exception as e:  # out of shared memory, say: the others still run
                     print(f"M={m} {name} {label}: {type(e).__name__}: {str(e)[:160]}", flush=True)
                     continue

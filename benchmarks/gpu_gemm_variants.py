@@ -65,6 +65,16 @@ def graph_time(fn, xs, ws, replays: int) -> float:
     return statistics.median(times)
 
 
+def checked_graph_time(fn, xs, ws, want: torch.Tensor, tol: float, replays: int) -> float:
+    """``graph_time`` of a candidate kernel after checking ``fn(xs[0], ws[0])`` against
+    ``want`` (max error over max ``|want|`` within ``tol``): a wrong one raises, unmeasured."""
+    got = fn(xs[0], ws[0]).float()
+    err = (got - want).abs().max().item() / want.abs().max().item()
+    if err > tol:
+        raise AssertionError(f"wrong result: relative error {err:.2e}")
+    return graph_time(fn, xs, ws, replays)
+
+
 def variants(inductor: bool, chunks: list[int]) -> dict:
     def cublas(x, w):
         return F.linear(x, w)

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from benchmarks.gpu_gemm_variants import BF16, FFN, HIDDEN, graph_time
+from benchmarks.gpu_gemm_variants import BF16, FFN, HIDDEN, checked_graph_time, graph_time
 from kernels.activation_triton import silu_and_mul_triton
 from kernels.rmsnorm_triton import rms_norm_triton
 
@@ -98,11 +98,7 @@ def bench_gate_up(m: int, copies: int, replays: int) -> dict:
     for cfg in CONFIGS:
         label = "/".join(map(str, cfg))
         try:
-            got = gate_up_silu(xs[0], ws[0], cfg).float()
-            err = (got - want).abs().max().item() / want.abs().max().item()
-            if err > 2e-2:
-                raise AssertionError(f"wrong result: relative error {err:.2e}")
-            us = graph_time(lambda x, w, cfg=cfg: gate_up_silu(x, w, cfg), xs, ws, replays)
+            us = checked_graph_time(lambda x, w, cfg=cfg: gate_up_silu(x, w, cfg), xs, ws, want, 2e-2, replays)
         except Exception as e:  # out of shared memory, say: the others still run
             print(f"  gate_up M={m} {label}: {type(e).__name__}: {str(e)[:160]}", flush=True)
             continue
