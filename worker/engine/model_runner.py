@@ -195,7 +195,7 @@ class ModelRunner:
         On CUDA it is a strided view of ``[..., num_blocks, kv_heads, block_size, head_dim]``
         storage: each KV head's rows of a block lie together (2 KiB for an fp8 head of 128
         at 16 tokens), so attention reads one run of memory per block and head instead of
-        16 rows of 128 bytes a KV head's width apart; the kernels take strides, and a
+        16 rows of 128 bytes 1 KiB apart (all KV heads of a slot); the kernels take strides, and a
         block is still one contiguous piece of each layer's pool (what a KV transfer
         moves). Measured on an H100 (``benchmarks/gpu_kernels.py --only decode_graph
         [--heads-major]``): fp8 decode attention at 256 sequences of 128-1280 tokens 140.5
