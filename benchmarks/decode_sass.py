@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--kernel", choices=("decode", "prefill"), default="decode")
     parser.add_argument("--long", action="store_true", help="prefill: the long-prompt tuning (else the short one)")
     parser.add_argument("--cache", choices=("bf16", "fp8"), default="fp8")
-    parser.add_argument("--tuning", default=None, metavar="BN/W/ST[+h]",
+    parser.add_argument("--tuning", default=None, metavar="BN/W/ST[/REGS][+h]",
                         help="decode: e.g. 32/2/2+h (kernels.paged_decode_triton.parse_decode_tuning); "
                              "default: the cache's default tuning")
     parser.add_argument("--batch", type=int, default=256,

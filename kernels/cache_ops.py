@@ -29,7 +29,7 @@ def store_kv_ref(
     block_size = k_cache.shape[1]
     for new, cache in ((key, k_cache), (value, v_cache)):
         stored = quantize_ref(new, cache.dtype, kv_scale)
-        if is_fp8(cache.dtype):  # index_put_ has no float8 kernel: copy the bytes
+        if is_fp8(cache.dtype):  # index_copy_ and index_put_ have no float8 kernels: copy the bytes
             stored, cache = stored.view(torch.uint8), cache.view(torch.uint8)
         if cache.is_contiguous():
             cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, stored)

@@ -98,7 +98,7 @@ def format_decode_tuning(tuning: DecodeTuning) -> str:
 
 
 DEFAULT_TUNING = DecodeTuning()
-"""The tuning of a bf16 cache at every batch size, and of an fp8 cache below 112 sequences
+"""The tuning of a 16- or 32-bit cache at every batch size, and of an fp8 cache below 112 sequences
 (``FP8_TUNINGS``; an fp8 cache converts V in registers, so the same tiles fit).
 
 Measured as the engine runs the kernel (``gpu_kernels.py --only decode_graph``: 32 layers'

@@ -272,30 +272,36 @@ def test_paged_decode_tunings(kv_cache, tuning):
 
 @pytest.mark.parametrize("kv_cache", KV_CACHES)
 @pytest.mark.parametrize("batch", [120, 180])
-def test_paged_decode_default_tuning_by_batch(kv_cache, batch):
+def test_paged_decode_default_tuning_by_batch(monkeypatch, kv_cache, batch):
     """Without a tuning the launcher takes ``decode_tuning(batch, fp8)``: for an fp8 cache
     the large-batch entries of ``FP8_TUNINGS`` (one- and two-warp programs), checked here
-    through the default path at batch sizes that select them."""
-    from kernels.paged_decode_triton import DEFAULT_TUNING, FP8_TUNINGS, decode_tuning
+    through the default path at batch sizes that select them (the launcher is watched
+    asking for exactly that batch's tuning)."""
+    import kernels.paged_decode_triton as decode
 
     fp8 = kv_cache == "fp8"
-    expected = next(t for least, t in FP8_TUNINGS if batch >= least) if fp8 else DEFAULT_TUNING
-    assert decode_tuning(batch, fp8) == expected
+    expected = next(t for least, t in decode.FP8_TUNINGS if batch >= least) if fp8 else decode.DEFAULT_TUNING
+    assert decode.decode_tuning(batch, fp8) == expected
     if fp8:
-        assert expected != DEFAULT_TUNING, "the table no longer differs at this batch: pick other batch sizes"
+        assert expected != decode.DEFAULT_TUNING, "the table no longer differs at this batch: pick other batch sizes"
+    asked = []
+    real = decode.decode_tuning
+    monkeypatch.setattr(decode, "decode_tuning", lambda b, f: asked.append((b, f)) or real(b, f))
     rng = random.Random(batch)
     ctx_lens = [rng.randint(1, 90) for _ in range(batch)]
     _check_decode(DTYPES[0], None, (16, 8, 2, 128, ctx_lens), kv_cache)
+    assert asked and set(asked) == {(batch, fp8)}
 
 
 @pytest.mark.parametrize("kv_cache", KV_CACHES)
-@pytest.mark.parametrize("tuning", [None, "64/4/2+h", "32/1/2+h"])
+@pytest.mark.parametrize("tuning", ["64/4/2+h", "64/2/2+h", "32/1/2+h"])
 def test_paged_decode_heads_major_pool(kv_cache, tuning):
     """Caches laid out as the engine's CUDA pool (each KV head's rows of a block together, a
-    strided view): the tunings an fp8 cache takes at large and small batches, split and not."""
-    from kernels.paged_decode_triton import DEFAULT_TUNING, parse_decode_tuning
+    strided view): each tuning of the fp8 batch table (``FP8_TUNINGS``), split and not."""
+    from kernels.paged_decode_triton import DEFAULT_TUNING, FP8_TUNINGS, parse_decode_tuning
 
-    parsed = parse_decode_tuning(tuning, DEFAULT_TUNING) if tuning else None
+    parsed = parse_decode_tuning(tuning, DEFAULT_TUNING)
+    assert parsed in {t for _, t in FP8_TUNINGS}, "keep this list to the table's tunings"
     for splits in (1, 4):
         _check_decode(DTYPES[0], splits, (16, 32, 8, 128, [1, 31, 64, 65, 300]), kv_cache, parsed, heads_major=True)
 

@@ -33,7 +33,7 @@ import time
 import torch
 
 from worker.engine.sampler import fill_placeholders
-from worker.models.attention import AttentionMetadata, DecodeBatch, PrefillBatch, longest_first
+from worker.models.attention import AttentionMetadata, DecodeBatch, PrefillBatch, block_table_width, longest_first
 from worker.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class DecodeGraphs:
         self._previous_tokens = previous_tokens
         self.sizes = capture_sizes(max_batch_size)
         self.max_batch_size = self.sizes[-1]
-        n, width = -(-self.max_batch_size // 4) * 4, -(-max_blocks_per_seq // 16) * 16  # aligned rows
+        n, width = -(-self.max_batch_size // 4) * 4, block_table_width(max_blocks_per_seq)  # aligned rows
         device = kv_cache.device
         self._host = torch.zeros((5, n), dtype=torch.int32).pin_memory()
         self._host_tables = torch.zeros((n, width), dtype=torch.int32).pin_memory()
@@ -223,7 +223,7 @@ class PrefillGraphs:
         self._previous_tokens = previous_tokens
         self.sizes = prefill_graph_sizes(max_step_tokens)
         self.max_tokens = self.sizes[-1]
-        width = -(-max_blocks_per_seq // 16) * 16
+        width = block_table_width(max_blocks_per_seq)
         device = kv_cache.device
         # host mirrors: rows _IDS, _POS, _SLOTS; then query length, context length, logit row (and padding)
         self._host = torch.zeros((3, self.max_tokens), dtype=torch.int32).pin_memory()

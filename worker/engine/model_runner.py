@@ -36,7 +36,14 @@ from worker.engine.cuda_graph import DecodeGraphs, PrefillGraphs
 from worker.engine.sampler import PendingSample, fill_placeholders, sample_async, to_device
 from worker.engine.scheduler import SchedulerOutput
 from worker.engine.types import SamplingOptions
-from worker.models.attention import AttentionMetadata, DecodeBatch, PrefillBatch, longest_first, set_kv_cache_scale
+from worker.models.attention import (
+    AttentionMetadata,
+    DecodeBatch,
+    PrefillBatch,
+    block_table_width,
+    longest_first,
+    set_kv_cache_scale,
+)
 from worker.models.config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
 from worker.models.loader import load_dummy_model, load_model
@@ -148,7 +155,7 @@ class ModelRunner:
         i32 = dict(dtype=torch.int32, device=dev)
         attn = self.model.layers[0].self_attn.attn
         fp8 = is_fp8(self.kv_cache.dtype)
-        width = self._blocks_per_seq()
+        width = block_table_width(self._blocks_per_seq())  # as every step's tables are
         for batch in sorted({1} | ({least for least, _ in FP8_TUNINGS if least > 1} if fp8 else set())):
             q = torch.zeros((batch, mc.num_heads, mc.head_dim), dtype=self.dtype, device=dev)
             most = choose_num_splits(batch, mc.num_kv_heads, width * self.config.block_size, dev, decode_tuning(batch, fp8))
@@ -427,14 +434,14 @@ class ModelRunner:
         """The step as int32 device tensors, all carved out of one host-to-device copy.
 
         Every slice starts 16-byte aligned and block tables are padded to a
-        multiple of 16 columns, so the Triton kernels always see the same
-        pointer alignment and stride divisibility: no recompilation mid-run.
+        multiple of 16 columns (``block_table_width``), so the Triton kernels always
+        see the same pointer alignment and stride divisibility: no recompilation mid-run.
         """
         q_lens = np.asarray(query_lens, dtype=np.int32)
         ctx = np.asarray(context_lens, dtype=np.int32)
         starts = np.zeros_like(q_lens)
         np.cumsum(q_lens[:-1], out=starts[1:])
-        width = -(-max(len(t) for t in tables) // 16) * 16
+        width = block_table_width(max(len(t) for t in tables))
         table = np.zeros((len(tables), width), dtype=np.int32)
         for i, t in enumerate(tables):
             table[i, : len(t)] = t

@@ -47,6 +47,14 @@ class DecodeBatch:
     """[Bd] int32: the order in which the kernel takes the sequences (``longest_first``); None: batch order."""
 
 
+def block_table_width(max_blocks: int) -> int:
+    """Columns of a step's block table for sequences of at most ``max_blocks`` blocks: a
+    multiple of 16. Triton compiles a kernel once per divisibility of its integer arguments
+    (by 16, or equal to 1); with every table's row stride a multiple of 16, the attention
+    kernels compiled at start-up serve every step, eager or in a CUDA graph."""
+    return -(-max(max_blocks, 1) // 16) * 16
+
+
 def longest_first(context_lens) -> np.ndarray:
     """The decode kernel's launch order: indices of ``context_lens`` by decreasing length
     (ties in batch order; padding rows, length 0, last), int32. The GPU starts programs
