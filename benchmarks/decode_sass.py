@@ -12,7 +12,7 @@ Needs a Triton with its NVIDIA backend (ptxas, nvdisasm), e.g. the wheel that
 CUDA builds of torch install; the CPU build of torch does not bring one.
 
 Usage: python benchmarks/decode_sass.py [--kernel decode|prefill [--long]] [--cache bf16|fp8]
-       [--batch 256] [--tuning 64/4/2[/REGS][+h]] [--maxnreg N (prefill)] [--offsets-i64] [--no-v-words] [--sass out.sass]
+       [--batch 256] [--tuning 64/4/2[+h]] [--maxnreg N (prefill)] [--offsets-i64] [--no-v-words] [--sass out.sass]
 
 Besides the instruction counts it prints the registers a thread holds, spill
 instructions and the programs an H100 SM can hold at once (the occupancy ncu
@@ -84,8 +84,7 @@ def compile_decode(cache: str, tuning: DecodeTuning, offsets_i32: bool, v_words:
     constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=tuning.block_n,
                       NUM_SPLITS=1, PRECISION="tf32", KV_FP8=fp8, USE_PDL=False, OFFSETS_I32=offsets_i32,
                       V_WORDS=fp8 and v_words, ORDERED=True, HEADS_INNER=tuning.heads_inner)
-    return compile_sm90(_paged_decode_kernel, constexprs, POINTERS, cache, tuning.num_warps, tuning.num_stages,
-                        tuning.max_registers)
+    return compile_sm90(_paged_decode_kernel, constexprs, POINTERS, cache, tuning.num_warps, tuning.num_stages)
 
 
 def compile_prefill(cache: str, tuning: PrefillTuning, maxnreg: int | None = None):
@@ -138,7 +137,7 @@ def main() -> None:
     parser.add_argument("--kernel", choices=("decode", "prefill"), default="decode")
     parser.add_argument("--long", action="store_true", help="prefill: the long-prompt tuning (else the short one)")
     parser.add_argument("--cache", choices=("bf16", "fp8"), default="fp8")
-    parser.add_argument("--tuning", default=None, metavar="BN/W/ST[/REGS][+h]",
+    parser.add_argument("--tuning", default=None, metavar="BN/W/ST[+h]",
                         help="decode: e.g. 32/2/2+h (kernels.paged_decode_triton.parse_decode_tuning); "
                              "default: the cache's default tuning")
     parser.add_argument("--batch", type=int, default=256,

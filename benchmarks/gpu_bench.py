@@ -29,7 +29,7 @@ and last). Each offline run records its steps' wall times, the garbage
 collector's pauses and any Triton compile that happened during it.
 
 Usage: python benchmarks/gpu_bench.py [--json out.json] [--hf none|eager|all] [--kv-cache-dtype auto|fp8_e4m3]
-       [--offline-fp8 [--fp8-only] [--fp8-decode-variants BN/W/ST[/REGS][+h],...]] [--no-prefill-cuda-graphs]
+       [--offline-fp8 [--fp8-only] [--fp8-decode-variants BN/W/ST[+h],...]] [--no-prefill-cuda-graphs]
 """
 
 from __future__ import annotations
@@ -496,7 +496,7 @@ def main() -> None:
                         help="KV cache of the engine: auto (bf16) or fp8_e4m3 (default %(default)s)")
     parser.add_argument("--offline-fp8", action="store_true",
                         help="then run the offline workload again on an engine with an fp8 KV cache")
-    parser.add_argument("--fp8-decode-variants", default="", metavar="BN/W/ST[/REGS][+h],...",
+    parser.add_argument("--fp8-decode-variants", default="", metavar="BN/W/ST[+h],...",
                         help="with --offline-fp8: then the fp8 offline run again on a new engine for each of these "
                              "fp8 decode-attention tunings, each at every batch size (in place of "
                              "kernels.paged_decode_triton.FP8_TUNINGS, the tuning by batch size), and the default "

@@ -168,7 +168,7 @@ def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "
 def bench_decode_graph(cases_arg: str, variants_arg: str = "", rounds: int = 20) -> None:
     """Decode attention as the engine runs it: 32 launches, one per layer's own cache, inside
     one CUDA graph (no launch overhead, nothing left in L2); default tuning and
-    ``--decode-variants`` (``BLOCK_N/WARPS/STAGES[/REGS][+h]``, comma-separated,
+    ``--decode-variants`` (``BLOCK_N/WARPS/STAGES[+h]``, comma-separated,
     ``parse_decode_tuning``). The tunings' graphs are
     replayed in turn, ``rounds`` times after a warm-up, and each gets the median of its
     replays: measured one after the other, whichever came first ran slower (~7 %)."""
@@ -323,7 +323,7 @@ def main() -> None:
                         help="batch x context of the decode rows: BxC, or BxLO-HI for contexts uniform in [LO, HI]")
     parser.add_argument("--decode-splits", default="", help="also time the default tuning at these split counts")
     parser.add_argument("--decode-variants", default="",
-                        help="decode_graph: also these tunings, BLOCK_N/WARPS/STAGES[/REGS][+h] comma-separated "
+                        help="decode_graph: also these tunings, BLOCK_N/WARPS/STAGES[+h] comma-separated "
                              "(parse_decode_tuning)")
     parser.add_argument("--heads-major", action="store_true",
                         help="decode/prefill caches laid out as the engine's CUDA pool (each KV head's rows of a block "

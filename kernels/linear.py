@@ -30,11 +30,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
     ``weight`` must not be written by a kernel of the same step: with programmatic
     dependent launch the skinny kernel reads its first weight tile before waiting for
     the previous kernel (``pdl_triton.py``); model weights are constant."""
-    if out is not None:  # torch.mm would resize a wrong one (with a warning) and write it anyway
-        shape = (x.shape[0], weight.shape[0])
-        require(out.shape == shape and out.dtype == x.dtype and out.is_contiguous() and out.device == x.device,
-                f"out must be a contiguous {list(shape)} {x.dtype} tensor on {x.device}, "
-                f"got {tuple(out.shape)} {out.dtype}")
     if (
         use_triton(x)
         and x.dim() == 2
@@ -44,7 +39,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
         and x.stride(1) == 1
         and weight.is_contiguous()
     ):
-        return skinny_matmul_triton(x, weight, out=out)
-    if out is not None:
+        return skinny_matmul_triton(x, weight, out=out)  # which checks ``out`` itself
+    if out is not None:  # torch.mm would resize a wrong one (with a warning) and write it anyway
+        shape = (x.shape[0], weight.shape[0])
+        require(out.shape == shape and out.dtype == x.dtype and out.is_contiguous() and out.device == x.device,
+                f"out must be a contiguous {list(shape)} {x.dtype} tensor on {x.device}, "
+                f"got {tuple(out.shape)} {out.dtype}")
         return torch.mm(x, weight.t(), out=out)
     return F.linear(x, weight)

@@ -53,38 +53,27 @@ class DecodeTuning:
     heads_inner: bool = True
     """Launch a sequence's KV heads next to each other (grid ``(heads, batch, splits)``):
     programs running together read neighbouring bytes of the same cache blocks."""
-    max_registers: int | None = None
-    """Cap on a thread's registers (ptxas ``maxnreg``); None: the compiler's choice. An SM's
-    register file is split among its four schedulers (16k registers each): a one-warp
-    program of 193 registers fits twice a quarter (8 an SM), of at most 168, three times."""
 
 
 _FLAGS = {"h": ("heads_inner", True)}
 
 
 def parse_decode_tuning(text: str, base: DecodeTuning) -> DecodeTuning:
-    """``BLOCK_N/WARPS/STAGES[/REGISTERS][+FLAG...]``, e.g. ``32/2/2``, ``64/4/2+h`` or
-    ``32/1/2/168+h``: ``base`` with those (``REGISTERS``: ``max_registers``, else none; flag
-    ``h``: heads_inner; without it, off). The benchmarks' way of naming a tuning on the
-    command line; ``format_decode_tuning`` writes it."""
+    """``BLOCK_N/WARPS/STAGES[+FLAG...]``, e.g. ``32/2/2`` or ``64/4/2+h``: ``base`` with
+    those (flag ``h``: heads_inner; without it, off). The benchmarks' way of naming a tuning
+    on the command line; ``format_decode_tuning`` writes it."""
     numbers, *flags = text.split("+")
     try:
-        block_n, warps, stages, *regs = (int(x) for x in numbers.split("/"))
-        if len(regs) > 1:
-            raise ValueError
+        block_n, warps, stages = (int(x) for x in numbers.split("/"))
     except ValueError:
-        raise ValueError(f"decode tuning {text!r}: expected BLOCK_N/WARPS/STAGES[/REGISTERS][+FLAG...], "
-                         "e.g. 64/4/2, 32/2/2+h or 32/1/2/168+h") from None
+        raise ValueError(f"decode tuning {text!r}: expected BLOCK_N/WARPS/STAGES[+FLAG...], e.g. 64/4/2 or 32/2/2+h") from None
     unknown = [f for f in flags if f not in _FLAGS]
     if unknown:
         raise ValueError(f"decode tuning {text!r}: unknown flag(s) {unknown}; allowed: {sorted(_FLAGS)}")
     if block_n < 16 or block_n & (block_n - 1) or warps < 1 or warps & (warps - 1) or stages < 1:
         raise ValueError(f"decode tuning {text!r}: BLOCK_N must be a power of two >= 16, WARPS a power of two, "
                          "STAGES >= 1")
-    if regs and not 24 <= regs[0] <= 255:
-        raise ValueError(f"decode tuning {text!r}: REGISTERS must be in [24, 255]")
     tuning = dataclasses.replace(base, block_n=block_n, num_warps=warps, num_stages=stages,
-                                 max_registers=regs[0] if regs else None,
                                  **{name: False for name, _ in _FLAGS.values()})
     return dataclasses.replace(tuning, **dict(_FLAGS[f] for f in flags))
 
@@ -92,8 +81,6 @@ def parse_decode_tuning(text: str, base: DecodeTuning) -> DecodeTuning:
 def format_decode_tuning(tuning: DecodeTuning) -> str:
     """``tuning`` as ``parse_decode_tuning`` reads it (``waves`` left out)."""
     text = f"{tuning.block_n}/{tuning.num_warps}/{tuning.num_stages}"
-    if tuning.max_registers:
-        text += f"/{tuning.max_registers}"
     return text + "".join(f"+{flag}" for flag, (name, value) in _FLAGS.items() if getattr(tuning, name) == value)
 
 
@@ -110,11 +97,13 @@ blocks), 64/4/2 without -> with, fp8: 256 sequences x 256-1152 tokens 158.7 -> 1
 108.2 -> 108.3, 16 x 1024 27.1 -> 26.9; bf16 251.5 -> 243.9, 252.0 -> 248.5, 191.1 -> 190.3,
 138.0 -> 131.1, 198.4 -> 198.1, 31.7 -> 31.5.
 
-Small programs (32/2/2+h: 9 an SM) win at 256 x 256-1152 (138.9) and 256 x 700 (143.4) but
+Small programs (32/2/2+h: 8 an SM) win at 256 x 256-1152 (138.9) and 256 x 700 (143.4) but
 lose at 192 x 700 (131.6), 128 x 256-1152 (106.8), 64 x 2048 (133.5) and 16 x 1024 (32.1):
 an fp8 cache takes one-warp programs at large batches only (``FP8_TUNINGS``). Measured and not
 kept: the block table or fp8 V read a tile ahead (more registers, fewer programs an SM; V
-ahead takes K off ``cp.async``); register caps."""
+ahead takes K off ``cp.async``); register caps (sessions 10 and 13: a one-warp program
+capped at 168 registers fits 3 warps a scheduler quarter instead of 2, yet 143.8 against
+139.7 us at 256 sequences)."""
 
 FP8_TUNINGS: tuple[tuple[int, DecodeTuning], ...] = (
     (176, DecodeTuning(block_n=32, num_warps=1, num_stages=2)),
@@ -130,14 +119,16 @@ Measured as the engine runs the kernel (``gpu_kernels.py --only decode_graph``, 
 Llama-3-8B layer, contexts uniform in 128-1280 as in the offline benchmark's decode
 steps), us a layer, 64/4/2+h -> 32/1/2+h -> 64/2/2+h: 256 sequences 154.8 -> 140.7 ->
 147.1, 224: 144.8 -> 134.1 -> 138.9, 192: 125.6 -> 116.2 -> 123.8, 160: 104.1 -> 109.2
--> 93.1, 128: 84.4 -> 116.9 -> 79.3, 96: 64.2 -> 89.5 -> 71.5; 64 x 640: 39.1 -> 43.3 ->
-42.0. Offline benchmark (``gpu_bench.py --fp8-only --offline-fp8 --fp8-decode-variants``,
-one tuning for every batch): 9,278 / 9,306 (64/4/2+h, before and after) -> 9,489 (32/1/2+h)
+-> 93.1, 96: 64.2 -> 89.5 -> 71.5; 64 x 640: 39.1 -> 43.3 -> 42.0; 128: 84.4 -> 79.3
+(64/4/2+h -> 64/2/2+h), and in another call 32/1/2+h 105.8 against 64/2/2+h 79.5 (each
+figure compared within one call; commands in docs/PERFORMANCE.md, session 13). Offline
+benchmark (``gpu_bench.py --fp8-only --offline-fp8 --fp8-decode-variants``, one tuning for
+every batch): 9,278 / 9,306 (64/4/2+h, before and after) -> 9,489 (32/1/2+h)
 and 9,406 (64/2/2+h) tok/s; this table on another H100: 9,590 / 9,609. A bf16 cache keeps
 ``DEFAULT_TUNING`` at every batch: it reads ~2.96 TB/s with any of these tunings at 192-256
 sequences (bandwidth-bound already). Measured and not kept: the products transposed, keys
 as the MMA tiles' rows and the query heads (padded to 8, not 16) as columns: half the MMAs,
-fewer registers (32/1/2: 176 against 193, 11 programs an SM), yet 141.3 against 139.6 us at
+fewer registers (32/1/2: 176 against 193; still 2 warps a scheduler quarter), yet 141.3 against 139.6 us at
 256 sequences and offline 9,551 (branch ``exp/decode-keys-as-rows``): the kernel waits on
 memory latency, not on instructions."""
 
@@ -409,6 +400,5 @@ def paged_decode_attention(
         OFFSETS_I32=offsets_fit_int32(k_cache) and offsets_fit_int32(v_cache),
         V_WORDS=v_words, ORDERED=order is not None and splits == 1, HEADS_INNER=heads_inner,
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_launch(query.device),
-        **({"maxnreg": tuning.max_registers} if tuning.max_registers else {}),
     )
     return out

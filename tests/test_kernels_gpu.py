@@ -257,8 +257,7 @@ def test_paged_decode_fallback_paths(monkeypatch, kv_cache, fallback):
 
 
 @pytest.mark.parametrize("kv_cache", KV_CACHES)
-@pytest.mark.parametrize("tuning", ["64/4/2", "32/2/2+h", "32/4/3+h", "128/8/2+h", "32/1/2+h", "64/2/2+h",
-                                    "32/1/2/168+h"])
+@pytest.mark.parametrize("tuning", ["64/4/2", "32/2/2+h", "32/4/3+h", "128/8/2+h", "32/1/2+h", "64/2/2+h"])
 def test_paged_decode_tunings(kv_cache, tuning):
     """Tunings besides the default (``parse_decode_tuning``): sequences innermost in the grid
     (no ``+h``), other tiles, warps and stages; contexts that end inside, at and just past a

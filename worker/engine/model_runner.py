@@ -156,7 +156,8 @@ class ModelRunner:
         attn = self.model.layers[0].self_attn.attn
         fp8 = is_fp8(self.kv_cache.dtype)
         width = block_table_width(self._blocks_per_seq())  # as every step's tables are
-        for batch in sorted({1} | ({least for least, _ in FP8_TUNINGS if least > 1} if fp8 else set())):
+        reachable = {least for least, _ in FP8_TUNINGS if 1 < least <= self.config.max_num_seqs} if fp8 else set()
+        for batch in sorted({1} | reachable):  # each tuning's smallest batch: the most splits it may take
             q = torch.zeros((batch, mc.num_heads, mc.head_dim), dtype=self.dtype, device=dev)
             most = choose_num_splits(batch, mc.num_kv_heads, width * self.config.block_size, dev, decode_tuning(batch, fp8))
             splits = 1
