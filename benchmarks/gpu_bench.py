@@ -513,6 +513,8 @@ def main() -> None:
     parser.add_argument("--hf-only", choices=("compiled", "generate_batch"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-prefill-cuda-graphs", action="store_true",
                         help="prefill lone prompts eagerly (EngineConfig.prefill_cuda_graphs off)")
+    parser.add_argument("--no-tune-matmuls", action="store_true",
+                        help="engines run F.linear everywhere instead of timing cuBLASLt's algorithms at start")
     parser.add_argument("--no-gc-freeze", action="store_true",
                         help="leave the startup heap to the garbage collector (a worker process freezes it)")
     parser.add_argument("--json", default=None, help="write all results here")
@@ -576,6 +578,7 @@ def main() -> None:
             model=str(model_dir), device="cuda", dtype="bfloat16", max_model_len=4096, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
             kv_cache_dtype=kv_cache_dtype, prefill_cuda_graphs=not args.no_prefill_cuda_graphs,
+            tune_matmuls=not args.no_tune_matmuls,
         ), model=ours)
 
     step_bytes = decode_bytes_per_step(weights, embed, hf_cfg, 128 + 128)

@@ -4,8 +4,10 @@ Decode steps of a few sequences are weight streams (every byte of the weight
 read once per step, almost no arithmetic), and there the Triton skinny kernel
 (``linear_triton.py``) beats cuBLAS: over a Llama-3-8B decode step's matmuls
 on an H100, 5.42 against 5.63 ms at 1 row (benchmarks/gpu_linear.py). Larger
-batches are compute-shaped and go to cuBLAS through ``F.linear``; so does
-every CPU tensor (the reference).
+batches are compute-shaped and go to cuBLAS: through the cuBLASLt algorithm
+``linear_tuning`` timed fastest for that exact shape where it found one (a full
+decode batch, a full prefill step), else through ``F.linear``, as does every CPU
+tensor (the reference).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import linear_tuning
 from kernels.backend import HAS_TRITON, require, use_triton
 
 if HAS_TRITON:
@@ -45,5 +48,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
         require(out.shape == shape and out.dtype == x.dtype and out.is_contiguous() and out.device == x.device,
                 f"out must be a contiguous {list(shape)} {x.dtype} tensor on {x.device}, "
                 f"got {tuple(out.shape)} {out.dtype}")
+    tuned = linear_tuning.lookup(x, weight) if x.is_cuda else None
+    if tuned is not None and x.is_contiguous() and weight.is_contiguous() and weight.dtype == x.dtype:
+        return linear_tuning.run(tuned, x, weight, out)
+    if out is not None:
         return torch.mm(x, weight.t(), out=out)
     return F.linear(x, weight)

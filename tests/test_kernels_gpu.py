@@ -558,3 +558,57 @@ def test_skinny_matmul_rejects_bad_inputs():
     with pytest.raises(ValueError, match="out must be a contiguous"):
         skinny_matmul_triton(torch.randn(2, 64, device=DEVICE, dtype=torch.float16), w,
                              out=torch.empty(2, 31, device=DEVICE, dtype=torch.float16))
+
+
+CUDA_ONLY = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="cuBLASLt needs CUDA")
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("m,n,k", [(17, 96, 128), (256, 576, 576), (64, 1000, 264)])
+def test_cublaslt_candidates_match_reference(m, n, k):
+    """Every algorithm the tuner may pick, split-K variants included, computes the product."""
+    from kernels.cublaslt import WORKSPACE_BYTES, LtMatmul
+    from kernels.linear_tuning import SPLITS
+
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16)
+    ref = x.float() @ w.float().t()
+    mm = LtMatmul(m, n, k, torch.bfloat16)
+    found = mm.candidates()
+    assert found, "cuBLASLt offered no algorithm"
+    found += [v for c in list(found) for s in SPLITS if (v := mm.with_split_k(c, s)) is not None]
+    workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE)
+    for cand in found:
+        out = torch.full((m, n), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+        mm.run(x, w, out, cand, workspace)
+        assert _rel(out, ref) < SKINNY_TOL, cand.config
+
+
+@CUDA_ONLY
+def test_tuned_linear_is_used_and_replays_in_a_graph():
+    """A shape the tuner kept runs its cuBLASLt algorithm through ``linear`` (eagerly and
+    captured), other row counts keep ``F.linear``; both equal the reference."""
+    from kernels import linear_tuning
+    from kernels.linear import linear
+
+    ws = [torch.randn(576, 576, device=DEVICE, dtype=torch.bfloat16) for _ in range(3)]
+    linear_tuning.clear()
+    try:
+        tuned = linear_tuning.tune({(576, 576): ws}, [32], min_gain=-1.0)  # keep the fastest, whatever it gains
+        assert len(tuned) == 1 and tuned[0].choice is not None and tuned[0].tried >= 1
+        x = torch.randn(32, 576, device=DEVICE, dtype=torch.bfloat16)
+        assert linear_tuning.lookup(x, ws[1]) is not None
+        assert linear_tuning.lookup(x[:31], ws[1]) is None
+        ref = x.float() @ ws[1].float().t()
+        eager = linear(x, ws[1])
+        assert _rel(eager, ref) < SKINNY_TOL
+        buffer = torch.full((32, 576), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            linear(x, ws[1], out=buffer)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(buffer, eager)
+        assert _rel(linear(x[:20], ws[1]), ref[:20]) < SKINNY_TOL  # untuned row count: F.linear
+    finally:
+        linear_tuning.clear()

@@ -72,6 +72,12 @@ class EngineConfig:
     test_lone_prefills_replay_graphs_equal_to_eager``, H100). The graphs share the decode
     graphs' memory pool and need no more than a decode graph of the step's token limit."""
 
+    tune_matmuls: bool = True
+    """On CUDA, time cuBLASLt's candidate algorithms for the matmuls of a full decode batch
+    (each captured graph size over 16 rows) and of a full ``max_num_batched_tokens`` step at
+    start, and run the fastest where it beats ``F.linear`` by 2 % (``kernels/linear_tuning.py``).
+    Costs a few seconds of start-up for an 8B model."""
+
     num_kv_blocks: int | None = None
     """Exact number of KV blocks (tests use small pools to force preemption)."""
 

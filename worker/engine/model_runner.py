@@ -91,6 +91,8 @@ class ModelRunner:
         self.on_gpu = self.device.type == "cuda"
         self._graph_reserve: int | None = None
         """Bytes the KV budget left for the CUDA graphs (when it was profiled)."""
+        if self.on_gpu and config.tune_matmuls:
+            self._tune_matmuls()
         rows = max(config.max_num_seqs, MAX_GRAPH_BATCH)
         self._previous_tokens = torch.zeros(rows, dtype=torch.int64, device=self.device)
         """The last launched step's sampled tokens by row: where placeholders are filled from."""
@@ -116,6 +118,37 @@ class ModelRunner:
             held, (self.graphs, self.prefill_graphs) = _device_memory_taken(self.device, lambda: self._capture_graphs(
                 self.kv_cache))
             self._log_graph_memory(held)
+
+    def _tune_matmuls(self) -> None:
+        """Time cuBLASLt's algorithms for the model's matmul shapes at the row counts steps run
+        most (``kernels/linear_tuning.py``): each decode graph size above the skinny kernel's
+        rows (decode steps are padded to them) and a full ``max_num_batched_tokens`` step.
+        Before the KV budget is profiled, so its workspace counts as held."""
+        import time
+
+        from kernels import linear_tuning
+        from kernels.linear import MAX_ROWS
+        from worker.engine.cuda_graph import capture_sizes
+
+        if self.dtype not in (torch.bfloat16, torch.float16):
+            return
+        weights: dict[tuple[int, int], list[torch.Tensor]] = {}
+        for layer in self.model.layers:
+            for w in (layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
+                      layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight):
+                weights.setdefault(tuple(w.shape), []).append(w)
+        rows = [] if self.config.enforce_eager else [s for s in capture_sizes(self._graph_batch_size()) if s > MAX_ROWS]
+        prefill_rows = [self.config.max_num_batched_tokens] if self.config.max_num_batched_tokens > MAX_ROWS else []
+        began = time.perf_counter()
+        results = linear_tuning.tune(weights, sorted(set(rows + prefill_rows)))
+        # the logits matmul: one row a sampled sequence, so decode graph sizes only
+        results += linear_tuning.tune({tuple(self.model.lm_head.weight.shape): [self.model.lm_head.weight]}, rows)
+        chosen = [r for r in results if r.choice is not None]
+        logger.info("matmul tuning: %d of %d shapes run a cuBLASLt algorithm faster than F.linear "
+                    "(%.0f -> %.0f us summed over them) in %.1f s", len(chosen), len(results),
+                    sum(r.baseline_us for r in chosen), sum(r.best_us for r in chosen), time.perf_counter() - began)
+        gc.collect()
+        torch.cuda.empty_cache()
 
     def _capture_graphs(self, kv_cache: torch.Tensor) -> tuple[DecodeGraphs, PrefillGraphs | None]:
         """The decode graphs and, with ``prefill_cuda_graphs``, the prefill graphs (one memory pool)."""
