@@ -161,5 +161,4 @@ def tune(weights: dict[tuple[int, int], list[torch.Tensor]], rows: list[int], *,
             fastest = min((us for _, us, _ in timed), default=float("nan"))
             results.append(Tuned(m, n, k, baseline_us, fastest, None if best is None else str(best.config), len(timed),
                                  confirmed if best is not None else None))
-            del x, out, want
     return results
