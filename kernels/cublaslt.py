@@ -157,14 +157,18 @@ class LtMatmul:
             out.append(Candidate(i, bytes(r.algo), int(r.workspace_size), float(r.waves), self._config(r.algo)))
         return out
 
-    def with_split_k(self, candidate: Candidate, splits: int) -> Candidate | None:
+    def variant(self, candidate: Candidate, splits: int = 1, swizzle: int | None = None) -> Candidate | None:
         """``candidate`` with its K dimension split ``splits`` ways (partial sums reduced in
-        float32 in the workspace), if cuBLASLt accepts that for this shape; else None.
-        The heuristic rarely offers split-K, yet a product with few output tiles (a
-        decode batch's narrow projections) may fill the GPU only when split."""
+        float32 in the workspace) and/or its CTA swizzling set, if cuBLASLt accepts that
+        for this shape; else None. The heuristic rarely offers split-K, yet a product with
+        few output tiles (a decode batch's narrow projections) may fill the GPU only when
+        split; swizzling orders the output tiles for L2 reuse of the operands."""
         algo = _Algo.from_buffer_copy(candidate.algo)
-        for attr, value in ((_ALGO_CONFIG_SPLITK_NUM, splits),
-                            (_ALGO_CONFIG_REDUCTION_SCHEME, _REDUCTION_COMPUTE_TYPE if splits > 1 else 0)):
+        settings = [(_ALGO_CONFIG_SPLITK_NUM, splits),
+                    (_ALGO_CONFIG_REDUCTION_SCHEME, _REDUCTION_COMPUTE_TYPE if splits > 1 else 0)]
+        if swizzle is not None:
+            settings.append((_ALGO_CONFIG_CTA_SWIZZLING, swizzle))
+        for attr, value in settings:
             v = ctypes.c_uint32(value)
             if self.lib.cublasLtMatmulAlgoConfigSetAttribute(ctypes.byref(algo), attr, ctypes.byref(v), 4) != 0:
                 return None
@@ -175,6 +179,18 @@ class LtMatmul:
             return None
         return Candidate(candidate.index, bytes(algo), int(result.workspace_size), float(result.waves),
                          self._config(algo))
+
+    def variants(self, candidates: list[Candidate], splits=(2, 4)) -> list[Candidate]:
+        """The accepted split-K variants of ``candidates`` and their other swizzling, without
+        duplicates of each other or of ``candidates``."""
+        seen = {c.algo for c in candidates}
+        out = []
+        for c in candidates:
+            for v in [self.variant(c, s) for s in splits] + [self.variant(c, 1, swizzle=1 - min(c.config[4], 1))]:
+                if v is not None and v.algo not in seen:
+                    seen.add(v.algo)
+                    out.append(v)
+        return out
 
     def _config(self, algo: _Algo) -> tuple:
         values = []

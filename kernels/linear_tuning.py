@@ -131,7 +131,7 @@ def tune(weights: dict[tuple[int, int], list[torch.Tensor]], rows: list[int], *,
             base = _capture(lambda w: torch.mm(x, w.t(), out=out), use)
             mm = LtMatmul(m, n, k, dtype)
             found = mm.candidates()
-            found += [v for c in list(found) for s in SPLITS if (v := mm.with_split_k(c, s)) is not None]
+            found += mm.variants(found, SPLITS)
             timed, baseline, confirmed = [], [], None
             for cand in found:
                 if cand.workspace > WORKSPACE_BYTES:

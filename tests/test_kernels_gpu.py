@@ -576,7 +576,7 @@ def test_cublaslt_candidates_match_reference(m, n, k):
     mm = LtMatmul(m, n, k, torch.bfloat16)
     found = mm.candidates()
     assert found, "cuBLASLt offered no algorithm"
-    found += [v for c in list(found) for s in SPLITS if (v := mm.with_split_k(c, s)) is not None]
+    found += mm.variants(found, SPLITS)
     workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE)
     for cand in found:
         out = torch.full((m, n), float("nan"), device=DEVICE, dtype=torch.bfloat16)
