@@ -28,6 +28,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="256,128,192,512,8192")
     parser.add_argument("--layers", type=int, default=32, help="distinct weights of each shape")
+    parser.add_argument("--search", action="store_true",
+                        help="also every tile/stages/cluster configuration cuBLASLt accepts (LtMatmul.search)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -38,7 +40,7 @@ def main() -> None:
     report = []
     for m in (int(r) for r in args.rows.split(",")):
         began = time.perf_counter()
-        tuned = linear_tuning.tune(weights, [m])
+        tuned = linear_tuning.tune(weights, [m], search=args.search)
         took = time.perf_counter() - began
         base = sum(t.baseline_us for t in tuned)
         kept = sum(t.baseline_us * (t.kept_ratio or 1.0) for t in tuned)

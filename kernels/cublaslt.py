@@ -32,6 +32,9 @@ _PREF_MAX_WORKSPACE_BYTES = 1
 _ALGO_CONFIG_ID, _ALGO_CONFIG_TILE_ID, _ALGO_CONFIG_SPLITK_NUM = 0, 1, 2
 _ALGO_CONFIG_REDUCTION_SCHEME, _ALGO_CONFIG_CTA_SWIZZLING = 3, 4
 _ALGO_CONFIG_STAGES_ID, _ALGO_CONFIG_CLUSTER_SHAPE_ID = 6, 8
+_CAP_TILE_IDS, _CAP_STAGES_IDS = 6, 13
+CLUSTER_SHAPES = tuple(range(0, 17))
+"""cublasLtClusterShape_t values tried by ``search`` (0 = auto, then 1x1x1 ... 1x16x1)."""
 _REDUCTION_COMPUTE_TYPE = 2  # split-K partial sums reduced in the compute type, in the workspace
 _DTYPES = {torch.bfloat16: _CUDA_R_16BF, torch.float16: _CUDA_R_16F}
 
@@ -90,6 +93,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         "cublasLtMatmulAlgoConfigGetAttribute": [p, i, p, sz, p],
         "cublasLtMatmulAlgoConfigSetAttribute": [p, i, p, sz],
         "cublasLtMatmulAlgoCheck": [p, p, p, p, p, p, p, p],
+        "cublasLtMatmulAlgoGetIds": [p, i, i, i, i, i, i, i, p, p],
+        "cublasLtMatmulAlgoInit": [p, i, i, i, i, i, i, i, p],
+        "cublasLtMatmulAlgoCapGetAttribute": [p, i, p, sz, p],
         "cublasLtMatmul": [p, p, p, p, p, p, p, p, p, p, p, p, p, p, sz, p],
     }.items():
         fn = getattr(lib, name)
@@ -172,13 +178,60 @@ class LtMatmul:
             v = ctypes.c_uint32(value)
             if self.lib.cublasLtMatmulAlgoConfigSetAttribute(ctypes.byref(algo), attr, ctypes.byref(v), 4) != 0:
                 return None
+        return self._check_algo(algo, candidate.index)
+
+    def _check_algo(self, algo: _Algo, index: int) -> Candidate | None:
         result = _Heuristic()
         status = self.lib.cublasLtMatmulAlgoCheck(_state["handle"], self.desc, self.a, self.b, self.d, self.d,
                                                   ctypes.byref(algo), ctypes.byref(result))
         if status != 0 or result.state != 0 or result.workspace_size > WORKSPACE_BYTES:
             return None
-        return Candidate(candidate.index, bytes(algo), int(result.workspace_size), float(result.waves),
-                         self._config(algo))
+        return Candidate(index, bytes(algo), int(result.workspace_size), float(result.waves), self._config(algo))
+
+    def _cap_list(self, algo: _Algo, attr: int) -> list[int]:
+        written = ctypes.c_size_t(0)
+        if self.lib.cublasLtMatmulAlgoCapGetAttribute(ctypes.byref(algo), attr, None, 0, ctypes.byref(written)) != 0:
+            return []
+        count = written.value // 4
+        values = (ctypes.c_uint32 * max(count, 1))()
+        if self.lib.cublasLtMatmulAlgoCapGetAttribute(ctypes.byref(algo), attr, values, 4 * count,
+                                                      ctypes.byref(written)) != 0:
+            return []
+        return list(values[:count])
+
+    def search(self, ids: set[int] | None = None, limit: int = 256) -> list[Candidate]:
+        """Beyond the heuristic: for each algorithm id cuBLASLt has for these types (or
+        those of ``ids``), each tile and stage count it supports and each cluster shape of
+        ``CLUSTER_SHAPES`` that ``cublasLtMatmulAlgoCheck`` accepts for this shape; at most
+        ``limit`` of them, spread evenly over what was accepted. Thousands of checks, no
+        launches; timing them all is an offline exploration, not start-up work."""
+        lib, t, wanted = self.lib, _DTYPES[self.dtype], ids
+        ids = (ctypes.c_int * 256)()
+        found = ctypes.c_int(0)
+        _check(lib.cublasLtMatmulAlgoGetIds(_state["handle"], _COMPUTE_32F, _CUDA_R_32F, t, t, t, t, 256, ids,
+                                            ctypes.byref(found)), "AlgoGetIds")
+        out = []
+        for algo_id in ids[: found.value]:
+            if wanted is not None and algo_id not in wanted:
+                continue
+            base = _Algo()
+            if lib.cublasLtMatmulAlgoInit(_state["handle"], _COMPUTE_32F, _CUDA_R_32F, t, t, t, t, algo_id,
+                                          ctypes.byref(base)) != 0:
+                continue
+            for tile in self._cap_list(base, _CAP_TILE_IDS) or [0]:
+                for stages in self._cap_list(base, _CAP_STAGES_IDS) or [0]:
+                    for cluster in CLUSTER_SHAPES:
+                        algo = _Algo.from_buffer_copy(bytes(base))
+                        ok = True
+                        for attr, value, kind in ((_ALGO_CONFIG_TILE_ID, tile, ctypes.c_uint32),
+                                                  (_ALGO_CONFIG_STAGES_ID, stages, ctypes.c_uint32),
+                                                  (_ALGO_CONFIG_CLUSTER_SHAPE_ID, cluster, ctypes.c_uint16)):
+                            v = kind(value)
+                            ok = ok and lib.cublasLtMatmulAlgoConfigSetAttribute(
+                                ctypes.byref(algo), attr, ctypes.byref(v), ctypes.sizeof(v)) == 0
+                        if ok and (cand := self._check_algo(algo, -1)) is not None:
+                            out.append(cand)
+        return out[:: -(-len(out) // limit)] if out else out
 
     def variants(self, candidates: list[Candidate], splits=(2, 4)) -> list[Candidate]:
         """The accepted split-K variants of ``candidates`` and their other swizzling, without

@@ -106,10 +106,11 @@ def _interleaved(base: torch.cuda.CUDAGraph, other: torch.cuda.CUDAGraph, replay
 
 @torch.inference_mode()
 def tune(weights: dict[tuple[int, int], list[torch.Tensor]], rows: list[int], *, replays: int = 5,
-         min_gain: float = 0.02, max_weights: int = 32) -> list[Tuned]:
+         min_gain: float = 0.02, max_weights: int = 32, search: bool = False) -> list[Tuned]:
     """Time ``F.linear`` against cuBLASLt's candidates for every ``(n, k)`` weight shape in
     ``weights`` (the model's weights of that shape, one per layer) at every row count in
-    ``rows``; record the winners for ``lookup``. CUDA, bf16/fp16 weights only."""
+    ``rows``; record the winners for ``lookup``. CUDA, bf16/fp16 weights only. ``search``
+    also times every configuration ``LtMatmul.search`` finds (slow: benchmarks only)."""
     from kernels.cublaslt import WORKSPACE_BYTES, LtMatmul
 
     results = []
@@ -132,6 +133,9 @@ def tune(weights: dict[tuple[int, int], list[torch.Tensor]], rows: list[int], *,
             mm = LtMatmul(m, n, k, dtype)
             found = mm.candidates()
             found += mm.variants(found, SPLITS)
+            if search:
+                seen = {c.algo for c in found}
+                found += [c for c in mm.search({c.config[0] for c in found}) if c.algo not in seen]
             timed, baseline, confirmed = [], [], None
             for cand in found:
                 if cand.workspace > WORKSPACE_BYTES:
