@@ -138,7 +138,7 @@ class LtMatmul:
         for layout, rows, cols in ((self.a, k, n), (self.b, k, m), (self.d, n, m)):
             _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), t, ctypes.c_uint64(rows),
                                                   ctypes.c_uint64(cols), ctypes.c_int64(rows)), "LayoutCreate")
-        self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        self.alpha, self.beta, self.one = ctypes.c_float(1.0), ctypes.c_float(0.0), ctypes.c_float(1.0)
 
     def candidates(self, count: int = 64) -> list[Candidate]:
         """Up to ``count`` algorithms by cuBLASLt's heuristic, best-predicted first."""
@@ -258,15 +258,16 @@ class LtMatmul:
         return tuple(values)
 
     def run(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, candidate: Candidate,
-            workspace: torch.Tensor) -> torch.Tensor:
-        """``out = x @ weight.T`` with ``candidate``'s algorithm (shapes as built; the
-        caller checks them: this is the hot path)."""
+            workspace: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
+        """``out = x @ weight.T`` (``out += x @ weight.T`` with ``accumulate``: beta 1, C
+        and D the same matrix) with ``candidate``'s algorithm (shapes as built; the caller
+        checks them: this is the hot path)."""
         algo = _Algo.from_buffer_copy(candidate.algo)
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
         _check(self.lib.cublasLtMatmul(
             _state["handle"], self.desc, ctypes.byref(self.alpha),
             ctypes.c_void_p(weight.data_ptr()), self.a, ctypes.c_void_p(x.data_ptr()), self.b,
-            ctypes.byref(self.beta), ctypes.c_void_p(out.data_ptr()), self.d,
+            ctypes.byref(self.one if accumulate else self.beta), ctypes.c_void_p(out.data_ptr()), self.d,
             ctypes.c_void_p(out.data_ptr()), self.d, ctypes.byref(algo),
             ctypes.c_void_p(workspace.data_ptr()), ctypes.c_size_t(workspace.numel()), stream), "cublasLtMatmul")
         return out

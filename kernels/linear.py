@@ -26,9 +26,16 @@ else:
 _SKINNY_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+           accumulate: bool = False) -> torch.Tensor:
     """``x`` ``[T, K]``, ``weight`` ``[N, K]`` -> ``[T, N]``, written to ``out`` if given
     (contiguous ``[T, N]``, ``x``'s dtype: a CUDA graph's static output buffer).
+
+    With ``accumulate``, ``out`` (required) becomes ``out + x @ weight.T``: the residual
+    stream's add done by the matmul itself (its epilogue reads ``out`` once), so the
+    RMSNorm after it reads one tensor and writes one instead of adding two and writing
+    two; at a prefill step of 8,192 rows of a Llama-3-8B layer that is 134 of the
+    norm's 268 MB.
 
     ``weight`` must not be written by a kernel of the same step: with programmatic
     dependent launch the skinny kernel reads its first weight tile before waiting for
@@ -42,7 +49,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
         and x.stride(1) == 1
         and weight.is_contiguous()
     ):
-        return skinny_matmul_triton(x, weight, out=out)  # which checks ``out`` itself
+        return skinny_matmul_triton(x, weight, out=out, accumulate=accumulate)  # which checks ``out`` itself
+    require(out is not None or not accumulate, "accumulate needs out")
     if out is not None:  # torch.mm would resize a wrong one (with a warning) and write it anyway
         shape = (x.shape[0], weight.shape[0])
         require(out.shape == shape and out.dtype == x.dtype and out.is_contiguous() and out.device == x.device,
@@ -50,7 +58,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
                 f"got {tuple(out.shape)} {out.dtype}")
     tuned = linear_tuning.lookup(x, weight) if x.is_cuda else None
     if tuned is not None and x.is_contiguous() and weight.is_contiguous() and weight.dtype == x.dtype:
-        return linear_tuning.run(tuned, x, weight, out)
+        return linear_tuning.run(tuned, x, weight, out, accumulate)
+    if accumulate:
+        return out.addmm_(x, weight.t())
     if out is not None:
         return torch.mm(x, weight.t(), out=out)
     return F.linear(x, weight)

@@ -74,6 +74,7 @@ def _skinny_matmul_kernel(
     M, N, K, K_PER_SPLIT, x_stride, w_stride, out_stride,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -102,6 +103,8 @@ def _skinny_matmul_kernel(
     out = out_ptr + m[:, None] * out_stride + n[None, :]
     out_mask = m_mask & (n[None, :] < N)
     if SPLIT_K == 1:
+        if ACCUMULATE:  # out += x @ w.T: the residual stream, added in float32 before one rounding
+            acc += tl.load(out, mask=out_mask, other=0.0).to(tl.float32)
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         tile = m[:, None] * N + n[None, :]
@@ -110,6 +113,8 @@ def _skinny_matmul_kernel(
         arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:  # the last program of this tile: add the partials in split order
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if ACCUMULATE:
+                total += tl.load(out, mask=out_mask, other=0.0).to(tl.float32)
             for s in range(SPLIT_K):
                 total += tl.load(ws_ptr + s * BLOCK_M * N + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
             tl.store(out, total.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -158,11 +163,13 @@ def default_tuning(n: int, k: int, sms: int = 132) -> SkinnyTuning:
 
 
 def skinny_matmul_triton(
-    x: torch.Tensor, weight: torch.Tensor, tuning: SkinnyTuning | None = None, out: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, tuning: SkinnyTuning | None = None, out: torch.Tensor | None = None,
+    accumulate: bool = False,
 ) -> torch.Tensor:
     """``x`` ``[M, K]``, ``M <= MAX_ROWS``, unit inner stride;
     ``weight`` ``[N, K]`` contiguous rows. Returns ``[M, N]`` in ``x``'s dtype (``out``, a
-    contiguous ``[M, N]`` tensor, if given)."""
+    contiguous ``[M, N]`` tensor, if given; with ``accumulate``, ``out += x @ weight.T``,
+    the sum taken in float32 and rounded once)."""
     require(x.dim() == 2 and weight.dim() == 2, f"x and weight must be 2-D, got {tuple(x.shape)}, {tuple(weight.shape)}")
     m = x.shape[0]
     n, k = weight.shape
@@ -173,6 +180,7 @@ def skinny_matmul_triton(
     require(x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16),
             f"x and weight must share a 16-bit float dtype, got {x.dtype} and {weight.dtype}")
     require_device(x, weight)
+    require(out is not None or not accumulate, "accumulate needs out")
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     require(out.shape == (m, n) and out.dtype == x.dtype and out.is_contiguous() and out.device == x.device,
@@ -193,6 +201,6 @@ def skinny_matmul_triton(
         x, weight, out, ws, locks, m, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         EVEN_N=n % t.block_n == 0, EVEN_K=k % k_per_split == 0 and k_per_split % t.block_k == 0, SPLIT_K=split,
         BLOCK_M=MAX_ROWS, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages,
-        **pdl_launch(x.device),
+        ACCUMULATE=accumulate, **pdl_launch(x.device),
     )
     return out

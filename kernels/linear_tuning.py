@@ -56,11 +56,12 @@ def lookup(x: torch.Tensor, weight: torch.Tensor):
     return _table.get((x.shape[0], weight.shape[0], weight.shape[1], x.dtype, x.device.index))
 
 
-def run(entry, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+def run(entry, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None,
+        accumulate: bool = False) -> torch.Tensor:
     mm, candidate, workspace = entry
     if out is None:
         out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
-    return mm.run(x, weight, out, candidate, workspace)
+    return mm.run(x, weight, out, candidate, workspace, accumulate)
 
 
 def clear() -> None:

@@ -2,6 +2,10 @@
 
 The fused form saves one full read and write of the hidden state per layer on
 the GPU; the reference below defines the exact semantics the kernel matches.
+The Llama model no longer needs it on one GPU: its o and down projections add
+into the residual stream themselves (``linear(accumulate=True)``), which saves
+another read and write. It stays for an add that no matmul can take (a
+tensor-parallel all-reduce's output).
 """
 
 from __future__ import annotations

@@ -500,6 +500,11 @@ def test_skinny_matmul(dtype, m, n, k, split):
     assert _rel(outs[0], ref) < SKINNY_TOL
     # split-K's arrival counters reset after every launch, and partials are added in a fixed order
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    # accumulate: out += x @ w.T (the residual stream), the same tiles and split
+    residual = torch.randn(m, n, device=DEVICE, dtype=dtype) * 8
+    into = residual.clone()
+    assert skinny_matmul_triton(x, w, tuning, out=into, accumulate=True).data_ptr() == into.data_ptr()
+    assert _rel(into, ref + residual.float()) < SKINNY_TOL
 
 
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
@@ -541,6 +546,14 @@ def test_linear_dispatch(dtype):
         assert buffer[m:].isnan().all()
     with pytest.raises(ValueError, match="out must be a contiguous"):
         linear(x, w, out=torch.empty(x.shape[0], 95, device=DEVICE, dtype=dtype))
+    for m in (1, MAX_ROWS, MAX_ROWS + 1):  # accumulate, on the skinny and the cuBLAS paths
+        x = torch.randn(m, 128, device=DEVICE, dtype=dtype)
+        residual = torch.randn(m, 96, device=DEVICE, dtype=dtype)
+        into = residual.clone()
+        assert linear(x, w, out=into, accumulate=True).data_ptr() == into.data_ptr()
+        assert _rel(into, F.linear(x.float(), w.float()) + residual.float()) < SKINNY_TOL
+    with pytest.raises(ValueError, match="accumulate needs out"):
+        linear(x, w, accumulate=True)
 
 
 def test_skinny_matmul_rejects_bad_inputs():
@@ -578,10 +591,14 @@ def test_cublaslt_candidates_match_reference(m, n, k):
     assert found, "cuBLASLt offered no algorithm"
     found += mm.variants(found, SPLITS)
     workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE)
+    residual = torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16) * 4
     for cand in found:
         out = torch.full((m, n), float("nan"), device=DEVICE, dtype=torch.bfloat16)
         mm.run(x, w, out, cand, workspace)
         assert _rel(out, ref) < SKINNY_TOL, cand.config
+        into = residual.clone()  # accumulate: beta 1, C and D the same matrix
+        mm.run(x, w, into, cand, workspace, accumulate=True)
+        assert _rel(into, ref + residual.float()) < SKINNY_TOL, cand.config
 
 
 @CUDA_ONLY
@@ -610,5 +627,9 @@ def test_tuned_linear_is_used_and_replays_in_a_graph():
         torch.cuda.synchronize()
         assert torch.equal(buffer, eager)
         assert _rel(linear(x[:20], ws[1]), ref[:20]) < SKINNY_TOL  # untuned row count: F.linear
+        residual = torch.randn(32, 576, device=DEVICE, dtype=torch.bfloat16)
+        into = residual.clone()
+        linear(x, ws[1], out=into, accumulate=True)  # the tuned algorithm with beta 1
+        assert _rel(into, ref + residual.float()) < SKINNY_TOL
     finally:
         linear_tuning.clear()

@@ -19,3 +19,10 @@ def test_cpu_linear_ignores_the_table():
     x, w = torch.randn(32, 8), torch.randn(4, 8)
     assert linear_tuning.lookup(x, w) is None
     torch.testing.assert_close(linear(x, w), x @ w.t())
+
+
+def test_cpu_linear_accumulates_into_out():
+    x, w, residual = torch.randn(5, 8), torch.randn(4, 8), torch.randn(5, 4)
+    into = residual.clone()
+    assert linear(x, w, out=into, accumulate=True) is into
+    torch.testing.assert_close(into, residual + x @ w.t())

@@ -6,6 +6,12 @@ reads that from ``AttentionMetadata``. Q/K/V and gate/up projections are
 fused into single matmuls at load time (``loader.py``). ``nn.Linear`` modules
 hold the weights (their names are the checkpoint's); ``kernels.linear`` runs
 the products, choosing the kernel by batch shape.
+
+The residual stream is one tensor per step, updated in place: the o and down
+projections add their products into it (``linear(accumulate=True)``, the add in
+the matmul's epilogue) and each RMSNorm only reads it. With tensor parallelism
+(row-parallel o/down) only one rank may accumulate; the others write their
+partial product and the all-reduce sums them.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from torch import nn
 
 from kernels.activation import silu_and_mul
 from kernels.linear import linear
-from kernels.rmsnorm import add_rms_norm, rms_norm
+from kernels.rmsnorm import rms_norm
 from kernels.rotary import build_cos_sin_cache
 from kernels.rotary_store import rotary_and_store
 from worker.models.attention import AttentionMetadata, PagedAttention
@@ -28,10 +34,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if residual is None:
-            return rms_norm(x, self.weight, self.eps)
-        return add_rms_norm(x, residual, self.weight, self.eps)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
 
 
 class LlamaAttention(nn.Module):
@@ -46,7 +50,8 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
-    def forward(self, x, positions, cos_sin, k_cache, v_cache, meta: AttentionMetadata):
+    def forward(self, x, positions, cos_sin, k_cache, v_cache, meta: AttentionMetadata, residual: torch.Tensor):
+        """Adds the layer's attention output to ``residual`` in place (the o projection's own add)."""
         qkv = linear(x, self.qkv_proj.weight)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -54,7 +59,7 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q = rotary_and_store(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping, self.attn.kv_scale)
         o = self.attn(q, k_cache, v_cache, meta)
-        return linear(o.reshape(-1, self.q_size), self.o_proj.weight)
+        return linear(o.reshape(-1, self.q_size), self.o_proj.weight, out=residual, accumulate=True)
 
 
 class LlamaMLP(nn.Module):
@@ -63,8 +68,10 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):
-        return linear(silu_and_mul(linear(x, self.gate_up_proj.weight)), self.down_proj.weight)
+    def forward(self, x, residual: torch.Tensor):
+        """Adds the MLP's output to ``residual`` in place (the down projection's own add)."""
+        return linear(silu_and_mul(linear(x, self.gate_up_proj.weight)), self.down_proj.weight, out=residual,
+                      accumulate=True)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -75,15 +82,12 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, residual, positions, cos_sin, k_cache, v_cache, meta):
-        if residual is None:
-            residual = x
-            h = self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, cos_sin, k_cache, v_cache, meta)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+    def forward(self, residual, positions, cos_sin, k_cache, v_cache, meta):
+        """Updates the residual stream ``residual`` in place and returns it: each sublayer's
+        output projection adds into it (``linear(accumulate=True)``), each norm reads it."""
+        self.self_attn(self.input_layernorm(residual), positions, cos_sin, k_cache, v_cache, meta, residual)
+        self.mlp(self.post_attention_layernorm(residual), residual)
+        return residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -113,12 +117,10 @@ class LlamaForCausalLM(nn.Module):
 
         ``kv_cache``: ``[num_layers, 2, num_blocks, block_size, Hk, D]``.
         """
-        x = self.embed_tokens(input_ids)
-        residual = None
+        residual = self.embed_tokens(input_ids)  # a fresh tensor: the layers add into it in place
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, positions, self.cos_sin, kv_cache[i, 0], kv_cache[i, 1], meta)
-        x, _ = self.norm(x, residual)
-        return x
+            layer(residual, positions, self.cos_sin, kv_cache[i, 0], kv_cache[i, 1], meta)
+        return self.norm(residual)
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[S, V]`` in the model's dtype (into ``out`` if given: a CUDA graph's
