@@ -271,6 +271,11 @@ def prefill_tunings(lens: list[int], sweep: bool) -> None:
         tunings = [default, other, dataclasses.replace(default, heavy_first=not default.heavy_first),
                    PrefillTuning(64, 64, 4, 3), PrefillTuning(64, 64, 4, 2), PrefillTuning(128, 64, 8, 2),
                    PrefillTuning(128, 64, 4, 3)]
+        # a program per GQA group (rows = positions x heads)
+        tunings += [PrefillTuning(bm, bn, w, st, hf, pack_gqa=True)
+                    for bm, bn, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 4, 3),
+                                          (128, 64, 8, 2), (128, 32, 4, 3), (128, 128, 8, 2), (256, 64, 8, 2))
+                    for hf in (False, True)]
         tunings = list(dict.fromkeys(tunings))
         named = len(tunings)
         if sweep:
@@ -289,7 +294,8 @@ def prefill_tunings(lens: list[int], sweep: bool) -> None:
         for t, tuning, _ in keep:
             row(f"paged prefill {'fp8' if fp8 else 'bf16'}", shape, t, flops=flops,
                 note=f"bm={tuning.block_m} bn={tuning.block_n} w={tuning.num_warps} st={tuning.num_stages} "
-                     f"heavy_first={tuning.heavy_first}" + (" (default)" if tuning == default else ""))
+                     f"heavy_first={tuning.heavy_first}" + (" pack_gqa" if tuning.pack_gqa else "")
+                     + (" (default)" if tuning == default else ""))
 
 
 def bench_elementwise() -> None:

@@ -51,20 +51,38 @@ class PrefillTuning:
     num_stages: int = 2
     heavy_first: bool = False
     """Launch each sequence's last (longest) query tile first."""
+    pack_gqa: bool = False
+    """A program serves all query heads of one KV head: its ``block_m`` rows are
+    ``block_m / group`` positions x ``group`` heads (the group padded to a power of two),
+    so each K/V tile is loaded (and, from an fp8 cache, converted) once per group instead
+    of once per query head, and the causal diagonal costs ``group`` times fewer keys."""
 
 
 LONG_QUERY = 1536
-"""From this many query rows in the longest sequence, launches take the long-prompt
-tuning: bigger tiles, last tile first. Below, several shorter prompts fill the card with
-smaller tiles. Measured on an H100 (``gpu_kernels.py --only prefill``, Llama-3-8B layer):
-14 prompts uniform in 128-1024 tokens (8,568) 305 -> 253 us (bf16 cache) and 316 -> 277
-us (fp8) with the short tuning; one 2,048-token prompt 162 -> 135 us and 196 -> 132 us
-with the long one (before: one tuning for both)."""
+"""Without GQA packing (one query head a KV head, or groups over 8), launches whose longest
+sequence has this many query rows take the long-prompt tuning: bigger tiles, last tile first.
+Below, several shorter prompts fill the card with smaller tiles. Measured on an H100
+(``gpu_kernels.py --only prefill``, Llama-3-8B layer): 14 prompts uniform in 128-1024 tokens
+(8,568) 305 -> 253 us (bf16 cache) and 316 -> 277 us (fp8) with the short tuning; one
+2,048-token prompt 162 -> 135 us and 196 -> 132 us with the long one (before: one tuning for both)."""
+
+PACKED_TUNINGS = {False: PrefillTuning(128, 32, 4, 3, heavy_first=True, pack_gqa=True),
+                  True: PrefillTuning(128, 64, 4, 3, heavy_first=True, pack_gqa=True)}
+"""By fp8 cache: the tuning of grouped-query models (2-8 query heads a KV head), for short
+and long prompts alike. H100, Llama-3-8B layer (32/8 heads), ``gpu_kernels.py --only
+prefill``, us, unpacked default -> this: 14 prompts of 128-1024 tokens bf16 257.9 -> 230.7,
+fp8 281.5 -> 250.8; one 2,048-token prompt bf16 135.5 -> 121.0, fp8 131.3 -> 125.5 (each
+pair from one call; the best packed tuning of the sweep, within 3 % of the best at every
+shape)."""
 
 
-def default_prefill_tuning(query_dtype: torch.dtype, kv_fp8: bool, head_dim: int, max_query_len: int) -> PrefillTuning:
+def default_prefill_tuning(query_dtype: torch.dtype, kv_fp8: bool, head_dim: int, max_query_len: int,
+                           group: int = 1) -> PrefillTuning:
+    """``group``: query heads a KV head."""
     if query_dtype == torch.float32:
         return PrefillTuning(64, 32, 4, 2)
+    if 2 <= group <= 8:
+        return PACKED_TUNINGS[kv_fp8]
     if max_query_len >= LONG_QUERY:
         if kv_fp8:
             return PrefillTuning(128, 64, 4, 3, heavy_first=True)
@@ -112,7 +130,7 @@ def _paged_prefill_kernel(
     scale_log2, v_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-    HEAVY_FIRST: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr, PACK_GQA: tl.constexpr, GROUP_P: tl.constexpr,
 ):
     if HEAVY_FIRST:  # grid (heads, sequences, tiles), the last tile first
         h = tl.program_id(0)
@@ -122,17 +140,31 @@ def _paged_prefill_kernel(
         tile = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
+    if PACK_GQA:  # rows are (position, head) pairs of KV head h's group, position-major
+        POSITIONS: tl.constexpr = BLOCK_M // GROUP_P
+    else:
+        POSITIONS: tl.constexpr = BLOCK_M
     q_len = tl.load(ql_ptr + b)
-    if tile * BLOCK_M >= q_len:
+    if tile * POSITIONS >= q_len:
         return
     q0 = tl.load(qs_ptr + b).to(tl.int64)
     ctx = tl.load(ctx_ptr + b)
     prefix = ctx - q_len
-    kh = h // GROUP
-    m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    qd_mask = (m < q_len)[:, None] & (d < HEAD_DIM)[None, :]
-    q = tl.load(q_ptr + (q0 + m)[:, None] * q_st + h * q_sh + d[None, :], mask=qd_mask, other=0.0)
+    if PACK_GQA:
+        kh = h
+        r = tl.arange(0, BLOCK_M)
+        m = tile * POSITIONS + r // GROUP_P
+        head = kh * GROUP + r % GROUP_P
+        row_ok = (m < q_len) & (r % GROUP_P < GROUP)
+    else:
+        kh = h // GROUP
+        m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        head = h + 0 * m
+        row_ok = m < q_len
+    qd_mask = row_ok[:, None] & (d < HEAD_DIM)[None, :]
+    q_rows = (q0 + m)[:, None] * q_st + head[:, None] * q_sh
+    q = tl.load(q_ptr + q_rows + d[None, :], mask=qd_mask, other=0.0)
     if KV_FP8:
         q = dot_query(q)
     pos = prefix + m  # absolute position of each query row
@@ -141,8 +173,8 @@ def _paged_prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = bt_ptr + b * bt_sb
-    hi = tl.minimum(ctx, prefix + (tile + 1) * BLOCK_M)  # keys the tile's last row sees
-    full = tl.minimum((prefix + tile * BLOCK_M + 1) // BLOCK_N * BLOCK_N, hi)  # keys every row sees
+    hi = tl.minimum(ctx, prefix + (tile + 1) * POSITIONS)  # keys the tile's last row sees
+    full = tl.minimum((prefix + tile * POSITIONS + 1) // BLOCK_N * BLOCK_N, hi)  # keys every row sees
     for n0 in range(0, full, BLOCK_N):
         m_i, l_i, acc = _attend(q, m_i, l_i, acc, n0, pos, hi, table, kc_ptr, vc_ptr, kh,
                                 kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh, scale_log2,
@@ -154,7 +186,8 @@ def _paged_prefill_kernel(
     out = acc / l_i[:, None]
     if KV_FP8:
         out = out * v_scale
-    tl.store(out_ptr + (q0 + m)[:, None] * o_st + h * o_sh + d[None, :], out.to(out_ptr.dtype.element_ty), mask=qd_mask)
+    tl.store(out_ptr + (q0 + m)[:, None] * o_st + head[:, None] * o_sh + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=qd_mask)
 
 
 def paged_prefill_attention(
@@ -178,7 +211,8 @@ def paged_prefill_attention(
     ``1 <= query_lens[i] <= context_lens[i]``; ``max_query_len`` bounds
     ``query_lens`` (it sizes the grid). Writes the sequences' rows of ``out``. The
     caches hold the query's dtype, or float8_e4m3fn read as ``stored * kv_scale``.
-    ``tuning`` defaults to ``default_prefill_tuning`` (which depends on ``max_query_len``).
+    ``tuning`` defaults to ``default_prefill_tuning`` (which depends on ``max_query_len``
+    and the GQA group).
     """
     hq, dim, block_size, hk, batch = check_paged_inputs(query, k_cache, v_cache, block_tables)
     for name, t in (("query_start", query_start), ("query_lens", query_lens), ("context_lens", context_lens)):
@@ -191,12 +225,16 @@ def paged_prefill_attention(
     if batch == 0:
         return out
     fp8 = is_fp8(k_cache.dtype)
-    tuning = tuning or default_prefill_tuning(query.dtype, fp8, dim, max_query_len)
+    tuning = tuning or default_prefill_tuning(query.dtype, fp8, dim, max_query_len, hq // hk)
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     block_d = next_pow2(dim)
     k_scale = kv_scale if fp8 else 1.0
-    tiles = triton.cdiv(max_query_len, tuning.block_m)
-    grid = (hq, batch, tiles) if tuning.heavy_first else (tiles, hq, batch)
+    group = hq // hk
+    group_p = next_pow2(group)
+    pack = tuning.pack_gqa and group > 1 and tuning.block_m >= 16 * group_p
+    heads = hk if pack else hq
+    tiles = triton.cdiv(max_query_len, tuning.block_m // group_p if pack else tuning.block_m)
+    grid = (heads, batch, tiles) if tuning.heavy_first else (tiles, heads, batch)
     _paged_prefill_kernel[grid](
         query, k_cache, v_cache, block_tables, query_start, query_lens, context_lens, out,
         query.stride(0), query.stride(1),
@@ -204,8 +242,8 @@ def paged_prefill_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         scale * k_scale * _LOG2E, kv_scale,
-        GROUP=hq // hk, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+        GROUP=group, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         BLOCK_M=tuning.block_m, BLOCK_N=tuning.block_n, PRECISION=precision, KV_FP8=fp8,
-        HEAVY_FIRST=tuning.heavy_first, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        HEAVY_FIRST=tuning.heavy_first, PACK_GQA=pack, GROUP_P=group_p, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     return out

@@ -401,24 +401,42 @@ def test_paged_prefill(dtype, case, kv_cache):
 
 
 @pytest.mark.parametrize("kv_cache", KV_CACHES)
-@pytest.mark.parametrize("variant", ["short", "long", "heavy_first", "small_tiles"])
+@pytest.mark.parametrize("variant", ["packed", "short", "long", "heavy_first", "small_tiles"])
 def test_paged_prefill_tunings(kv_cache, variant):
-    """Every launch configuration the engine can pick (the 16-bit short- and long-prompt
-    tunings, whatever the dtype under test) and the other paths: the heavy-first grid order
-    alone, smaller tiles with other warps and stages."""
+    """Every launch configuration the engine can pick (the 16-bit tunings, whatever the
+    dtype under test: GQA-packed, and the short- and long-prompt tunings of models without
+    packing) and the other paths: the heavy-first grid order alone, smaller tiles with other
+    warps and stages."""
     import dataclasses
 
     from kernels.paged_prefill_triton import LONG_QUERY, PrefillTuning, default_prefill_tuning
 
     dtype = DTYPES[0]
     fp8 = kv_cache == "fp8"
+    packed = default_prefill_tuning(torch.bfloat16, fp8, 128, 1, group=4)
+    assert packed.pack_gqa and packed == default_prefill_tuning(torch.bfloat16, fp8, 128, LONG_QUERY, group=4)
     short = default_prefill_tuning(torch.bfloat16, fp8, 128, 1)
     long = default_prefill_tuning(torch.bfloat16, fp8, 128, LONG_QUERY)
     assert long != short
-    tuning = {"short": short, "long": long,
+    tuning = {"packed": packed, "short": short, "long": long,
               "heavy_first": dataclasses.replace(short, heavy_first=True),
               "small_tiles": PrefillTuning(64, 32, 4, 3, heavy_first=True)}[variant]
     _check_prefill(dtype, (16, 32, 8, 128, [(200, 333), (2, 2), (64, 100), (129, 129)]), kv_cache, tuning)
+
+
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
+@pytest.mark.parametrize("case", [PREFILL_CASES[1], PREFILL_CASES[2], PREFILL_CASES[3], PREFILL_CASES[4],
+                                  (16, 32, 8, 128, [(200, 333), (2, 2), (64, 100), (129, 129)])],
+                         ids=lambda c: f"bs{c[0]}-h{c[1]}/{c[2]}-d{c[3]}-n{len(c[4])}")
+@pytest.mark.parametrize("tuning", ["64/32/4/2", "128/64/4/2+hf"])
+def test_paged_prefill_packed_gqa(kv_cache, case, tuning):
+    """Programs serving a whole GQA group (rows = positions x heads, the group padded to a
+    power of two: SmolLM2's 3 heads a KV head take 4 rows a position) equal the reference."""
+    from kernels.paged_prefill_triton import PrefillTuning
+
+    numbers, _, flag = tuning.partition("+")
+    bm, bn, w, st = (int(x) for x in numbers.split("/"))
+    _check_prefill(DTYPES[0], case, kv_cache, PrefillTuning(bm, bn, w, st, heavy_first=flag == "hf", pack_gqa=True))
 
 
 @pytest.mark.parametrize("kv_cache", KV_CACHES)

@@ -202,7 +202,7 @@ class ModelRunner:
                 attn(q, self.kv_cache[0, 0], self.kv_cache[0, 1], meta)
                 splits *= 2
         q = torch.zeros((2, mc.num_heads, mc.head_dim), dtype=self.dtype, device=dev)
-        for max_query_len in (2, LONG_QUERY):  # the short- and the long-prompt tuning
+        for max_query_len in (2, LONG_QUERY):  # the short- and the long-prompt tuning (one, GQA-packed)
             two = torch.tensor([2], **i32)
             prefill = PrefillBatch(query_start=torch.zeros(1, **i32), query_lens=two, context_lens=two,
                                    block_tables=torch.zeros((1, 16), **i32), max_query_len=max_query_len)
