@@ -30,8 +30,11 @@ logger = logging.getLogger(__name__)
 _Key = tuple[int, int, int, torch.dtype, int]  # rows, n, k, dtype, device index
 _table: dict[_Key, tuple] = {}
 _workspaces: dict[int, torch.Tensor] = {}
-SPLITS = (2, 4)
-"""Split-K variants tried of each heuristic candidate."""
+SPLITS: tuple[int, ...] = ()
+"""Split-K variants tried of each heuristic candidate (besides its other CTA swizzling). None
+at start: at the Llama-3-8B shapes no split-K variant was ever kept (three H100 runs of
+``gpu_cublaslt_algos.py`` at 128-8,192 rows), where the heuristic itself offers split-K when
+it pays; timing them doubled the start-up tuning (13-16 s for 79 shapes)."""
 
 
 @dataclass(frozen=True)
