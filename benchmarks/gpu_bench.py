@@ -230,6 +230,8 @@ class StepStats:
                 return self.originals[0]()
             finally:
                 kind = launched[-2] if engine.async_scheduling else launched[-1]
+                if "first_call_ms" not in self.stats:  # schedules and launches the first step, reads none
+                    self.stats["first_call_ms"] = round(1e3 * (time.perf_counter() - start), 2)
                 if kind is not None:
                     elapsed = time.perf_counter() - start
                     self.stats[f"{kind}_steps"] += 1
@@ -251,11 +253,21 @@ class StepStats:
 
         self.on_gc = on_gc
         gc.callbacks.append(on_gc)
+        self.mallocs = _device_mallocs()
         return self.stats
 
     def __exit__(self, *exc) -> None:
+        # device allocations PyTorch's caching allocator had to make during the run: a step
+        # that mallocs (its first time at that size) waits for it
+        self.stats["device_mallocs"] = _device_mallocs() - self.mallocs
         self.engine.step, self.engine.runner.launch = self.originals
         gc.callbacks.remove(self.on_gc)
+
+
+def _device_mallocs() -> int:
+    import torch
+
+    return torch.cuda.memory_stats().get("num_device_alloc", 0) if torch.cuda.is_available() else 0
 
 
 BATCH1_RUNS = 3
