@@ -118,6 +118,8 @@ class ModelRunner:
             held, (self.graphs, self.prefill_graphs) = _device_memory_taken(self.device, lambda: self._capture_graphs(
                 self.kv_cache))
             self._log_graph_memory(held)
+        if self.on_gpu:
+            self._warm_up_largest_step()
 
     def _tune_matmuls(self) -> None:
         """Time cuBLASLt's algorithms for the model's matmul shapes at the row counts steps run
@@ -282,28 +284,12 @@ class ModelRunner:
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
         weights = torch.cuda.memory_allocated(dev)
-        # the largest step: max_num_batched_tokens prompt tokens, in as few sequences as
-        # max_model_len allows (a step of 8,192 tokens may hold two 4,096-token prompts)
-        lens = [min(self.max_model_len, cfg.max_num_batched_tokens - start)
-                for start in range(0, cfg.max_num_batched_tokens, self.max_model_len)][: cfg.max_num_seqs]
-        n = sum(lens)
-        tables, positions, slots, first = [], [], [], 0
-        for length in lens:
-            blocks = -(-length // cfg.block_size)
-            tables.append(list(range(first, first + blocks)))
-            positions += range(length)
-            slots += range(first * cfg.block_size, first * cfg.block_size + length)
-            first += blocks
-        scratch = self._allocate_kv(first)
+        scratch = self._allocate_kv(self._largest_step_blocks())
         base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        meta, flat = self._gpu_metadata(lens, lens, tables, [0] * n, positions, slots,
-                                        [n - 1] * min(cfg.max_num_seqs, n))
-        hidden = self.model(flat["ids"], flat["positions"], scratch, meta)
-        self.model.compute_logits(hidden.index_select(0, flat["logit_rows"])).argmax(dim=-1)
+        self._run_largest_step(scratch, store=True)
         torch.cuda.synchronize(dev)
         step = torch.cuda.max_memory_allocated(dev) - base
-        del hidden, meta, flat
         sampling = self._profile_sampling()
         graphs = self._trial_capture(scratch) if not cfg.enforce_eager else 0
         del scratch
@@ -317,7 +303,7 @@ class ModelRunner:
         logger.info(
             "GPU memory: %.2f GiB total x %.2f utilization; held %.2f GiB (weights %.2f), activation peak %.2f GiB "
             "(%d-token step %.2f, sampling %d rows %.2f), CUDA graphs %.2f GiB -> KV pool %.2f GiB",
-            total / _GIB, cfg.gpu_memory_utilization, held / _GIB, weights / _GIB, activations / _GIB, n, step / _GIB,
+            total / _GIB, cfg.gpu_memory_utilization, held / _GIB, weights / _GIB, activations / _GIB, sum(self._largest_step()), step / _GIB,
             self._sampled_rows(), sampling / _GIB, graphs / _GIB, budget / _GIB,
         )
         if budget < 2 * self.bytes_per_block():
@@ -327,6 +313,46 @@ class ModelRunner:
                 "taken by weights, activations and graphs; raise gpu_memory_utilization or lower max_num_batched_tokens"
             )
         return budget
+
+    def _largest_step(self) -> list[int]:
+        """The prompt lengths of the largest step: ``max_num_batched_tokens`` prompt tokens in as
+        few sequences as ``max_model_len`` allows (8,192 tokens may be two 4,096-token prompts)."""
+        cfg = self.config
+        return [min(self.max_model_len, cfg.max_num_batched_tokens - start)
+                for start in range(0, cfg.max_num_batched_tokens, self.max_model_len)][: cfg.max_num_seqs]
+
+    def _largest_step_blocks(self) -> int:
+        return sum(-(-length // self.config.block_size) for length in self._largest_step())
+
+    @torch.inference_mode()
+    def _run_largest_step(self, kv_cache: torch.Tensor, store: bool) -> None:
+        """One forward of the largest step (and its logits' argmax) over blocks ``0..`` of
+        ``kv_cache``; ``store=False`` writes no cache row (every slot -1) and reads whatever
+        the blocks hold: a warm-up whose output nobody reads."""
+        lens, bs = self._largest_step(), self.config.block_size
+        n = sum(lens)
+        tables, positions, slots, first = [], [], [], 0
+        for length in lens:
+            blocks = -(-length // bs)
+            tables.append(list(range(first, first + blocks)))
+            positions += range(length)
+            slots += range(first * bs, first * bs + length) if store else [-1] * length
+            first += blocks
+        meta, flat = self._gpu_metadata(lens, lens, tables, [0] * n, positions, slots,
+                                        [n - 1] * min(self.config.max_num_seqs, n))
+        hidden = self.model(flat["ids"], flat["positions"], kv_cache, meta)
+        self.model.compute_logits(hidden.index_select(0, flat["logit_rows"])).argmax(dim=-1)
+
+    def _warm_up_largest_step(self) -> None:
+        """Run the largest step once over the real pool (storing nothing) before serving.
+        The KV budget's profile ran it too, then emptied PyTorch's cache, so without this the
+        first full step of a run would make the caching allocator take its activations' memory
+        from the device (``cudaMalloc`` of ~GB pieces) while the device waits for its first
+        kernel; that memory is within the activation peak the budget set aside."""
+        if self._largest_step_blocks() > self.num_blocks:
+            return  # a tiny pool (tests): the largest step could not run on it anyway
+        self._run_largest_step(self.kv_cache, store=False)
+        torch.cuda.synchronize(self.device)
 
     def _sampled_rows(self) -> int:
         """The most rows one step samples: one per running sequence."""
