@@ -97,6 +97,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "cublasLtMatmulAlgoInit": [p, i, i, i, i, i, i, i, p],
         "cublasLtMatmulAlgoCapGetAttribute": [p, i, p, sz, p],
         "cublasLtMatmul": [p, p, p, p, p, p, p, p, p, p, p, p, p, p, sz, p],
+        "cublasLtMatrixLayoutDestroy": [p],
+        "cublasLtMatmulDescDestroy": [p],
     }.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, ctypes.c_int
@@ -139,6 +141,14 @@ class LtMatmul:
             _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), t, ctypes.c_uint64(rows),
                                                   ctypes.c_uint64(cols), ctypes.c_int64(rows)), "LayoutCreate")
         self.alpha, self.beta, self.one = ctypes.c_float(1.0), ctypes.c_float(0.0), ctypes.c_float(1.0)
+
+    def __del__(self) -> None:
+        lib = getattr(self, "lib", None)
+        if lib is None or not hasattr(self, "d"):
+            return
+        for layout in (self.a, self.b, self.d):
+            lib.cublasLtMatrixLayoutDestroy(layout)
+        lib.cublasLtMatmulDescDestroy(self.desc)
 
     def candidates(self, count: int = 64) -> list[Candidate]:
         """Up to ``count`` algorithms by cuBLASLt's heuristic, best-predicted first."""
@@ -239,7 +249,8 @@ class LtMatmul:
         seen = {c.algo for c in candidates}
         out = []
         for c in candidates:
-            for v in [self.variant(c, s) for s in splits] + [self.variant(c, 1, swizzle=1 - min(c.config[4], 1))]:
+            flipped = self.variant(c, max(1, c.config[2]), swizzle=1 - min(c.config[4], 1))  # its own split-K
+            for v in [self.variant(c, s) for s in splits] + [flipped]:
                 if v is not None and v.algo not in seen:
                     seen.add(v.algo)
                     out.append(v)
@@ -263,7 +274,7 @@ class LtMatmul:
         and D the same matrix) with ``candidate``'s algorithm (shapes as built; the caller
         checks them: this is the hot path)."""
         algo = _Algo.from_buffer_copy(candidate.algo)
-        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        stream = ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
         _check(self.lib.cublasLtMatmul(
             _state["handle"], self.desc, ctypes.byref(self.alpha),
             ctypes.c_void_p(weight.data_ptr()), self.a, ctypes.c_void_p(x.data_ptr()), self.b,

@@ -56,8 +56,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
         require(out.shape == shape and out.dtype == x.dtype and out.is_contiguous() and out.device == x.device,
                 f"out must be a contiguous {list(shape)} {x.dtype} tensor on {x.device}, "
                 f"got {tuple(out.shape)} {out.dtype}")
-    tuned = linear_tuning.lookup(x, weight) if x.is_cuda else None
-    if tuned is not None and x.is_contiguous() and weight.is_contiguous() and weight.dtype == x.dtype:
+    tuned = linear_tuning.lookup(x, weight, out) if x.is_cuda else None
+    if tuned is not None:
         return linear_tuning.run(tuned, x, weight, out, accumulate)
     if accumulate:
         return out.addmm_(x, weight.t())

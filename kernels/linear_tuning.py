@@ -11,8 +11,8 @@ split-K variants) on the model's own weights, inside a CUDA graph over distinct
 layers' weights as a step runs them, and records a candidate only where it beats
 ``F.linear`` by ``min_gain``; everything else keeps ``F.linear``.
 
-The table is per process and keyed by shape, so a second engine of the same model
-reuses it. Results differ from ``F.linear``'s in summation order only (checked
+The table is keyed by row count and weight (its address), so each engine runs its
+own choices. Results differ from ``F.linear``'s in summation order only (checked
 against it at ``tune`` time).
 """
 
@@ -27,8 +27,12 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-_Key = tuple[int, int, int, torch.dtype, int]  # rows, n, k, dtype, device index
+_Key = tuple[int, int, torch.dtype, int]  # rows, the weight's address, dtype, device index
 _table: dict[_Key, tuple] = {}
+ALIGNMENT = 256
+"""Bytes every operand's address must be a multiple of for a tuned algorithm to run: cuBLASLt's
+heuristic assumes 256 unless told otherwise, and the algorithms were timed on such tensors
+(fresh allocations are; a view with an offset may not be, and falls back to ``F.linear``)."""
 _workspaces: dict[int, torch.Tensor] = {}
 SPLITS: tuple[int, ...] = ()
 """Split-K variants tried of each heuristic candidate (besides its other CTA swizzling). None
@@ -52,11 +56,23 @@ class Tuned:
     """The kept algorithm's time over ``F.linear``'s in the confirming replays."""
 
 
-def lookup(x: torch.Tensor, weight: torch.Tensor):
-    """The tuned ``(LtMatmul, Candidate, workspace)`` for ``x @ weight.T``, or None."""
-    if not _table or x.dim() != 2:
+def lookup(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None):
+    """The tuned ``(LtMatmul, Candidate, workspace)`` for ``x @ weight.T``, or None.
+
+    Keyed by the weight's address, so the choices are the tuning engine's own: another
+    engine in the process (or one built with ``tune_matmuls=False``) has other weights. A
+    freed engine's entries may come to match a new weight of the same shape at the same
+    address; the algorithm is valid for that shape, whatever the values."""
+    if not _table or x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         return None
-    return _table.get((x.shape[0], weight.shape[0], weight.shape[1], x.dtype, x.device.index))
+    entry = _table.get((x.shape[0], weight.data_ptr(), x.dtype, x.device.index))
+    if entry is None or weight.device != x.device or weight.dtype != x.dtype:
+        return None
+    if any(t.data_ptr() % ALIGNMENT for t in (x, weight) + (() if out is None else (out,))):
+        return None
+    if not (x.is_contiguous() and weight.is_contiguous()):
+        return None
+    return entry
 
 
 def run(entry, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None,
@@ -67,8 +83,15 @@ def run(entry, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None,
     return mm.run(x, weight, out, candidate, workspace, accumulate)
 
 
+def forget(weights: list[torch.Tensor]) -> None:
+    """Drop the tuned entries of these weights (tests; an engine's teardown)."""
+    addresses = {w.data_ptr() for w in weights}
+    for key in [key for key in _table if key[1] in addresses]:
+        del _table[key]
+
+
 def clear() -> None:
-    """Forget every tuned shape (tests)."""
+    """Forget every tuned shape."""
     _table.clear()
 
 
@@ -110,11 +133,14 @@ def _interleaved(base: torch.cuda.CUDAGraph, other: torch.cuda.CUDAGraph, replay
 
 @torch.inference_mode()
 def tune(weights: dict[tuple[int, int], list[torch.Tensor]], rows: list[int], *, replays: int = 5,
-         min_gain: float = 0.02, max_weights: int = 32, search: bool = False) -> list[Tuned]:
+         min_gain: float = 0.02, max_weights: int = 32, search: bool = False,
+         accumulate: frozenset[tuple[int, int]] = frozenset()) -> list[Tuned]:
     """Time ``F.linear`` against cuBLASLt's candidates for every ``(n, k)`` weight shape in
     ``weights`` (the model's weights of that shape, one per layer) at every row count in
     ``rows``; record the winners for ``lookup``. CUDA, bf16/fp16 weights only. ``search``
-    also times every configuration ``LtMatmul.search`` finds (slow: benchmarks only)."""
+    also times every configuration ``LtMatmul.search`` finds (slow: benchmarks only). Shapes
+    in ``accumulate`` run as the model runs them, ``out += x @ w.T`` (baseline ``addmm_``,
+    candidates with beta 1 in place). The choice is recorded for every weight of the shape."""
     from kernels.cublaslt import WORKSPACE_BYTES, LtMatmul
 
     results = []
@@ -124,16 +150,27 @@ def tune(weights: dict[tuple[int, int], list[torch.Tensor]], rows: list[int], *,
         if workspace is None:
             workspace = _workspaces[dev.index] = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
         for m in rows:
-            key = (m, n, k, dtype, dev.index)
-            _table.pop(key, None)
+            forget_rows = [(m, w.data_ptr(), dtype, dev.index) for w in ws]
+            for key in forget_rows:
+                _table.pop(key, None)
             # enough distinct weights that nothing stays in L2 (big products need few)
             use = ws[: max(1, min(max_weights, (256 << 20) // (m * k * 2 + n * k * 2) + 1))]
+            acc = (n, k) in accumulate
             x = torch.randn(m, k, dtype=dtype, device=dev)
-            out = torch.empty(m, n, dtype=dtype, device=dev)
-            want = F.linear(x, use[0]).float()
+            out = torch.zeros(m, n, dtype=dtype, device=dev)
+            # checked on the first and last rows only: a wrong algorithm is wrong everywhere,
+            # and float32 copies of a whole 16k x 28k product would take GBs before the KV budget
+            rows_checked = torch.cat([torch.arange(min(m, 256)), torch.arange(max(0, m - 256), m)]).unique().to(dev)
+            residual = torch.randn(len(rows_checked), n, dtype=dtype, device=dev) if acc else None
+            want = F.linear(x.index_select(0, rows_checked), use[0]).float()
+            if acc:
+                want += residual.float()
             scale = want.abs().max().item() or 1.0
             per = 1e3 / len(use)  # ms a replay -> µs a matmul
-            base = _capture(lambda w: torch.mm(x, w.t(), out=out), use)
+            if acc:
+                base = _capture(lambda w: out.addmm_(x, w.t()), use)
+            else:
+                base = _capture(lambda w: torch.mm(x, w.t(), out=out), use)
             mm = LtMatmul(m, n, k, dtype)
             found = mm.candidates()
             found += mm.variants(found, SPLITS)
@@ -144,27 +181,30 @@ def tune(weights: dict[tuple[int, int], list[torch.Tensor]], rows: list[int], *,
             for cand in found:
                 if cand.workspace > WORKSPACE_BYTES:
                     continue
-                got = mm.run(x, use[0], out, cand, workspace).float()
-                wrong = (got - want).abs().max().item() > 1e-2 * scale
+                if acc:
+                    out.index_copy_(0, rows_checked, residual)
+                got = mm.run(x, use[0], out, cand, workspace, acc).index_select(0, rows_checked).float()
+                wrong = not (got - want).abs().max().item() <= 1e-2 * scale  # NaN is wrong too
                 del got
                 if wrong:
                     logger.warning("cuBLASLt algorithm %s is wrong at %dx%dx%d; skipped", cand.config, m, n, k)
                     continue
-                graph = _capture(lambda w, c=cand: mm.run(x, w, out, c, workspace), use)
+                graph = _capture(lambda w, c=cand: mm.run(x, w, out, c, workspace, acc), use)
                 b, c = _interleaved(base, graph, replays)
                 del graph
                 baseline.append(b * per)
                 timed.append((c / b, c * per, cand))
             best = choose(1.0, [(ratio, cand) for ratio, _, cand in timed], min_gain)
             if best is not None:  # confirm with more replays: one fast set is not a win
-                graph = _capture(lambda w: mm.run(x, w, out, best, workspace), use)
+                graph = _capture(lambda w: mm.run(x, w, out, best, workspace, acc), use)
                 b, c = _interleaved(base, graph, 3 * replays)
                 del graph
                 confirmed = c / b
                 best = choose(1.0, [(confirmed, best)], min_gain)
             del base
             if best is not None:
-                _table[key] = (mm, best, workspace)
+                for w in ws:
+                    _table[(m, w.data_ptr(), dtype, dev.index)] = (mm, best, workspace)
             baseline_us = statistics.median(baseline) if baseline else float("nan")
             fastest = min((us for _, us, _ in timed), default=float("nan"))
             results.append(Tuned(m, n, k, baseline_us, fastest, None if best is None else str(best.config), len(timed),

@@ -426,7 +426,9 @@ def test_paged_prefill_tunings(kv_cache, variant):
 
 @pytest.mark.parametrize("kv_cache", KV_CACHES)
 @pytest.mark.parametrize("case", [PREFILL_CASES[1], PREFILL_CASES[2], PREFILL_CASES[3], PREFILL_CASES[4],
-                                  (16, 32, 8, 128, [(200, 333), (2, 2), (64, 100), (129, 129)])],
+                                  (16, 32, 8, 128, [(200, 333), (2, 2), (64, 100), (129, 129)]),
+                                  (16, 8, 4, 64, [(50, 70), (17, 17)]),  # groups of 2
+                                  (16, 16, 2, 64, [(40, 90), (33, 33)])],  # groups of 8: 16 positions a tile
                          ids=lambda c: f"bs{c[0]}-h{c[1]}/{c[2]}-d{c[3]}-n{len(c[4])}")
 @pytest.mark.parametrize("tuning", ["64/32/4/2", "128/64/4/2+hf"])
 def test_paged_prefill_packed_gqa(kv_cache, case, tuning):
@@ -619,34 +621,59 @@ def test_cublaslt_candidates_match_reference(m, n, k):
 
 
 @CUDA_ONLY
-def test_tuned_linear_is_used_and_replays_in_a_graph():
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_tuned_linear_is_used_and_replays_in_a_graph(accumulate, monkeypatch):
     """A shape the tuner kept runs its cuBLASLt algorithm through ``linear`` (eagerly and
-    captured), other row counts keep ``F.linear``; both equal the reference."""
-    from kernels import linear_tuning
+    captured; as an accumulating o/down projection when tuned as one), other row counts,
+    other weights and misaligned views keep ``F.linear``; all equal the reference."""
+    from kernels import cublaslt, linear_tuning
     from kernels.linear import linear
 
     ws = [torch.randn(576, 576, device=DEVICE, dtype=torch.bfloat16) for _ in range(3)]
-    linear_tuning.clear()
+    other = torch.randn(576, 576, device=DEVICE, dtype=torch.bfloat16)  # same shape, not tuned
+    calls = []
+    real_run = cublaslt.LtMatmul.run
+
+    def spy(self, *args, **kwargs):
+        calls.append(self.m)
+        return real_run(self, *args, **kwargs)
+
     try:
-        tuned = linear_tuning.tune({(576, 576): ws}, [32], min_gain=-1.0)  # keep the fastest, whatever it gains
+        tuned = linear_tuning.tune({(576, 576): ws}, [32], min_gain=-1.0,  # keep the fastest, whatever it gains
+                                   accumulate=frozenset({(576, 576)}) if accumulate else frozenset())
         assert len(tuned) == 1 and tuned[0].choice is not None and tuned[0].tried >= 1
+        monkeypatch.setattr(cublaslt.LtMatmul, "run", spy)
         x = torch.randn(32, 576, device=DEVICE, dtype=torch.bfloat16)
         assert linear_tuning.lookup(x, ws[1]) is not None
-        assert linear_tuning.lookup(x[:31], ws[1]) is None
+        assert linear_tuning.lookup(x[:31], ws[1]) is None and linear_tuning.lookup(x, other) is None
         ref = x.float() @ ws[1].float().t()
-        eager = linear(x, ws[1])
-        assert _rel(eager, ref) < SKINNY_TOL
-        buffer = torch.full((32, 576), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+        residual = torch.randn(32, 576, device=DEVICE, dtype=torch.bfloat16)
+        want = ref + residual.float() if accumulate else ref
+
+        def product(out=None):
+            if accumulate:
+                return linear(x, ws[1], out=out if out is not None else residual.clone(), accumulate=True)
+            return linear(x, ws[1], out=out)
+
+        eager = product()
+        assert calls == [32] and _rel(eager, want) < SKINNY_TOL
+        buffer = residual.clone() if accumulate else torch.full((32, 576), float("nan"), device=DEVICE,
+                                                                 dtype=torch.bfloat16)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            linear(x, ws[1], out=buffer)
+            product(buffer)
+        if accumulate:
+            buffer.copy_(residual)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(buffer, eager)
+        calls.clear()
         assert _rel(linear(x[:20], ws[1]), ref[:20]) < SKINNY_TOL  # untuned row count: F.linear
-        residual = torch.randn(32, 576, device=DEVICE, dtype=torch.bfloat16)
-        into = residual.clone()
-        linear(x, ws[1], out=into, accumulate=True)  # the tuned algorithm with beta 1
-        assert _rel(into, ref + residual.float()) < SKINNY_TOL
+        assert _rel(linear(x, other), x.float() @ other.float().t()) < SKINNY_TOL  # untuned weight
+        wide = torch.randn(33, 576, device=DEVICE, dtype=torch.bfloat16)  # 1,152-byte rows:
+        shifted = wide[1:]  # a contiguous view 1,152 bytes in, not 256-aligned
+        assert linear_tuning.lookup(shifted, ws[1]) is None
+        assert _rel(linear(shifted, ws[1]), shifted.float() @ ws[1].float().t()) < SKINNY_TOL
+        assert calls == []
     finally:
-        linear_tuning.clear()
+        linear_tuning.forget(ws)

@@ -15,10 +15,26 @@ def test_choose_keeps_the_baseline_unless_the_fastest_clears_the_margin():
     assert linear_tuning.choose(100.0, [(150.0, "a")], -1.0) == "a"  # negative margin: always the fastest
 
 
-def test_cpu_linear_ignores_the_table():
+def test_cpu_linear_ignores_the_table(monkeypatch):
+    """Even with an entry for exactly this product, a CPU tensor never reaches cuBLASLt."""
     x, w = torch.randn(32, 8), torch.randn(4, 8)
-    assert linear_tuning.lookup(x, w) is None
+    monkeypatch.setitem(linear_tuning._table, (32, w.data_ptr(), x.dtype, None), ("mm", "candidate", "workspace"))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the tuned path ran for a CPU tensor")
+
+    monkeypatch.setattr(linear_tuning, "run", fail)
     torch.testing.assert_close(linear(x, w), x @ w.t())
+    into = torch.zeros(32, 4)
+    torch.testing.assert_close(linear(x, w, out=into, accumulate=True), x @ w.t())
+
+
+def test_forget_drops_only_those_weights(monkeypatch):
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    monkeypatch.setattr(linear_tuning, "_table", {(32, a.data_ptr(), a.dtype, 0): 1, (64, a.data_ptr(), a.dtype, 0): 2,
+                                                  (32, b.data_ptr(), b.dtype, 0): 3})
+    linear_tuning.forget([a])
+    assert list(linear_tuning._table.values()) == [3]
 
 
 def test_cpu_linear_accumulates_into_out():

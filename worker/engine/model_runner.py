@@ -124,7 +124,9 @@ class ModelRunner:
     def _tune_matmuls(self) -> None:
         """Time cuBLASLt's algorithms for the model's matmul shapes at the row counts steps run
         most (``kernels/linear_tuning.py``): each decode graph size above the skinny kernel's
-        rows (decode steps are padded to them) and a full ``max_num_batched_tokens`` step.
+        rows (decode steps are padded to them) and the largest step (``max_num_batched_tokens``
+        unless ``max_num_seqs`` x ``max_model_len`` is less); o and down as they run, adding
+        into the residual.
         Before the KV budget is profiled, so its workspace counts as held."""
         import time
 
@@ -139,12 +141,22 @@ class ModelRunner:
             for w in (layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
                       layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight):
                 weights.setdefault(tuple(w.shape), []).append(w)
+        layer = self.model.layers[0]  # the projections that add into the residual stream
+        accumulate = frozenset({tuple(layer.self_attn.o_proj.weight.shape), tuple(layer.mlp.down_proj.weight.shape)})
         rows = [] if self.config.enforce_eager else [s for s in capture_sizes(self._graph_batch_size()) if s > MAX_ROWS]
-        prefill_rows = [self.config.max_num_batched_tokens] if self.config.max_num_batched_tokens > MAX_ROWS else []
+        largest = sum(self._largest_step())
+        prefill_rows = [largest] if largest > MAX_ROWS else []
         began = time.perf_counter()
-        results = linear_tuning.tune(weights, sorted(set(rows + prefill_rows)))
-        # the logits matmul: one row a sampled sequence, so decode graph sizes only
-        results += linear_tuning.tune({tuple(self.model.lm_head.weight.shape): [self.model.lm_head.weight]}, rows)
+        try:
+            results = linear_tuning.tune(weights, sorted(set(rows + prefill_rows)), accumulate=accumulate)
+            # the logits matmul: one row a sampled sequence, so decode graph sizes only
+            results += linear_tuning.tune({tuple(self.model.lm_head.weight.shape): [self.model.lm_head.weight]}, rows)
+        except Exception:  # tuning is an optimisation: the engine serves with F.linear without it
+            logger.warning("matmul tuning failed; every matmul runs F.linear", exc_info=True)
+            linear_tuning.forget([w for ws in weights.values() for w in ws] + [self.model.lm_head.weight])
+            gc.collect()
+            torch.cuda.empty_cache()
+            return
         chosen = [r for r in results if r.choice is not None]
         logger.info("matmul tuning: %d of %d shapes run a cuBLASLt algorithm faster than F.linear "
                     "(%.0f -> %.0f us summed over them) in %.1f s", len(chosen), len(results),
