@@ -504,6 +504,7 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                         help="KV cache of the engine: auto (bf16) or fp8_e4m3 (default %(default)s)")
     parser.add_argument("--offline-fp8", action="store_true",
@@ -588,6 +589,7 @@ def main() -> None:
     def build_engine(kv_cache_dtype: str) -> LLMEngine:
         return LLMEngine(EngineConfig(
             model=str(model_dir), device="cuda", dtype="bfloat16", max_model_len=4096, max_num_seqs=args.max_num_seqs,
+            block_size=args.block_size,
             max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
             kv_cache_dtype=kv_cache_dtype, prefill_cuda_graphs=not args.no_prefill_cuda_graphs,
             tune_matmuls=not args.no_tune_matmuls,
