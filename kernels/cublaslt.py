@@ -9,10 +9,15 @@ a shape (``candidates``), so a caller can time them once and run the fastest
 (``LtMatmul.run``), as TensorRT-LLM's GEMM profiler does. It binds the library
 PyTorch already loaded (ctypes, no build step); CUDA only.
 
-Layouts: cuBLASLt is column-major. A row-major ``y[M, N] = x[M, K] @ w[N, K].T``
-is the column-major ``y.T[N, M] = w.T[N, K]... `` i.e. ``D = op(A) @ B`` with
-``A = w`` (column-major ``K x N``, transposed), ``B = x`` (``K x M``), ``D``
-``N x M`` with leading dimension ``N`` -- the same call PyTorch makes.
+Layouts: cuBLASLt is column-major, and a row-major matrix is its transpose in
+column-major terms. So the row-major ``y[M, N] = x[M, K] @ w[N, K].T`` is computed
+as the column-major ``y.T (N x M) = w (N x K) @ x.T (K x M)``: ``D = op(A) @ B`` with
+``A`` = ``w``'s memory read as a column-major ``K x N`` matrix and transposed, ``B`` =
+``x``'s memory as ``K x M``, ``D`` = ``y``'s memory as ``N x M`` (leading dimension
+``N``) -- the call PyTorch makes for ``F.linear``.
+
+Algorithms are chosen for 256-byte-aligned operands (the heuristic's default
+assumption); ``kernels/linear_tuning.py`` runs them on nothing else.
 """
 
 from __future__ import annotations
