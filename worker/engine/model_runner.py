@@ -17,7 +17,10 @@ Two paths share the step's host-side bookkeeping:
   graphs will hold (profiled from their largest shapes; logged beside what they
   then hold).
   Before serving, every attention kernel variant is compiled and every logits
-  matmul size is run once, so that no step waits for a compiler or a kernel load.
+  matmul size is run once, so that no step waits for a compiler or a kernel load;
+  the hot matmul shapes get the cuBLASLt algorithm timed fastest for them
+  (``tune_matmuls``), and the largest step runs once so its activation memory
+  is already in PyTorch's cache.
 """
 
 from __future__ import annotations
@@ -315,8 +318,8 @@ class ModelRunner:
         logger.info(
             "GPU memory: %.2f GiB total x %.2f utilization; held %.2f GiB (weights %.2f), activation peak %.2f GiB "
             "(%d-token step %.2f, sampling %d rows %.2f), CUDA graphs %.2f GiB -> KV pool %.2f GiB",
-            total / _GIB, cfg.gpu_memory_utilization, held / _GIB, weights / _GIB, activations / _GIB, sum(self._largest_step()), step / _GIB,
-            self._sampled_rows(), sampling / _GIB, graphs / _GIB, budget / _GIB,
+            total / _GIB, cfg.gpu_memory_utilization, held / _GIB, weights / _GIB, activations / _GIB,
+            sum(self._largest_step()), step / _GIB, self._sampled_rows(), sampling / _GIB, graphs / _GIB, budget / _GIB,
         )
         if budget < 2 * self.bytes_per_block():
             raise ValueError(
