@@ -122,7 +122,6 @@ class Candidate:
     index: int
     algo: bytes  # the opaque 64-byte cublasLtMatmulAlgo_t
     workspace: int
-    waves: float
     config: tuple  # (algo id, tile id, split-k, reduction, swizzle, stages id, cluster id), for reports
 
 
@@ -175,7 +174,7 @@ class LtMatmul:
             r = results[i]
             if r.state != 0:
                 continue
-            out.append(Candidate(i, bytes(r.algo), int(r.workspace_size), float(r.waves), self._config(r.algo)))
+            out.append(Candidate(i, bytes(r.algo), int(r.workspace_size), self._config(r.algo)))
         return out
 
     def variant(self, candidate: Candidate, splits: int = 1, swizzle: int | None = None) -> Candidate | None:
@@ -201,7 +200,7 @@ class LtMatmul:
                                                   ctypes.byref(algo), ctypes.byref(result))
         if status != 0 or result.state != 0 or result.workspace_size > WORKSPACE_BYTES:
             return None
-        return Candidate(index, bytes(algo), int(result.workspace_size), float(result.waves), self._config(algo))
+        return Candidate(index, bytes(algo), int(result.workspace_size), self._config(algo))
 
     def _cap_list(self, algo: _Algo, attr: int) -> list[int]:
         written = ctypes.c_size_t(0)

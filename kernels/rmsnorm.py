@@ -4,8 +4,9 @@ The fused form saves one full read and write of the hidden state per layer on
 the GPU; the reference below defines the exact semantics the kernel matches.
 The Llama model no longer needs it on one GPU: its o and down projections add
 into the residual stream themselves (``linear(accumulate=True)``), which saves
-another read and write. It stays for an add that no matmul can take (a
-tensor-parallel all-reduce's output).
+another read and write. The kernel (``rms_norm_triton(..., residual)``) stays,
+tested against ``add_rms_norm_ref``, for an add no matmul can take (a
+tensor-parallel all-reduce's output); no dispatcher until a caller needs one.
 """
 
 from __future__ import annotations
@@ -37,11 +38,3 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if use_triton(x):
         return rms_norm_triton(x, weight, eps)
     return rms_norm_ref(x, weight, eps)
-
-
-def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(x):
-        return rms_norm_triton(x, weight, eps, residual)
-    return add_rms_norm_ref(x, residual, weight, eps)

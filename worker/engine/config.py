@@ -74,9 +74,9 @@ class EngineConfig:
 
     tune_matmuls: bool = True
     """On CUDA, time cuBLASLt's candidate algorithms for the matmuls of a full decode batch
-    (each captured graph size over 16 rows) and of a full ``max_num_batched_tokens`` step at
-    start, and run the fastest where it beats ``F.linear`` by 2 % (``kernels/linear_tuning.py``).
-    Costs a few seconds of start-up for an 8B model."""
+    (each captured graph size over 16 rows) and of the largest step at start, and run the
+    fastest where it beats ``F.linear`` by 2 % (``kernels/linear_tuning.py``). Costs 7-15 s
+    of start-up for a Llama-3-8B-shaped model on an H100."""
 
     num_kv_blocks: int | None = None
     """Exact number of KV blocks (tests use small pools to force preemption)."""

@@ -19,8 +19,7 @@ Two paths share the step's host-side bookkeeping:
   Before serving, every attention kernel variant is compiled and every logits
   matmul size is run once, so that no step waits for a compiler or a kernel load;
   the hot matmul shapes get the cuBLASLt algorithm timed fastest for them
-  (``tune_matmuls``), and the largest step runs once so its activation memory
-  is already in PyTorch's cache.
+  (``tune_matmuls``).
 """
 
 from __future__ import annotations
@@ -121,8 +120,6 @@ class ModelRunner:
             held, (self.graphs, self.prefill_graphs) = _device_memory_taken(self.device, lambda: self._capture_graphs(
                 self.kv_cache))
             self._log_graph_memory(held)
-        if self.on_gpu:
-            self._warm_up_largest_step()
 
     def _tune_matmuls(self) -> None:
         """Time cuBLASLt's algorithms for the model's matmul shapes at the row counts steps run
@@ -302,7 +299,7 @@ class ModelRunner:
         scratch = self._allocate_kv(self._largest_step_blocks())
         base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        self._run_largest_step(scratch, store=True)
+        self._run_largest_step(scratch)
         torch.cuda.synchronize(dev)
         step = torch.cuda.max_memory_allocated(dev) - base
         sampling = self._profile_sampling()
@@ -340,10 +337,9 @@ class ModelRunner:
         return sum(-(-length // self.config.block_size) for length in self._largest_step())
 
     @torch.inference_mode()
-    def _run_largest_step(self, kv_cache: torch.Tensor, store: bool) -> None:
+    def _run_largest_step(self, kv_cache: torch.Tensor) -> None:
         """One forward of the largest step (and its logits' argmax) over blocks ``0..`` of
-        ``kv_cache``; ``store=False`` writes no cache row (every slot -1) and reads whatever
-        the blocks hold: a warm-up whose output nobody reads."""
+        ``kv_cache``: the KV budget's activation profile."""
         lens, bs = self._largest_step(), self.config.block_size
         n = sum(lens)
         tables, positions, slots, first = [], [], [], 0
@@ -351,23 +347,12 @@ class ModelRunner:
             blocks = -(-length // bs)
             tables.append(list(range(first, first + blocks)))
             positions += range(length)
-            slots += range(first * bs, first * bs + length) if store else [-1] * length
+            slots += range(first * bs, first * bs + length)
             first += blocks
         meta, flat = self._gpu_metadata(lens, lens, tables, [0] * n, positions, slots,
                                         [n - 1] * min(self.config.max_num_seqs, n))
         hidden = self.model(flat["ids"], flat["positions"], kv_cache, meta)
         self.model.compute_logits(hidden.index_select(0, flat["logit_rows"])).argmax(dim=-1)
-
-    def _warm_up_largest_step(self) -> None:
-        """Run the largest step once over the real pool (storing nothing) before serving.
-        The KV budget's profile ran it too, then emptied PyTorch's cache, so without this the
-        first full step of a run would make the caching allocator take its activations' memory
-        from the device (``cudaMalloc`` of ~GB pieces) while the device waits for its first
-        kernel; that memory is within the activation peak the budget set aside."""
-        if self._largest_step_blocks() > self.num_blocks:
-            return  # a tiny pool (tests): the largest step could not run on it anyway
-        self._run_largest_step(self.kv_cache, store=False)
-        torch.cuda.synchronize(self.device)
 
     def _sampled_rows(self) -> int:
         """The most rows one step samples: one per running sequence."""
