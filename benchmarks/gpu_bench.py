@@ -359,6 +359,20 @@ def run_kvmesh(engine, args, rng, results: dict) -> None:
     print(f"kvmesh batch 64 x 512/256: {results['kvmesh_batch64']:.0f} tok/s", flush=True)
 
 
+def variant_table(text: str, default_tunings: tuple) -> tuple[str, tuple]:
+    """A ``--fp8-decode-variants`` entry as (its name, the fp8 batch table it installs):
+    ``BN/W/ST[+FLAGS]`` at every batch size, or ``BN/W/ST[+FLAGS]@N`` from ``N`` sequences up
+    and the default table below."""
+    from kernels import paged_decode_triton
+
+    spec, _, least = text.partition("@")
+    tuning = paged_decode_triton.parse_decode_tuning(spec, paged_decode_triton.DEFAULT_TUNING)
+    if not least:
+        return paged_decode_triton.format_decode_tuning(tuning), ((0, tuning),)
+    below = tuple((n, t) for n, t in default_tunings if n < int(least))
+    return f"{paged_decode_triton.format_decode_tuning(tuning)} from {least}", ((int(least), tuning),) + below
+
+
 def run_offline_fp8(engine, args, rng, results: dict) -> None:
     """The offline workload again on ``engine`` (an fp8 KV cache), after the same warm-up."""
     warm_up(engine, rng, "fp8-")
@@ -509,9 +523,10 @@ def main() -> None:
                         help="KV cache of the engine: auto (bf16) or fp8_e4m3 (default %(default)s)")
     parser.add_argument("--offline-fp8", action="store_true",
                         help="then run the offline workload again on an engine with an fp8 KV cache")
-    parser.add_argument("--fp8-decode-variants", default="", metavar="BN/W/ST[+h],...",
+    parser.add_argument("--fp8-decode-variants", default="", metavar="BN/W/ST[+h][@N],...",
                         help="with --offline-fp8: then the fp8 offline run again on a new engine for each of these "
-                             "fp8 decode-attention tunings, each at every batch size (in place of "
+                             "fp8 decode-attention tunings, each at every batch size, or with @N from N sequences up "
+                             "(the default table below) (in place of "
                              "kernels.paged_decode_triton.FP8_TUNINGS, the tuning by batch size), and the default "
                              "once more last")
     parser.add_argument("--fp8-only", action="store_true",
@@ -620,8 +635,7 @@ def main() -> None:
     if args.offline_fp8:
         variants = [v for v in args.fp8_decode_variants.split(",") if v]
         default_tunings = paged_decode_triton.FP8_TUNINGS
-        tunings = [None] + [paged_decode_triton.parse_decode_tuning(v, paged_decode_triton.DEFAULT_TUNING)
-                            for v in variants]
+        tunings = [None] + [variant_table(v, default_tunings) for v in variants]
         if variants:
             tunings.append(None)  # the default again: drift over the run shows as the two defaults' spread
             results["kvmesh_offline_fp8_variants"] = []
@@ -632,8 +646,8 @@ def main() -> None:
                 gc.collect()
                 torch.cuda.empty_cache()
                 # read when the decode graphs are captured
-                paged_decode_triton.FP8_TUNINGS = ((0, tuning),) if tuning else default_tunings
-                name = paged_decode_triton.format_decode_tuning(tuning) if tuning else "by batch (default)"
+                paged_decode_triton.FP8_TUNINGS = tuning[1] if tuning else default_tunings
+                name = tuning[0] if tuning else "by batch (default)"
                 elapsed, engine = timed(lambda: build_engine("fp8_e4m3"))
                 if not args.no_gc_freeze:
                     freeze_startup_heap()

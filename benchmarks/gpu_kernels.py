@@ -10,7 +10,7 @@ bounds batch 1) and at 2048 and 8192 rows (prefill: compute-bound; the
 TFLOP/s an engine's prefill can reach at most).
 
 Usage: python benchmarks/gpu_kernels.py [--sweep] [--only gemm,decode,decode_graph,prefill,elementwise]
-       [--decode-cases 256x700,256x256-1152,64x2048] [--decode-splits 1,2,4] [--heads-major] [--json out.json]
+       [--decode-cases 256x700,256x256-1152,64x2048] [--decode-splits 1,2,4] [--kv-layout heads-major|kv-heads|...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -88,21 +88,35 @@ def parse_case(case: str) -> tuple[int, int, int]:
     return int(batch), int(lo), int(hi or lo)
 
 
-HEADS_MAJOR = False
-"""``--heads-major``: caches laid out as the engine's CUDA pool (``ModelRunner._allocate_kv``:
-each KV head's rows of a block together), else in their natural order."""
+KV_LAYOUTS = ("natural", "heads-major", "kv-blocks", "kv-heads")
+KV_LAYOUT = "natural"
+"""``--kv-layout``: how the decode/prefill caches lie in memory. ``natural``: ``[blocks,
+block_size, heads, dim]``; ``heads-major``: the engine's CUDA pool (``ModelRunner._allocate_kv``:
+each KV head's rows of a block together, K and V in separate halves of the pool);
+``kv-blocks``: a block's K (all heads) followed by its V; ``kv-heads``: per block and head,
+its K rows followed by its V rows. All are strided views the kernels read as
+``[blocks, block_size, heads, dim]``."""
 
 
-def paged_setup(batch: int, ctx: int):
+def paged_setup(batch: int, ctx: int, dtype: torch.dtype = BF16):
     blocks_per = -(-ctx // BS)
     num_blocks = max(batch * blocks_per + 8, 4096)
-    perm = torch.randperm(num_blocks)[: batch * blocks_per].view(batch, blocks_per)
-    shape = (num_blocks, HK, BS, D) if HEADS_MAJOR else (num_blocks, BS, HK, D)
-    k = torch.randn(shape, device=DEV, dtype=BF16)
-    v = torch.randn_like(k)
-    if HEADS_MAJOR:  # the kernels' [blocks, block_size, Hk, D] view (.to() keeps these strides)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
-    return k, v, perm.to(DEV, torch.int32)
+    # the same block table for every dtype of a case
+    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(batch * 100_003 + ctx))
+    perm = perm[: batch * blocks_per].view(batch, blocks_per)
+    if KV_LAYOUT == "natural":
+        k = torch.randn((num_blocks, BS, HK, D), device=DEV, dtype=BF16).to(dtype)
+        return k, torch.randn_like(k, dtype=BF16).to(dtype), perm.to(DEV, torch.int32)
+    if KV_LAYOUT == "heads-major":
+        storage = torch.randn((2, num_blocks, HK, BS, D), device=DEV, dtype=BF16).to(dtype)
+        k, v = storage[0], storage[1]
+    elif KV_LAYOUT == "kv-blocks":
+        storage = torch.randn((num_blocks, 2, HK, BS, D), device=DEV, dtype=BF16).to(dtype)
+        k, v = storage[:, 0], storage[:, 1]
+    else:
+        storage = torch.randn((num_blocks, HK, 2, BS, D), device=DEV, dtype=BF16).to(dtype)
+        k, v = storage[:, :, 0], storage[:, :, 1]
+    return k.transpose(1, 2), v.transpose(1, 2), perm.to(DEV, torch.int32)
 
 
 DECODE_CASES = "1x256,1x4096,16x1024,64x640,64x2048,256x700"
@@ -135,8 +149,7 @@ def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "
                 tunings = [DecodeTuning(b, w, s, heads_inner=True) for b in (32, 64, 128) for w in (2, 4, 8)
                            for s in (2, 3)]
                 tunings += [dataclasses.replace(default, waves=waves) for waves in (4, 8)]
-            k, v, table = paged_setup(batch, ctx)
-            k, v = k.to(cache_dtype), v.to(cache_dtype)
+            k, v, table = paged_setup(batch, ctx, cache_dtype)
             q = torch.randn(batch, HQ, D, device=DEV, dtype=BF16)
             out = torch.empty_like(q)
             ctx_list, lens, rows, shape = decode_case(batch, lo, ctx)
@@ -177,8 +190,7 @@ def bench_decode_graph(cases_arg: str, variants_arg: str = "", rounds: int = 20)
         order = torch.from_numpy(longest_first(ctx_list)).to(DEV)
         for cache_dtype in (BF16, torch.float8_e4m3fn):
             fp8 = cache_dtype != BF16
-            layers = [paged_setup(batch, ctx) for _ in range(32)]
-            layers = [(k.to(cache_dtype), v.to(cache_dtype), t) for k, v, t in layers]
+            layers = [paged_setup(batch, ctx, cache_dtype) for _ in range(32)]
             q = torch.randn(batch, HQ, D, device=DEV, dtype=BF16)
             out = torch.empty_like(q)
             default = decode_tuning(batch, fp8)
@@ -245,7 +257,7 @@ def bench_prefill(sweep: bool) -> None:
 def prefill_tunings(lens: list[int], sweep: bool) -> None:
     total = sum(lens)
     shape = f"{len(lens)} x 128-1024 ({total} tok)" if len(lens) > 1 else f"1 x {total}"
-    k, v, table = paged_setup(len(lens), max(lens))
+    _, _, table = paged_setup(len(lens), max(lens))
     q = torch.randn(total, HQ, D, device=DEV, dtype=BF16)
     out = torch.empty_like(q)
     i32 = dict(dtype=torch.int32, device=DEV)
@@ -265,7 +277,7 @@ def prefill_tunings(lens: list[int], sweep: bool) -> None:
         print(f"flash varlen (torch): {type(e).__name__}: {str(e)[:200]}", flush=True)
     for cache_dtype in (BF16, torch.float8_e4m3fn):
         fp8 = cache_dtype != BF16
-        kc, vc = k.to(cache_dtype), v.to(cache_dtype)
+        kc, vc, _ = paged_setup(len(lens), max(lens), cache_dtype)
         default = default_prefill_tuning(BF16, fp8, D, max(lens))
         other = default_prefill_tuning(BF16, fp8, D, 1 if max(lens) >= LONG_QUERY else LONG_QUERY)
         tunings = [default, other, dataclasses.replace(default, heavy_first=not default.heavy_first),
@@ -331,13 +343,15 @@ def main() -> None:
     parser.add_argument("--decode-variants", default="",
                         help="decode_graph: also these tunings, BLOCK_N/WARPS/STAGES[+h] comma-separated "
                              "(parse_decode_tuning)")
-    parser.add_argument("--heads-major", action="store_true",
-                        help="decode/prefill caches laid out as the engine's CUDA pool (each KV head's rows of a block "
-                             "together); default: natural order [blocks, block_size, heads, dim]")
+    parser.add_argument("--kv-layout", default="natural", help=f"decode/prefill caches' layout: {', '.join(KV_LAYOUTS)} "
+                        "(KV_LAYOUT says what each is; the engine's CUDA pool is heads-major)")
+    parser.add_argument("--heads-major", action="store_true", help="the same as --kv-layout heads-major")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    global HEADS_MAJOR
-    HEADS_MAJOR = args.heads_major
+    global KV_LAYOUT
+    KV_LAYOUT = "heads-major" if args.heads_major else args.kv_layout
+    if KV_LAYOUT not in KV_LAYOUTS:
+        parser.error(f"--kv-layout: {KV_LAYOUT!r}; allowed: {', '.join(KV_LAYOUTS)}")
     torch.manual_seed(0)
     random.seed(0)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)

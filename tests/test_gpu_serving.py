@@ -112,3 +112,17 @@ def test_gpu_bench_batch1_medians_and_offline_run_on_an_engine(tmp_path) -> None
     assert results["kvmesh_offline_x"] == pytest.approx(2 * 256 / results["kvmesh_offline_x_s"])
     steps = results["kvmesh_offline_x_steps"]
     assert steps["decode_steps"] + steps["mixed_steps"] >= 256
+
+
+def test_gpu_bench_decode_variant_tables() -> None:
+    """``--fp8-decode-variants``: a tuning at every batch, or from N sequences up over the
+    default table's entries below N (``variant_table``). Needs Triton (the tunings' module)."""
+    pytest.importorskip("triton")
+    from kernels.paged_decode_triton import DEFAULT_TUNING, FP8_TUNINGS, parse_decode_tuning
+
+    one = parse_decode_tuning("16/1/3+h", DEFAULT_TUNING)
+    assert gpu_bench.variant_table("16/1/3+h", FP8_TUNINGS) == ("16/1/3+h", ((0, one),))
+    name, table = gpu_bench.variant_table("16/1/3+h@150", FP8_TUNINGS)
+    assert name == "16/1/3+h from 150"
+    assert table == ((150, one),) + tuple((n, t) for n, t in FP8_TUNINGS if n < 150)
+    assert [n for n, _ in table] == sorted((n for n, _ in table), reverse=True)  # decode_tuning takes the first reached
