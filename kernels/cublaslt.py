@@ -107,6 +107,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     }.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, ctypes.c_int
+    lib.cublasLtGetVersion.argtypes, lib.cublasLtGetVersion.restype = [], ctypes.c_size_t
+
+
+def library_version() -> int:
+    """The loaded cuBLASLt's version (e.g. 130100): an algorithm's opaque bytes and its
+    timings hold for this version only."""
+    return int(_library().cublasLtGetVersion())
 
 
 def _check(status: int, what: str) -> None:
@@ -193,6 +200,13 @@ class LtMatmul:
             if self.lib.cublasLtMatmulAlgoConfigSetAttribute(ctypes.byref(algo), attr, ctypes.byref(v), 4) != 0:
                 return None
         return self._check_algo(algo, candidate.index)
+
+    def restore(self, algo: bytes, index: int = -1) -> Candidate | None:
+        """The candidate whose opaque algorithm bytes are ``algo`` (``Candidate.algo``, e.g.
+        kept from an earlier run), if cuBLASLt accepts it for this shape; else None."""
+        if len(algo) != ctypes.sizeof(_Algo):
+            return None
+        return self._check_algo(_Algo.from_buffer_copy(algo), index)
 
     def _check_algo(self, algo: _Algo, index: int) -> Candidate | None:
         result = _Heuristic()

@@ -9,7 +9,8 @@ fourth candidate against 60.0 µs through ``F.linear`` (benchmarks/gpu_cublaslt_
 docs/PERFORMANCE.md). ``tune`` times ``F.linear`` and every candidate (and its
 split-K variants) on the model's own weights, inside a CUDA graph over distinct
 layers' weights as a step runs them, and records a candidate only where it beats
-``F.linear`` by ``min_gain``; everything else keeps ``F.linear``.
+``F.linear`` by ``min_gain``; everything else keeps ``F.linear``. The outcomes can be
+kept on disk (``tuning_cache.py``): a restarted engine restores them instead of timing.
 
 The table is keyed by row count and weight (its address), so each engine runs its
 own choices. Results differ from ``F.linear``'s in summation order only (checked
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kernels.tuning_cache import TuningCache, shape_key
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,8 @@ class Tuned:
     tried: int
     kept_ratio: float | None = None
     """The kept algorithm's time over ``F.linear``'s in the confirming replays."""
+    cached: bool = False
+    """Taken from the tuning cache (timed in an earlier run, re-checked, not timed again)."""
 
 
 def lookup(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None):
@@ -131,16 +136,117 @@ def _interleaved(base: torch.cuda.CUDAGraph, other: torch.cuda.CUDAGraph, replay
     return statistics.median(times[0::2]), statistics.median(times[1::2])
 
 
+class _Probe:
+    """One shape's operands for timing and for checking a candidate against ``F.linear``.
+
+    Checked on the first and last rows only: a wrong algorithm is wrong everywhere, and
+    float32 copies of a whole 16k x 28k product would take GBs before the KV budget exists."""
+
+    def __init__(self, m: int, n: int, k: int, ws: list[torch.Tensor], accumulate: bool, max_weights: int) -> None:
+        dev, dtype = ws[0].device, ws[0].dtype
+        self.accumulate = accumulate
+        # enough distinct weights that nothing stays in L2 (big products need few)
+        self.use = ws[: max(1, min(max_weights, (256 << 20) // (m * k * 2 + n * k * 2) + 1))]
+        self.x = torch.randn(m, k, dtype=dtype, device=dev)
+        self.out = torch.zeros(m, n, dtype=dtype, device=dev)
+        self.rows = torch.cat([torch.arange(min(m, 256)), torch.arange(max(0, m - 256), m)]).unique().to(dev)
+        self.residual = torch.randn(len(self.rows), n, dtype=dtype, device=dev) if accumulate else None
+        self.want = F.linear(self.x.index_select(0, self.rows), self.use[0]).float()
+        if accumulate:
+            self.want += self.residual.float()
+        self.scale = self.want.abs().max().item() or 1.0
+
+    def correct(self, mm, cand, workspace: torch.Tensor) -> bool:
+        """Whether ``cand`` computes the product (NaN is wrong too)."""
+        if self.accumulate:
+            self.out.index_copy_(0, self.rows, self.residual)
+        got = mm.run(self.x, self.use[0], self.out, cand, workspace, self.accumulate).index_select(0, self.rows)
+        return bool((got.float() - self.want).abs().max().item() <= 1e-2 * self.scale)
+
+    def graph(self, fn) -> torch.cuda.CUDAGraph:
+        return _capture(fn, self.use)
+
+    def baseline(self) -> torch.cuda.CUDAGraph:
+        x, out = self.x, self.out
+        if self.accumulate:
+            return self.graph(lambda w: out.addmm_(x, w.t()))
+        return self.graph(lambda w: torch.mm(x, w.t(), out=out))
+
+
+def _time_shape(probe: _Probe, mm, workspace: torch.Tensor, replays: int, min_gain: float,
+                search: bool) -> tuple[Tuned, object]:
+    """Time ``F.linear`` against every correct candidate of ``mm``'s shape (interleaved
+    replays), confirm the fastest with more; ``(outcome, kept candidate or None)``."""
+    from kernels.cublaslt import WORKSPACE_BYTES
+
+    per = 1e3 / len(probe.use)  # ms a replay -> µs a matmul
+    base = probe.baseline()
+    found = mm.candidates()
+    found += mm.variants(found, SPLITS)
+    if search:
+        seen = {c.algo for c in found}
+        found += [c for c in mm.search({c.config[0] for c in found}) if c.algo not in seen]
+    timed, baseline, confirmed = [], [], None
+    for cand in found:
+        if cand.workspace > WORKSPACE_BYTES:
+            continue
+        if not probe.correct(mm, cand, workspace):
+            logger.warning("cuBLASLt algorithm %s is wrong at %dx%dx%d; skipped", cand.config, mm.m, mm.n, mm.k)
+            continue
+        graph = probe.graph(lambda w, c=cand: mm.run(probe.x, w, probe.out, c, workspace, probe.accumulate))
+        b, c = _interleaved(base, graph, replays)
+        del graph
+        baseline.append(b * per)
+        timed.append((c / b, c * per, cand))
+    best = choose(1.0, [(ratio, cand) for ratio, _, cand in timed], min_gain)
+    if best is not None:  # confirm with more replays: one fast set is not a win
+        graph = probe.graph(lambda w: mm.run(probe.x, w, probe.out, best, workspace, probe.accumulate))
+        b, c = _interleaved(base, graph, 3 * replays)
+        del graph
+        confirmed = c / b
+        best = choose(1.0, [(confirmed, best)], min_gain)
+    baseline_us = statistics.median(baseline) if baseline else float("nan")
+    fastest = min((us for _, us, _ in timed), default=float("nan"))
+    return Tuned(mm.m, mm.n, mm.k, baseline_us, fastest, None if best is None else str(best.config), len(timed),
+                 confirmed if best is not None else None), best
+
+
+def _restore(entry: dict, probe: _Probe, mm, workspace: torch.Tensor) -> tuple[Tuned, object] | None:
+    """A cached outcome, if it still holds: no algorithm kept, or one cuBLASLt accepts for
+    the shape and that computes the product; None to time the shape again."""
+    try:
+        algo = None if entry["algo"] is None else bytes.fromhex(entry["algo"])
+        tuned = Tuned(mm.m, mm.n, mm.k, float(entry["baseline_us"]), float(entry["best_us"]), entry["choice"],
+                      int(entry["tried"]), entry["kept_ratio"], cached=True)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if algo is None:
+        return tuned, None
+    cand = mm.restore(algo)
+    if cand is None or not probe.correct(mm, cand, workspace):
+        logger.warning("cached cuBLASLt algorithm %s for %dx%dx%d no longer holds: timing again", entry["choice"],
+                       mm.m, mm.n, mm.k)
+        return None
+    return tuned, cand
+
+
+def _entry(tuned: Tuned, best) -> dict:
+    return {"algo": None if best is None else best.algo.hex(), "baseline_us": tuned.baseline_us,
+            "best_us": tuned.best_us, "choice": tuned.choice, "tried": tuned.tried, "kept_ratio": tuned.kept_ratio}
+
+
 @torch.inference_mode()
 def tune(weights: dict[tuple[int, int], list[torch.Tensor]], rows: list[int], *, replays: int = 5,
          min_gain: float = 0.02, max_weights: int = 32, search: bool = False,
-         accumulate: frozenset[tuple[int, int]] = frozenset()) -> list[Tuned]:
+         accumulate: frozenset[tuple[int, int]] = frozenset(), cache: TuningCache | None = None) -> list[Tuned]:
     """Time ``F.linear`` against cuBLASLt's candidates for every ``(n, k)`` weight shape in
     ``weights`` (the model's weights of that shape, one per layer) at every row count in
     ``rows``; record the winners for ``lookup``. CUDA, bf16/fp16 weights only. ``search``
     also times every configuration ``LtMatmul.search`` finds (slow: benchmarks only). Shapes
     in ``accumulate`` run as the model runs them, ``out += x @ w.T`` (baseline ``addmm_``,
-    candidates with beta 1 in place). The choice is recorded for every weight of the shape."""
+    candidates with beta 1 in place). The choice is recorded for every weight of the shape.
+    With ``cache`` (``tuning_cache.py``), a shape it holds is restored instead of timed, and
+    a timed one is added to it (the caller saves it)."""
     from kernels.cublaslt import WORKSPACE_BYTES, LtMatmul
 
     results = []
@@ -149,64 +255,22 @@ def tune(weights: dict[tuple[int, int], list[torch.Tensor]], rows: list[int], *,
         workspace = _workspaces.get(dev.index)
         if workspace is None:
             workspace = _workspaces[dev.index] = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+        acc = (n, k) in accumulate
         for m in rows:
-            forget_rows = [(m, w.data_ptr(), dtype, dev.index) for w in ws]
-            for key in forget_rows:
-                _table.pop(key, None)
-            # enough distinct weights that nothing stays in L2 (big products need few)
-            use = ws[: max(1, min(max_weights, (256 << 20) // (m * k * 2 + n * k * 2) + 1))]
-            acc = (n, k) in accumulate
-            x = torch.randn(m, k, dtype=dtype, device=dev)
-            out = torch.zeros(m, n, dtype=dtype, device=dev)
-            # checked on the first and last rows only: a wrong algorithm is wrong everywhere,
-            # and float32 copies of a whole 16k x 28k product would take GBs before the KV budget
-            rows_checked = torch.cat([torch.arange(min(m, 256)), torch.arange(max(0, m - 256), m)]).unique().to(dev)
-            residual = torch.randn(len(rows_checked), n, dtype=dtype, device=dev) if acc else None
-            want = F.linear(x.index_select(0, rows_checked), use[0]).float()
-            if acc:
-                want += residual.float()
-            scale = want.abs().max().item() or 1.0
-            per = 1e3 / len(use)  # ms a replay -> µs a matmul
-            if acc:
-                base = _capture(lambda w: out.addmm_(x, w.t()), use)
-            else:
-                base = _capture(lambda w: torch.mm(x, w.t(), out=out), use)
-            mm = LtMatmul(m, n, k, dtype)
-            found = mm.candidates()
-            found += mm.variants(found, SPLITS)
-            if search:
-                seen = {c.algo for c in found}
-                found += [c for c in mm.search({c.config[0] for c in found}) if c.algo not in seen]
-            timed, baseline, confirmed = [], [], None
-            for cand in found:
-                if cand.workspace > WORKSPACE_BYTES:
-                    continue
-                if acc:
-                    out.index_copy_(0, rows_checked, residual)
-                got = mm.run(x, use[0], out, cand, workspace, acc).index_select(0, rows_checked).float()
-                wrong = not (got - want).abs().max().item() <= 1e-2 * scale  # NaN is wrong too
-                del got
-                if wrong:
-                    logger.warning("cuBLASLt algorithm %s is wrong at %dx%dx%d; skipped", cand.config, m, n, k)
-                    continue
-                graph = _capture(lambda w, c=cand: mm.run(x, w, out, c, workspace, acc), use)
-                b, c = _interleaved(base, graph, replays)
-                del graph
-                baseline.append(b * per)
-                timed.append((c / b, c * per, cand))
-            best = choose(1.0, [(ratio, cand) for ratio, _, cand in timed], min_gain)
-            if best is not None:  # confirm with more replays: one fast set is not a win
-                graph = _capture(lambda w: mm.run(x, w, out, best, workspace, acc), use)
-                b, c = _interleaved(base, graph, 3 * replays)
-                del graph
-                confirmed = c / b
-                best = choose(1.0, [(confirmed, best)], min_gain)
-            del base
+            for w in ws:
+                _table.pop((m, w.data_ptr(), dtype, dev.index), None)
+            probe, mm = _Probe(m, n, k, ws, acc, max_weights), LtMatmul(m, n, k, dtype)
+            key = shape_key(m, n, k, dtype, acc, min_gain)
+            entry = cache.get(key) if cache is not None and not search else None
+            outcome = _restore(entry, probe, mm, workspace) if entry is not None else None
+            if outcome is None:
+                outcome = _time_shape(probe, mm, workspace, replays, min_gain, search)
+                if cache is not None and not search:
+                    cache.put(key, _entry(*outcome))
+            tuned, best = outcome
+            del probe
             if best is not None:
                 for w in ws:
                     _table[(m, w.data_ptr(), dtype, dev.index)] = (mm, best, workspace)
-            baseline_us = statistics.median(baseline) if baseline else float("nan")
-            fastest = min((us for _, us, _ in timed), default=float("nan"))
-            results.append(Tuned(m, n, k, baseline_us, fastest, None if best is None else str(best.config), len(timed),
-                                 confirmed if best is not None else None))
+            results.append(tuned)
     return results

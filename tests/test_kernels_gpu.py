@@ -677,3 +677,43 @@ def test_tuned_linear_is_used_and_replays_in_a_graph(accumulate, monkeypatch):
         assert calls == []
     finally:
         linear_tuning.forget(ws)
+
+
+@CUDA_ONLY
+def test_tuning_cache_restores_without_timing(tmp_path, monkeypatch):
+    """Outcomes saved by one tuning are restored by the next without a single timing (the
+    same algorithms, and ``linear`` runs them correctly); an entry cuBLASLt no longer accepts
+    is timed again."""
+    import json
+
+    from kernels import linear_tuning
+    from kernels.linear import linear
+    from kernels.tuning_cache import TuningCache
+
+    ws = [torch.randn(576, 576, device=DEVICE, dtype=torch.bfloat16) for _ in range(3)]
+    path = tmp_path / "tuning.json"
+    shapes, rows = {(576, 576): ws}, [32, 64]
+    try:
+        cache = TuningCache(path, "test-env")
+        first = linear_tuning.tune(shapes, rows, min_gain=-1.0, cache=cache)  # keeps the fastest, whatever it gains
+        cache.save()
+        assert all(t.choice is not None and not t.cached for t in first)
+        linear_tuning.forget(ws)
+        timed = []
+        real = linear_tuning._interleaved
+        monkeypatch.setattr(linear_tuning, "_interleaved", lambda *a, **kw: timed.append(1) or real(*a, **kw))
+        second = linear_tuning.tune(shapes, rows, min_gain=-1.0, cache=TuningCache(path, "test-env"))
+        assert timed == [] and all(t.cached for t in second)
+        assert [t.choice for t in second] == [t.choice for t in first]
+        x = torch.randn(32, 576, device=DEVICE, dtype=torch.bfloat16)
+        assert linear_tuning.lookup(x, ws[2]) is not None
+        assert _rel(linear(x, ws[2]), x.float() @ ws[2].float().t()) < SKINNY_TOL
+        data = json.loads(path.read_text())
+        for entry in data["environments"]["test-env"].values():
+            entry["algo"] = "ff" * 64  # no algorithm cuBLASLt accepts
+        path.write_text(json.dumps(data))
+        linear_tuning.forget(ws)
+        third = linear_tuning.tune(shapes, rows, min_gain=-1.0, cache=TuningCache(path, "test-env"))
+        assert timed and not any(t.cached for t in third) and all(t.choice is not None for t in third)
+    finally:
+        linear_tuning.forget(ws)

@@ -76,6 +76,9 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     e.add_argument("--no-tune-matmuls", action="store_true",
                    help="on CUDA, run F.linear everywhere instead of timing cuBLASLt's algorithms at start")
+    e.add_argument("--no-matmul-tuning-cache", action="store_true",
+                   help="time the matmuls at every start instead of restoring earlier outcomes from "
+                        "$KVMESH_CACHE_DIR/matmul-tuning.json")
     e.add_argument("--no-prefill-cuda-graphs", action="store_true",
                    help="prefill a lone prompt of up to 512 tokens eagerly instead of replaying a CUDA graph")
     e.add_argument("--no-async-scheduling", action="store_true",
@@ -125,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         enforce_eager=args.enforce_eager,
         prefill_cuda_graphs=not args.no_prefill_cuda_graphs,
         tune_matmuls=not args.no_tune_matmuls,
+        matmul_tuning_cache=not args.no_matmul_tuning_cache,
         async_scheduling=False if args.no_async_scheduling else None,
         num_kv_blocks=args.num_kv_blocks,
         max_num_seqs=args.max_num_seqs,

@@ -78,6 +78,11 @@ class EngineConfig:
     fastest where it beats ``F.linear`` by 2 % (``kernels/linear_tuning.py``). Costs 7-15 s
     of start-up for a Llama-3-8B-shaped model on an H100."""
 
+    matmul_tuning_cache: bool = True
+    """Keep the tuning's outcomes in ``$KVMESH_CACHE_DIR/matmul-tuning.json`` (default
+    ``~/.cache/kvmesh``), per GPU model and cuBLASLt/torch version, and restore them at the
+    next start instead of timing (``kernels/tuning_cache.py``)."""
+
     num_kv_blocks: int | None = None
     """Exact number of KV blocks (tests use small pools to force preemption)."""
 

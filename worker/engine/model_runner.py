@@ -147,22 +147,44 @@ class ModelRunner:
         largest = sum(self._largest_step())
         prefill_rows = [largest] if largest > MAX_ROWS else []
         began = time.perf_counter()
+        cache = self._tuning_cache()
         try:
-            results = linear_tuning.tune(weights, sorted(set(rows + prefill_rows)), accumulate=accumulate)
+            results = linear_tuning.tune(weights, sorted(set(rows + prefill_rows)), accumulate=accumulate, cache=cache)
             # the logits matmul: one row a sampled sequence, so decode graph sizes only
-            results += linear_tuning.tune({tuple(self.model.lm_head.weight.shape): [self.model.lm_head.weight]}, rows)
+            results += linear_tuning.tune({tuple(self.model.lm_head.weight.shape): [self.model.lm_head.weight]}, rows,
+                                          cache=cache)
         except Exception:  # tuning is an optimisation: the engine serves with F.linear without it
             logger.warning("matmul tuning failed; every matmul runs F.linear", exc_info=True)
             linear_tuning.forget([w for ws in weights.values() for w in ws] + [self.model.lm_head.weight])
             gc.collect()
             torch.cuda.empty_cache()
             return
+        if cache is not None:
+            try:
+                cache.save()
+            except OSError as e:
+                logger.warning("matmul tuning cache %s not written: %s", cache.path, e)
         chosen = [r for r in results if r.choice is not None]
         logger.info("matmul tuning: %d of %d shapes run a cuBLASLt algorithm faster than F.linear "
-                    "(%.0f -> %.0f us summed over them) in %.1f s", len(chosen), len(results),
-                    sum(r.baseline_us for r in chosen), sum(r.best_us for r in chosen), time.perf_counter() - began)
+                    "(%.0f -> %.0f us summed over them) in %.1f s; %d shapes restored from %s", len(chosen),
+                    len(results), sum(r.baseline_us for r in chosen), sum(r.best_us for r in chosen),
+                    time.perf_counter() - began, sum(r.cached for r in results),
+                    cache.path if cache is not None else "no cache")
         gc.collect()
         torch.cuda.empty_cache()
+
+    def _tuning_cache(self):
+        """The on-disk tuning outcomes for this device (``matmul_tuning_cache``), or None."""
+        if not self.config.matmul_tuning_cache:
+            return None
+        from kernels.tuning_cache import TuningCache, environment
+        from worker.models.hub import cache_dir
+
+        try:
+            return TuningCache(cache_dir() / "matmul-tuning.json", environment(self.device))
+        except Exception:  # the cache only saves time: tune without it
+            logger.warning("matmul tuning cache unavailable; timing every shape", exc_info=True)
+            return None
 
     def _capture_graphs(self, kv_cache: torch.Tensor) -> tuple[DecodeGraphs, PrefillGraphs | None]:
         """The decode graphs and, with ``prefill_cuda_graphs``, the prefill graphs (one memory pool)."""
