@@ -541,6 +541,8 @@ def main() -> None:
     parser.add_argument("--hf-only", choices=("compiled", "generate_batch"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-prefill-cuda-graphs", action="store_true",
                         help="prefill lone prompts eagerly (EngineConfig.prefill_cuda_graphs off)")
+    parser.add_argument("--no-fused-gate-up", action="store_true",
+                        help="the MLP's gate/up matmul and SiLU gate as two kernels at every size (EngineConfig.fused_gate_up)")
     parser.add_argument("--no-tune-matmuls", action="store_true",
                         help="engines run F.linear everywhere instead of timing cuBLASLt's algorithms at start")
     parser.add_argument("--no-gc-freeze", action="store_true",
@@ -607,7 +609,7 @@ def main() -> None:
             block_size=args.block_size,
             max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
             kv_cache_dtype=kv_cache_dtype, prefill_cuda_graphs=not args.no_prefill_cuda_graphs,
-            tune_matmuls=not args.no_tune_matmuls,
+            tune_matmuls=not args.no_tune_matmuls, fused_gate_up=not args.no_fused_gate_up,
         ), model=ours)
 
     step_bytes = decode_bytes_per_step(weights, embed, hf_cfg, 128 + 128)

@@ -87,6 +87,89 @@ def gate_up_silu(x: torch.Tensor, w: torch.Tensor, cfg) -> torch.Tensor:
     return out
 
 
+IL_CONFIGS = [  # BLOCK_M, BLOCK_N (gate and up halves together), BLOCK_K, stages, warps, GROUP_M, warp-specialised
+    (128, 256, 64, 3, 8, 8, False), (128, 256, 64, 4, 8, 8, False), (128, 256, 64, 3, 8, 8, True),
+    (128, 128, 64, 4, 4, 8, False), (128, 128, 64, 4, 8, 8, True), (256, 128, 64, 3, 8, 8, False),
+]
+
+
+def interleave(w: torch.Tensor, half: int) -> torch.Tensor:
+    """``[gate; up]`` weight rows reordered in runs of ``half``: gate 0..half-1, up 0..half-1,
+    gate half.., so one ``2 * half``-wide output tile holds matching gate and up columns."""
+    inter = w.shape[0] // 2
+    return torch.stack([w[:inter].view(-1, half, w.shape[1]), w[inter:].view(-1, half, w.shape[1])], 1).reshape(w.shape)
+
+
+@triton.jit
+def _gate_up_silu_il(x_desc, w_desc, out_desc, M, N2, K, NUM_PROGRAMS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     WARP_SPECIALIZE: tl.constexpr):
+    """``silu(gate) * up`` from one matmul over the interleaved weight (``interleave``):
+    persistent programs walk the output tiles (grouped by ``GROUP_M`` row tiles), each a
+    plain accumulator whose left half is gate and right half up columns."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N2, BLOCK_N)
+    per_group = GROUP_M * num_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True,
+                         warp_specialize=WARP_SPECIALIZE):
+        first_m = (tile // per_group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        m0 = (first_m + (tile % per_group) % size_m) * BLOCK_M
+        n0 = ((tile % per_group) // size_m) * BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for kk in range(k_tiles):
+            acc = tl.dot(x_desc.load([m0, kk * BLOCK_K]), w_desc.load([n0, kk * BLOCK_K]).T, acc)
+        acc = acc.to(out_desc.dtype).to(tl.float32)  # rounded as the two-pass form rounds the product
+        gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N // 2]), (0, 2, 1)))
+        out_desc.store([m0, n0 // 2], (gate / (1.0 + tl.exp(-gate)) * up).to(out_desc.dtype))
+
+
+def gate_up_silu_il(x: torch.Tensor, w_il: torch.Tensor, cfg) -> torch.Tensor:
+    bm, bn, bk, stages, warps, group_m, ws = cfg
+    m, k = x.shape
+    out = torch.empty((m, w_il.shape[0] // 2), dtype=x.dtype, device=x.device)
+    programs = min(torch.cuda.get_device_properties(x.device).multi_processor_count,
+                   triton.cdiv(m, bm) * triton.cdiv(w_il.shape[0], bn))
+    _gate_up_silu_il[(programs,)](
+        TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w_il, [bn, bk]),
+        TensorDescriptor.from_tensor(out, [bm, bn // 2]), m, w_il.shape[0], k, NUM_PROGRAMS=programs,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, WARP_SPECIALIZE=ws, num_stages=stages, num_warps=warps,
+    )
+    return out
+
+
+def bench_gate_up_interleaved(m: int, copies: int, replays: int) -> dict:
+    """The interleaved single-accumulator fusion against cuBLAS + ``silu_and_mul`` (timed
+    before and after the candidates: the clock drifts at the power limit)."""
+    ws = [torch.randn(2 * FFN, HIDDEN, device="cuda", dtype=BF16) * 0.02 for _ in range(copies)]
+    xs = [torch.randn(m, HIDDEN, device="cuda", dtype=BF16) for _ in range(copies)]
+    want = silu_and_mul_triton(F.linear(xs[0], ws[0])).float()
+    base = graph_time(lambda x, w: silu_and_mul_triton(F.linear(x, w)), xs, ws, replays)
+    mm_only = graph_time(lambda x, w: F.linear(x, w), xs, ws, replays)
+    cells = [f"cuBLAS+silu {base:7.1f} (matmul {mm_only:7.1f})"]
+    result = {"rows": m, "cublas_plus_silu_us": base, "cublas_only_us": mm_only, "configs": []}
+    interleaved = {}
+    for cfg in IL_CONFIGS:
+        half = cfg[1] // 2
+        if half not in interleaved:
+            interleaved[half] = [interleave(w, half) for w in ws]
+        label = "/".join(map(str, cfg[:6])) + ("+ws" if cfg[6] else "")
+        try:
+            us = checked_graph_time(lambda x, w, cfg=cfg: gate_up_silu_il(x, w, cfg), xs, interleaved[half], want,
+                                    2e-2, replays)
+        except Exception as e:
+            print(f"  gate_up_il M={m} {label}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        result["configs"].append({"config": label, "us": us})
+        cells.append(f"{label} {us:7.1f}")
+    again = graph_time(lambda x, w: silu_and_mul_triton(F.linear(x, w)), xs, ws, replays)
+    result["cublas_plus_silu_after_us"] = again
+    cells.append(f"cuBLAS+silu again {again:7.1f}")
+    print(f"gate_up_il M={m:<5} " + "  ".join(cells), flush=True)
+    return result
+
+
 def bench_gate_up(m: int, copies: int, replays: int) -> dict:
     ws = [torch.randn(2 * FFN, HIDDEN, device="cuda", dtype=BF16) * 0.02 for _ in range(copies)]
     xs = [torch.randn(m, HIDDEN, device="cuda", dtype=BF16) for _ in range(copies)]
@@ -139,13 +222,17 @@ def main() -> None:
     parser.add_argument("--rows", default="8192,2048,256")
     parser.add_argument("--copies", type=int, default=8)
     parser.add_argument("--replays", type=int, default=15)
-    parser.add_argument("--only", choices=("gate_up", "residual"), default=None)
+    parser.add_argument("--only", choices=("gate_up", "gate_up_il", "residual"), default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
     results = []
     for m in (int(r) for r in args.rows.split(",")):
+        if args.only == "gate_up_il":
+            results.append(bench_gate_up_interleaved(m, args.copies, args.replays))
+            torch.cuda.empty_cache()
+            continue
         if args.only != "residual":
             results.append(bench_gate_up(m, args.copies, args.replays))
             torch.cuda.empty_cache()

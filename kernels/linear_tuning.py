@@ -238,7 +238,8 @@ def _entry(tuned: Tuned, best) -> dict:
 @torch.inference_mode()
 def tune(weights: dict[tuple[int, int], list[torch.Tensor]], rows: list[int], *, replays: int = 5,
          min_gain: float = 0.02, max_weights: int = 32, search: bool = False,
-         accumulate: frozenset[tuple[int, int]] = frozenset(), cache: TuningCache | None = None) -> list[Tuned]:
+         accumulate: frozenset[tuple[int, int]] = frozenset(), cache: TuningCache | None = None,
+         skip: frozenset[tuple[tuple[int, int], int]] = frozenset()) -> list[Tuned]:
     """Time ``F.linear`` against cuBLASLt's candidates for every ``(n, k)`` weight shape in
     ``weights`` (the model's weights of that shape, one per layer) at every row count in
     ``rows``; record the winners for ``lookup``. CUDA, bf16/fp16 weights only. ``search``
@@ -246,7 +247,8 @@ def tune(weights: dict[tuple[int, int], list[torch.Tensor]], rows: list[int], *,
     in ``accumulate`` run as the model runs them, ``out += x @ w.T`` (baseline ``addmm_``,
     candidates with beta 1 in place). The choice is recorded for every weight of the shape.
     With ``cache`` (``tuning_cache.py``), a shape it holds is restored instead of timed, and
-    a timed one is added to it (the caller saves it)."""
+    a timed one is added to it (the caller saves it). ``skip``: ``((n, k), rows)`` pairs
+    left alone (products some other kernel computes at that size)."""
     from kernels.cublaslt import WORKSPACE_BYTES, LtMatmul
 
     results = []
@@ -257,6 +259,8 @@ def tune(weights: dict[tuple[int, int], list[torch.Tensor]], rows: list[int], *,
             workspace = _workspaces[dev.index] = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
         acc = (n, k) in accumulate
         for m in rows:
+            if ((n, k), m) in skip:
+                continue
             for w in ws:
                 _table.pop((m, w.data_ptr(), dtype, dev.index), None)
             probe, mm = _Probe(m, n, k, ws, acc, max_weights), LtMatmul(m, n, k, dtype)

@@ -14,11 +14,17 @@ import triton.language as tl
 
 
 @triton.jit
-def round_like(x, ptr):
-    """``x`` (float32) rounded to the element type of ``ptr``, returned as float32."""
-    if ptr.dtype.element_ty == tl.bfloat16:
+def round_to(x, dtype: tl.constexpr):
+    """``x`` (float32) rounded to ``dtype``, returned as float32."""
+    if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True)
     else:
-        return x.to(ptr.dtype.element_ty).to(tl.float32)
+        return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def round_like(x, ptr):
+    """``x`` (float32) rounded to the element type of ``ptr``, returned as float32."""
+    return round_to(x, ptr.dtype.element_ty)

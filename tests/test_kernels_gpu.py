@@ -108,6 +108,76 @@ def test_silu_and_mul(dtype, tokens, d):
     torch.testing.assert_close(silu_and_mul_triton(x), silu_and_mul_ref(x), rtol=_rtol(dtype), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleave", [1, 32, 128])
+def test_silu_and_mul_interleaved(dtype, interleave):
+    """Gate and up columns alternating in runs (the fused gate kernel's weight layout)."""
+    from kernels.activation_triton import silu_and_mul_triton
+
+    x = (2 * torch.randn(9, 2 * 256, device=DEVICE)).to(dtype)
+    torch.testing.assert_close(silu_and_mul_triton(x, interleave), silu_and_mul_ref(x, interleave),
+                               rtol=_rtol(dtype), atol=1e-5)
+
+
+FUSED_ONLY = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available()
+                                or torch.cuda.get_device_capability()[0] < 9, reason="TMA needs an sm_90+ GPU")
+
+
+@FUSED_ONLY
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,k,inter", [(257, 576, 1536), (1000, 4096, 1024), (300, 256, 256), (4096, 512, 512),
+                                          (129, 64, 384)])
+def test_gate_up_silu_fused(dtype, rows, k, inter):
+    """The fused gate/up matmul + SiLU gate against the two-pass reference over the same
+    interleaved weight (products rounded to the dtype first, as both do); row counts that
+    are not multiples of the tile, a CUDA graph replay equal to the eager launch."""
+    from kernels.activation import gate_up_silu_ref, interleave_gate_up
+    from kernels.gate_up_silu_triton import FUSED_HALF, gate_up_silu_triton
+
+    x = torch.randn(rows, k, device=DEVICE, dtype=dtype)
+    w = interleave_gate_up(torch.randn(2 * inter, k, device=DEVICE, dtype=dtype) * k**-0.5, FUSED_HALF)
+    want = gate_up_silu_ref(x.float(), w.float(), FUSED_HALF)
+    got = gate_up_silu_triton(x, w)
+    assert got.shape == (rows, inter) and got.dtype == dtype
+    assert _rel(got, want) < SKINNY_TOL
+    out = torch.full_like(got, float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gate_up_silu_triton(x, w, out=out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, got)
+
+
+@FUSED_ONLY
+def test_gate_up_silu_dispatch(monkeypatch):
+    """``gate_up_silu`` takes the fused kernel for an interleaved weight above
+    ``FUSED_MIN_ROWS`` rows only; below, a plain weight, or an unaligned view: the matmul
+    and ``silu_and_mul``. Every path equals the reference."""
+    from kernels import activation
+    from kernels.activation import gate_up_silu, gate_up_silu_ref, interleave_gate_up
+    from kernels.gate_up_silu_triton import FUSED_HALF, FUSED_MIN_ROWS
+
+    fused = []
+    real = activation.gate_up_silu_triton
+    monkeypatch.setattr(activation, "gate_up_silu_triton", lambda *a, **kw: fused.append(1) or real(*a, **kw))
+    plain = torch.randn(2 * 512, 576, device=DEVICE, dtype=torch.bfloat16) * 576**-0.5
+    w = interleave_gate_up(plain, FUSED_HALF)
+    for rows, weight, interleave, expect in [(FUSED_MIN_ROWS + 1, w, FUSED_HALF, 1), (FUSED_MIN_ROWS, w, FUSED_HALF, 0),
+                                             (1024, plain, 0, 0), (16, w, FUSED_HALF, 0)]:
+        fused.clear()
+        x = torch.randn(rows, 576, device=DEVICE, dtype=torch.bfloat16)
+        assert _rel(gate_up_silu(x, weight, interleave), gate_up_silu_ref(x.float(), weight.float(), interleave)) \
+            < SKINNY_TOL
+        assert len(fused) == expect, (rows, interleave)
+    fused.clear()
+    wide = torch.randn(1025, 576, device=DEVICE, dtype=torch.bfloat16)
+    shifted = wide.view(-1)[4:4 + 1024 * 576].view(1024, 576)  # contiguous, 8 bytes off 16-byte alignment
+    assert _rel(gate_up_silu(shifted, w, FUSED_HALF), gate_up_silu_ref(shifted.float(), w.float(), FUSED_HALF)) \
+        < SKINNY_TOL
+    assert fused == []
+
+
 @pytest.mark.parametrize("kv_cache", KV_CACHES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [1, 16])

@@ -76,6 +76,8 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     e.add_argument("--no-tune-matmuls", action="store_true",
                    help="on CUDA, run F.linear everywhere instead of timing cuBLASLt's algorithms at start")
+    e.add_argument("--no-fused-gate-up", action="store_true",
+                   help="on CUDA, run the MLP's gate/up matmul and its SiLU gate as two kernels at every batch size")
     e.add_argument("--no-matmul-tuning-cache", action="store_true",
                    help="time the matmuls at every start instead of restoring earlier outcomes from "
                         "$KVMESH_CACHE_DIR/matmul-tuning.json")
@@ -129,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         prefill_cuda_graphs=not args.no_prefill_cuda_graphs,
         tune_matmuls=not args.no_tune_matmuls,
         matmul_tuning_cache=not args.no_matmul_tuning_cache,
+        fused_gate_up=not args.no_fused_gate_up,
         async_scheduling=False if args.no_async_scheduling else None,
         num_kv_blocks=args.num_kv_blocks,
         max_num_seqs=args.max_num_seqs,

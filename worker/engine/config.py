@@ -78,6 +78,11 @@ class EngineConfig:
     fastest where it beats ``F.linear`` by 2 % (``kernels/linear_tuning.py``). Costs 7-15 s
     of start-up for a Llama-3-8B-shaped model on an H100."""
 
+    fused_gate_up: bool = True
+    """On CUDA (sm_90+, 16-bit weights), keep the MLP's gate/up weight rows interleaved so that
+    batches over 256 rows run the gate/up matmul and the SiLU gate as one Triton kernel
+    (``kernels/gate_up_silu_triton.py``) instead of cuBLAS then ``silu_and_mul``."""
+
     matmul_tuning_cache: bool = True
     """Keep the tuning's outcomes in ``$KVMESH_CACHE_DIR/matmul-tuning.json`` (default
     ``~/.cache/kvmesh``), per GPU model and cuBLASLt/torch version, and restore them at the

@@ -93,6 +93,8 @@ class ModelRunner:
         self.on_gpu = self.device.type == "cuda"
         self._graph_reserve: int | None = None
         """Bytes the KV budget left for the CUDA graphs (when it was profiled)."""
+        if self.on_gpu:
+            self._interleave_gate_up(config.fused_gate_up)
         if self.on_gpu and config.tune_matmuls:
             self._tune_matmuls()
         rows = max(config.max_num_seqs, MAX_GRAPH_BATCH)
@@ -121,6 +123,21 @@ class ModelRunner:
                 self.kv_cache))
             self._log_graph_memory(held)
 
+    def _interleave_gate_up(self, fused: bool) -> None:
+        """With ``fused`` (``fused_gate_up``), the gate/up weights in the fused gate kernel's
+        layout where that kernel can run; without, that kernel off (a model another engine
+        interleaved keeps its layout, which the two-pass gate reads as well)."""
+        from kernels.gate_up_silu_triton import FUSED_HALF
+
+        if (fused and self.dtype in (torch.bfloat16, torch.float16)
+                and torch.cuda.get_device_capability(self.device)[0] >= 9
+                and self.model_config.intermediate_size % FUSED_HALF == 0
+                and (self.model_config.hidden_size * self.dtype.itemsize) % 16 == 0):
+            self.model.interleave_gate_up(FUSED_HALF, fused=True)
+        else:
+            for layer in self.model.layers:
+                layer.mlp.fused_gate_up = False
+
     def _tune_matmuls(self) -> None:
         """Time cuBLASLt's algorithms for the model's matmul shapes at the row counts steps run
         most (``kernels/linear_tuning.py``): each decode graph size above the skinny kernel's
@@ -148,8 +165,16 @@ class ModelRunner:
         prefill_rows = [largest] if largest > MAX_ROWS else []
         began = time.perf_counter()
         cache = self._tuning_cache()
+        # where the gate/up product runs the fused gate kernel instead, its matmul is not timed
+        skip = frozenset()
+        if self.model.layers[0].mlp.fused_gate_up:
+            from kernels.gate_up_silu_triton import FUSED_MIN_ROWS
+
+            gate_up = tuple(self.model.layers[0].mlp.gate_up_proj.weight.shape)
+            skip = frozenset((gate_up, m) for m in prefill_rows if m > FUSED_MIN_ROWS)
         try:
-            results = linear_tuning.tune(weights, sorted(set(rows + prefill_rows)), accumulate=accumulate, cache=cache)
+            results = linear_tuning.tune(weights, sorted(set(rows + prefill_rows)), accumulate=accumulate, cache=cache,
+                                         skip=skip)
             # the logits matmul: one row a sampled sequence, so decode graph sizes only
             results += linear_tuning.tune({tuple(self.model.lm_head.weight.shape): [self.model.lm_head.weight]}, rows,
                                           cache=cache)

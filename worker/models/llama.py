@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.activation import silu_and_mul
+from kernels.activation import gate_up_silu, interleave_gate_up
 from kernels.linear import linear
 from kernels.rmsnorm import rms_norm
 from kernels.rotary import build_cos_sin_cache
@@ -67,11 +67,16 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_interleave = 0
+        """The order of ``gate_up_proj``'s rows: ``[gate; up]`` (0, as loaded) or runs of
+        this many (``kernels.activation.interleave_gate_up``; ``LlamaForCausalLM.interleave_gate_up``)."""
+        self.fused_gate_up = False
+        """Whether large CUDA batches may run the fused gate/up + SiLU kernel (set by the runner)."""
 
     def forward(self, x, residual: torch.Tensor):
         """Adds the MLP's output to ``residual`` in place (the down projection's own add)."""
-        return linear(silu_and_mul(linear(x, self.gate_up_proj.weight)), self.down_proj.weight, out=residual,
-                      accumulate=True)
+        return linear(gate_up_silu(x, self.gate_up_proj.weight, self.gate_up_interleave, self.fused_gate_up),
+                      self.down_proj.weight, out=residual, accumulate=True)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -100,6 +105,20 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.cos_sin: torch.Tensor | None = None
         self.requires_grad_(False)
+
+    def interleave_gate_up(self, interleave: int, fused: bool = False) -> None:
+        """Reorder every layer's gate/up weight rows in runs of ``interleave`` (the fused
+        gate kernel's layout, ``kernels/gate_up_silu_triton.py``); the MLPs read them so on
+        every device, with ``fused`` through that kernel where it applies. Once: a model
+        already interleaved keeps its weights."""
+        for layer in self.layers:
+            layer.mlp.fused_gate_up = fused
+            mlp = layer.mlp
+            if mlp.gate_up_interleave == 0:
+                mlp.gate_up_proj.weight.data = interleave_gate_up(mlp.gate_up_proj.weight.data, interleave)
+                mlp.gate_up_interleave = interleave
+            elif mlp.gate_up_interleave != interleave:
+                raise ValueError(f"gate/up weights are interleaved by {mlp.gate_up_interleave}, not {interleave}")
 
     def init_rope(self, max_positions: int, device: torch.device) -> None:
         """Build the float32 cos/sin table for positions ``[0, max_positions)``."""
