@@ -40,7 +40,7 @@ _BLOCK_M, _BLOCK_K, _STAGES, _WARPS, _GROUP_M = 128, 64, 3, 8, 8
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compile for every row count: no compile in the middle of a run
 def _gate_up_silu_kernel(x_desc, w_desc, out_desc, M, N2, K, NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     num_m = tl.cdiv(M, BLOCK_M)
