@@ -10,7 +10,11 @@ and ~13 ms in two bandwidth-bound passes this script tries to fold into them:
   gate and the up product of one output tile in two accumulators (the same
   row tile of ``x`` feeds both; the weight stays as loaded, gate rows then up
   rows) and writes only ``silu(gate) * up``. Both products are rounded to
-  bf16 before the gate, as the engine's two-pass form rounds them.
+  bf16 before the gate, as the engine's two-pass form rounds them. ~20 % behind
+  cuBLAS (session 13).
+* ``gate_up_il``: the engine's fused kernel since session 15
+  (``kernels/gate_up_silu_triton.py``: the weight interleaved in runs of 128, one
+  accumulator) at a few tunings, against the same two-pass form.
 * ``residual``: the engine runs ``F.linear`` for the o and down projections,
   then ``add_rms_norm`` reads the product and the residual and writes the sum
   and the normalised rows (5.6 ms of norms a step). Against it:
@@ -22,7 +26,7 @@ Each variant runs inside one CUDA graph over ``--copies`` distinct weights
 the engine's form first. An experiment: the engine takes a fusion only if it
 wins here and then in ``gpu_bench.py``.
 
-Usage: python benchmarks/gpu_mlp_fusions.py [--rows 8192,2048,256] [--only gate_up|residual] [--copies 8]
+Usage: python benchmarks/gpu_mlp_fusions.py [--rows 8192,2048,256] [--only gate_up|gate_up_il|residual] [--copies 8]
        [--json out.json]
 """
 
@@ -39,7 +43,9 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from benchmarks.gpu_gemm_variants import BF16, FFN, HIDDEN, checked_graph_time, graph_time
+from kernels.activation import interleave_gate_up
 from kernels.activation_triton import silu_and_mul_triton
+from kernels.gate_up_silu_triton import FUSED_HALF, GateUpTuning, gate_up_silu_triton
 from kernels.rmsnorm_triton import rms_norm_triton
 
 CONFIGS = [  # BLOCK_M, BLOCK_N (each of gate and up), BLOCK_K, stages, warps, GROUP_M
@@ -87,56 +93,10 @@ def gate_up_silu(x: torch.Tensor, w: torch.Tensor, cfg) -> torch.Tensor:
     return out
 
 
-IL_CONFIGS = [  # BLOCK_M, BLOCK_N (gate and up halves together), BLOCK_K, stages, warps, GROUP_M, warp-specialised
-    (128, 256, 64, 3, 8, 8, False), (128, 256, 64, 4, 8, 8, False), (128, 256, 64, 3, 8, 8, True),
-    (128, 128, 64, 4, 4, 8, False), (128, 128, 64, 4, 8, 8, True), (256, 128, 64, 3, 8, 8, False),
-]
-
-
-def interleave(w: torch.Tensor, half: int) -> torch.Tensor:
-    """``[gate; up]`` weight rows reordered in runs of ``half``: gate 0..half-1, up 0..half-1,
-    gate half.., so one ``2 * half``-wide output tile holds matching gate and up columns."""
-    inter = w.shape[0] // 2
-    return torch.stack([w[:inter].view(-1, half, w.shape[1]), w[inter:].view(-1, half, w.shape[1])], 1).reshape(w.shape)
-
-
-@triton.jit
-def _gate_up_silu_il(x_desc, w_desc, out_desc, M, N2, K, NUM_PROGRAMS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     WARP_SPECIALIZE: tl.constexpr):
-    """``silu(gate) * up`` from one matmul over the interleaved weight (``interleave``):
-    persistent programs walk the output tiles (grouped by ``GROUP_M`` row tiles), each a
-    plain accumulator whose left half is gate and right half up columns."""
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N2, BLOCK_N)
-    per_group = GROUP_M * num_n
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True,
-                         warp_specialize=WARP_SPECIALIZE):
-        first_m = (tile // per_group) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        m0 = (first_m + (tile % per_group) % size_m) * BLOCK_M
-        n0 = ((tile % per_group) // size_m) * BLOCK_N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for kk in range(k_tiles):
-            acc = tl.dot(x_desc.load([m0, kk * BLOCK_K]), w_desc.load([n0, kk * BLOCK_K]).T, acc)
-        acc = acc.to(out_desc.dtype).to(tl.float32)  # rounded as the two-pass form rounds the product
-        gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N // 2]), (0, 2, 1)))
-        out_desc.store([m0, n0 // 2], (gate / (1.0 + tl.exp(-gate)) * up).to(out_desc.dtype))
-
-
-def gate_up_silu_il(x: torch.Tensor, w_il: torch.Tensor, cfg) -> torch.Tensor:
-    bm, bn, bk, stages, warps, group_m, ws = cfg
-    m, k = x.shape
-    out = torch.empty((m, w_il.shape[0] // 2), dtype=x.dtype, device=x.device)
-    programs = min(torch.cuda.get_device_properties(x.device).multi_processor_count,
-                   triton.cdiv(m, bm) * triton.cdiv(w_il.shape[0], bn))
-    _gate_up_silu_il[(programs,)](
-        TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w_il, [bn, bk]),
-        TensorDescriptor.from_tensor(out, [bm, bn // 2]), m, w_il.shape[0], k, NUM_PROGRAMS=programs,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, WARP_SPECIALIZE=ws, num_stages=stages, num_warps=warps,
-    )
-    return out
+IL_CONFIGS = [GateUpTuning(), GateUpTuning(num_stages=4), GateUpTuning(block_m=256), GateUpTuning(group_m=16),
+              GateUpTuning(block_k=32, num_stages=5)]
+"""``--only gate_up_il``: the engine's fused kernel (``kernels/gate_up_silu_triton.py``) at these
+tunings. Session 15 also timed warp specialisation and 128-wide tiles (runs of 64): no better."""
 
 
 def bench_gate_up_interleaved(m: int, copies: int, replays: int) -> dict:
@@ -149,14 +109,11 @@ def bench_gate_up_interleaved(m: int, copies: int, replays: int) -> dict:
     mm_only = graph_time(lambda x, w: F.linear(x, w), xs, ws, replays)
     cells = [f"cuBLAS+silu {base:7.1f} (matmul {mm_only:7.1f})"]
     result = {"rows": m, "cublas_plus_silu_us": base, "cublas_only_us": mm_only, "configs": []}
-    interleaved = {}
+    interleaved = [interleave_gate_up(w, FUSED_HALF) for w in ws]
     for cfg in IL_CONFIGS:
-        half = cfg[1] // 2
-        if half not in interleaved:
-            interleaved[half] = [interleave(w, half) for w in ws]
-        label = "/".join(map(str, cfg[:6])) + ("+ws" if cfg[6] else "")
+        label = f"{cfg.block_m}x{2 * FUSED_HALF}x{cfg.block_k}/{cfg.num_stages}/{cfg.num_warps}/g{cfg.group_m}"
         try:
-            us = checked_graph_time(lambda x, w, cfg=cfg: gate_up_silu_il(x, w, cfg), xs, interleaved[half], want,
+            us = checked_graph_time(lambda x, w, cfg=cfg: gate_up_silu_triton(x, w, tuning=cfg), xs, interleaved, want,
                                     2e-2, replays)
         except Exception as e:
             print(f"  gate_up_il M={m} {label}: {type(e).__name__}: {str(e)[:200]}", flush=True)

@@ -14,7 +14,8 @@ is read from DRAM about once per group.
 Measured on an H100 (``benchmarks/gpu_mlp_fusions.py --only gate_up_il``, µs a layer,
 Llama-3-8B gate/up): 8,192 rows 2,696.8 against cuBLAS + ``silu_and_mul`` 2,856.1 /
 2,884.0 (before / after; cuBLAS's matmul alone 2,671.7); 2,048 rows 683.8 against
-709.3 / 805.7. An earlier form with two accumulators (gate and up weight tiles loaded
+709.3 / 805.7. Warp specialisation, 128-wide tiles (runs of 64) and 256-row tiles were
+no better. An earlier form with two accumulators (gate and up weight tiles loaded
 separately) was ~20 % behind cuBLAS (docs/PERFORMANCE.md).
 
 Rounds as the two-pass form does: both products to the activation dtype, then
@@ -22,6 +23,8 @@ Rounds as the two-pass form does: both products to the activation dtype, then
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -36,8 +39,23 @@ FUSED_HALF = 128
 FUSED_MIN_ROWS = 256
 """Batches of more rows take the fused kernel; decode batches (at most 256 rows, padded to
 CUDA-graph sizes) keep the matmul ``linear_tuning`` timed for them and ``silu_and_mul``."""
-_BLOCK_M, _BLOCK_K, _STAGES, _WARPS, _GROUP_M = 128, 64, 3, 8, 8
 _DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class GateUpTuning:
+    """Launch parameters (``benchmarks/gpu_mlp_fusions.py --only gate_up_il`` sweeps them);
+    the tile is ``block_m x 2 * FUSED_HALF``."""
+
+    block_m: int = 128
+    block_k: int = 64
+    num_stages: int = 3
+    num_warps: int = 8
+    group_m: int = 8
+    """Row tiles a program group walks per weight tile."""
+
+
+DEFAULT_TUNING = GateUpTuning()
 
 
 @triton.jit(do_not_specialize=["M"])  # one compile for every row count: no compile in the middle of a run
@@ -71,7 +89,8 @@ def fused_gate_up_supported(x: torch.Tensor, weight: torch.Tensor, interleave: i
             and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
-def gate_up_silu_triton(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def gate_up_silu_triton(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+                        tuning: GateUpTuning = DEFAULT_TUNING) -> torch.Tensor:
     """``x`` ``[T, K]``, ``weight`` ``[2I, K]`` interleaved in runs of ``FUSED_HALF`` ->
     ``[T, I]`` (into ``out`` if given)."""
     require(fused_gate_up_supported(x, weight, FUSED_HALF),
@@ -86,11 +105,12 @@ def gate_up_silu_triton(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
             f"out must be a contiguous, 16-byte aligned [{m}, {inter}] {x.dtype} tensor, got {tuple(out.shape)} {out.dtype}")
     if m == 0:
         return out
-    block_n = 2 * FUSED_HALF
-    programs = min(num_sms(x.device), triton.cdiv(m, _BLOCK_M) * (weight.shape[0] // block_n))
+    t, block_n = tuning, 2 * FUSED_HALF
+    programs = min(num_sms(x.device), triton.cdiv(m, t.block_m) * (weight.shape[0] // block_n))
     _gate_up_silu_kernel[(programs,)](
-        TensorDescriptor.from_tensor(x, [_BLOCK_M, _BLOCK_K]), TensorDescriptor.from_tensor(weight, [block_n, _BLOCK_K]),
-        TensorDescriptor.from_tensor(out, [_BLOCK_M, FUSED_HALF]), m, weight.shape[0], k, NUM_PROGRAMS=programs,
-        BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=_BLOCK_K, GROUP_M=_GROUP_M, num_warps=_WARPS, num_stages=_STAGES,
+        TensorDescriptor.from_tensor(x, [t.block_m, t.block_k]), TensorDescriptor.from_tensor(weight, [block_n, t.block_k]),
+        TensorDescriptor.from_tensor(out, [t.block_m, FUSED_HALF]), m, weight.shape[0], k, NUM_PROGRAMS=programs,
+        BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, num_warps=t.num_warps,
+        num_stages=t.num_stages,
     )
     return out
