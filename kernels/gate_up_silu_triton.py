@@ -24,6 +24,7 @@ Rounds as the two-pass form does: both products to the activation dtype, then
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +38,11 @@ from kernels.rounding_triton import round_to
 FUSED_HALF = 128
 """Rows of a run of the interleaved weight: half the output tile's columns."""
 FUSED_MIN_ROWS = 256
-"""Batches of more rows take the fused kernel; decode batches (at most 256 rows, padded to
-CUDA-graph sizes) keep the matmul ``linear_tuning`` timed for them and ``silu_and_mul``."""
+"""Batches of more rows take the fused kernel (measured at 2,048-16,384 rows); decode batches
+of up to 256 rows keep the matmul ``linear_tuning`` timed for them and ``silu_and_mul``.
+Decode graphs over 256 rows (``max_num_seqs`` above 256) take the fused kernel, unmeasured
+there. A batch that cannot take it (an unaligned view) would need the ``[T, 2I]`` product the
+KV budget's activation profile no longer counts: the engine's own activations never are."""
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -86,7 +90,12 @@ def fused_gate_up_supported(x: torch.Tensor, weight: torch.Tensor, interleave: i
             and weight.dim() == 2 and x.shape[1] == weight.shape[1] and weight.shape[0] % (2 * FUSED_HALF) == 0
             and x.is_contiguous() and weight.is_contiguous() and (x.shape[1] * x.element_size()) % 16 == 0
             and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0 and x.device == weight.device
-            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+            and _has_tma(x.device.index))
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device_index: int | None) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def gate_up_silu_triton(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,

@@ -37,6 +37,9 @@ ALIGNMENT = 256
 heuristic assumes 256 unless told otherwise, and the algorithms were timed on such tensors
 (fresh allocations are; a view with an offset may not be, and falls back to ``F.linear``)."""
 _workspaces: dict[int, torch.Tensor] = {}
+TUNER_VERSION = 1
+"""Part of every cached entry's key: raise it when what ``tune`` times or how it decides
+changes (candidates, replays, margins), so older outcomes are not restored."""
 SPLITS: tuple[int, ...] = ()
 """Split-K variants tried of each heuristic candidate (besides its other CTA swizzling). None
 at start: at the Llama-3-8B shapes no split-K variant was ever kept (three H100 runs of
@@ -216,14 +219,21 @@ def _restore(entry: dict, probe: _Probe, mm, workspace: torch.Tensor) -> tuple[T
     the shape and that computes the product; None to time the shape again."""
     try:
         algo = None if entry["algo"] is None else bytes.fromhex(entry["algo"])
-        tuned = Tuned(mm.m, mm.n, mm.k, float(entry["baseline_us"]), float(entry["best_us"]), entry["choice"],
-                      int(entry["tried"]), entry["kept_ratio"], cached=True)
+        choice, ratio = entry["choice"], entry["kept_ratio"]
+        if not (choice is None or isinstance(choice, str)) or not (ratio is None or isinstance(ratio, (int, float))):
+            return None
+        tuned = Tuned(mm.m, mm.n, mm.k, float(entry["baseline_us"]), float(entry["best_us"]), choice,
+                      int(entry["tried"]), ratio, cached=True)
     except (KeyError, TypeError, ValueError):
         return None
     if algo is None:
         return tuned, None
-    cand = mm.restore(algo)
-    if cand is None or not probe.correct(mm, cand, workspace):
+    try:  # cuBLASLt may still refuse to run what its check accepted: then time the shape again
+        cand = mm.restore(algo)
+        ok = cand is not None and probe.correct(mm, cand, workspace)
+    except Exception:
+        ok = False
+    if not ok:
         logger.warning("cached cuBLASLt algorithm %s for %dx%dx%d no longer holds: timing again", entry["choice"],
                        mm.m, mm.n, mm.k)
         return None
@@ -264,7 +274,7 @@ def tune(weights: dict[tuple[int, int], list[torch.Tensor]], rows: list[int], *,
             for w in ws:
                 _table.pop((m, w.data_ptr(), dtype, dev.index), None)
             probe, mm = _Probe(m, n, k, ws, acc, max_weights), LtMatmul(m, n, k, dtype)
-            key = shape_key(m, n, k, dtype, acc, min_gain)
+            key = f"{shape_key(m, n, k, dtype, acc, min_gain)}|{len(probe.use)} weights|tuner {TUNER_VERSION}"
             entry = cache.get(key) if cache is not None and not search else None
             outcome = _restore(entry, probe, mm, workspace) if entry is not None else None
             if outcome is None:

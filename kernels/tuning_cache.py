@@ -10,12 +10,15 @@ kept algorithm's opaque bytes (or none: ``F.linear`` stays) and the timings it w
 by; ``tune`` re-checks a restored algorithm (cuBLASLt must accept it for the shape, and
 its product must match ``F.linear``'s) before using it, and times the shape again if not.
 
-One JSON file, ``{"version": 1, "environments": {env: {shape key: entry}}}``. Writes
+One JSON file per format version (``file_name``), ``{"version": 1, "environments": {env:
+{shape key: entry}}}``, world-readable so pods of other users can share it. Writes
 merge with what the file holds by then, under an advisory lock beside it (workers of one
 node starting together each add their shapes, none lost), and replace it atomically (a
 reader never sees half a file). An unreadable
 or foreign file is ignored with a warning and overwritten on save: the cache only ever
-saves time.
+saves time. The lock is advisory (``flock``): on a network volume that does not honour it,
+two writers may drop each other's new entries, which the next start times again. To
+re-time everything, delete the file.
 """
 
 from __future__ import annotations
@@ -32,6 +35,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+
+
+def file_name() -> str:
+    """The cache's file name: versioned, so two kvmesh versions sharing a directory (a rolling
+    upgrade) keep separate files instead of overwriting each other's."""
+    return f"matmul-tuning-v{FORMAT_VERSION}.json"
 
 
 def environment(device: torch.device) -> str:
@@ -84,16 +93,24 @@ class TuningCache:
         if not self._new:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # read-merge-write as one step among this node's writers
+        umask = os.umask(0)
+        os.umask(umask)
+        lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)  # read-merge-write as one step among this node's writers
             environments = self._read()
             environments.setdefault(self.env, {}).update(self._new)
             fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", dir=self.path.parent)
             try:
+                os.fchmod(fd, 0o644 & ~umask)  # readable by the other users a shared cache serves
                 with os.fdopen(fd, "w") as f:
                     json.dump({"version": FORMAT_VERSION, "environments": environments}, f, indent=1, sort_keys=True)
+                    f.flush()
+                    os.fsync(f.fileno())  # the new content is on disk before it replaces the old
                 os.replace(tmp, self.path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
+        finally:
+            os.close(lock_fd)
         self._new.clear()

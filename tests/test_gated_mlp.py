@@ -63,5 +63,6 @@ def test_a_model_with_interleaved_weights_generates_the_same(tiny_model_dir):
     assert all(layer.mlp.gate_up_interleave == 32 for layer in model.layers)
     torch.testing.assert_close(model.layers[0].mlp.gate_up_proj.weight, interleave_gate_up(before, 32))
     with pytest.raises(ValueError, match="interleaved by 32, not 64"):
-        model.interleave_gate_up(64)
+        model.interleave_gate_up(64, fused=True)
+    assert not any(layer.mlp.fused_gate_up for layer in model.layers)  # refused before any change
     assert _generate(engine, prompts) == plain

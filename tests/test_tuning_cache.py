@@ -184,3 +184,39 @@ def test_restore_of_a_kept_baseline_checks_nothing():
 @pytest.mark.parametrize("broken", [{}, {**ENTRY, "algo": "zz"}, {**ENTRY, "tried": "many"}, {**ENTRY, "algo": 5}])
 def test_a_malformed_entry_means_timing_again(broken):
     assert linear_tuning._restore(broken, _Probe(True), _Shape(None), None) is None
+
+
+def test_the_file_is_readable_by_others_and_versioned(tmp_path):
+    from kernels.tuning_cache import file_name
+
+    assert file_name() == f"matmul-tuning-v{FORMAT_VERSION}.json"
+    path = tmp_path / file_name()
+    cache = TuningCache(path, "A")
+    cache.put("x", ENTRY)
+    old = os.umask(0o022)
+    try:
+        cache.save()
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # pods of other users read a shared cache
+
+
+class _Refusing(_Shape):
+    def restore(self, algo: bytes):
+        raise RuntimeError("cublasLtMatmul failed with cublasStatus 15")
+
+
+class _Crashing(_Probe):
+    def correct(self, mm, cand, workspace) -> bool:
+        raise RuntimeError("cublasLtMatmul failed with cublasStatus 15")
+
+
+def test_a_kept_algorithm_that_fails_to_run_means_timing_again():
+    """cuBLASLt may refuse at run time what its check accepted: the shape is timed again
+    (and its entry replaced), not the whole tuning given up."""
+    algo = bytes(range(64))
+    entry = {**ENTRY, "algo": algo.hex(), "choice": "c"}
+    assert linear_tuning._restore(entry, _Probe(True), _Refusing(algo), None) is None
+    assert linear_tuning._restore(entry, _Crashing(True), _Shape(algo), None) is None
+    assert linear_tuning._restore({**entry, "kept_ratio": "fast"}, _Probe(True), _Shape(algo), None) is None
+    assert linear_tuning._restore({**entry, "choice": 7}, _Probe(True), _Shape(algo), None) is None

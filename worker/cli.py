@@ -80,7 +80,7 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
                    help="on CUDA, run the MLP's gate/up matmul and its SiLU gate as two kernels at every batch size")
     e.add_argument("--no-matmul-tuning-cache", action="store_true",
                    help="time the matmuls at every start instead of restoring earlier outcomes from "
-                        "$KVMESH_CACHE_DIR/matmul-tuning.json")
+                        "$KVMESH_CACHE_DIR/matmul-tuning-v1.json")
     e.add_argument("--no-prefill-cuda-graphs", action="store_true",
                    help="prefill a lone prompt of up to 512 tokens eagerly instead of replaying a CUDA graph")
     e.add_argument("--no-async-scheduling", action="store_true",

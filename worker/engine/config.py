@@ -84,7 +84,7 @@ class EngineConfig:
     (``kernels/gate_up_silu_triton.py``) instead of cuBLAS then ``silu_and_mul``."""
 
     matmul_tuning_cache: bool = True
-    """Keep the tuning's outcomes in ``$KVMESH_CACHE_DIR/matmul-tuning.json`` (default
+    """Keep the tuning's outcomes in ``$KVMESH_CACHE_DIR/matmul-tuning-v1.json`` (default
     ``~/.cache/kvmesh``), per GPU model and cuBLASLt/torch version, and restore them at the
     next start instead of timing (``kernels/tuning_cache.py``)."""
 

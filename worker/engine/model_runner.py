@@ -171,7 +171,7 @@ class ModelRunner:
             from kernels.gate_up_silu_triton import FUSED_MIN_ROWS
 
             gate_up = tuple(self.model.layers[0].mlp.gate_up_proj.weight.shape)
-            skip = frozenset((gate_up, m) for m in prefill_rows if m > FUSED_MIN_ROWS)
+            skip = frozenset((gate_up, m) for m in rows + prefill_rows if m > FUSED_MIN_ROWS)
         try:
             results = linear_tuning.tune(weights, sorted(set(rows + prefill_rows)), accumulate=accumulate, cache=cache,
                                          skip=skip)
@@ -202,11 +202,11 @@ class ModelRunner:
         """The on-disk tuning outcomes for this device (``matmul_tuning_cache``), or None."""
         if not self.config.matmul_tuning_cache:
             return None
-        from kernels.tuning_cache import TuningCache, environment
+        from kernels.tuning_cache import TuningCache, environment, file_name
         from worker.models.hub import cache_dir
 
         try:
-            return TuningCache(cache_dir() / "matmul-tuning.json", environment(self.device))
+            return TuningCache(cache_dir() / file_name(), environment(self.device))
         except Exception:  # the cache only saves time: tune without it
             logger.warning("matmul tuning cache unavailable; timing every shape", exc_info=True)
             return None

@@ -110,15 +110,18 @@ class LlamaForCausalLM(nn.Module):
         """Reorder every layer's gate/up weight rows in runs of ``interleave`` (the fused
         gate kernel's layout, ``kernels/gate_up_silu_triton.py``); the MLPs read them so on
         every device, with ``fused`` through that kernel where it applies. Once: a model
-        already interleaved keeps its weights."""
+        already interleaved keeps its weights. The weights are replaced, not rewritten in
+        place: a model serves one live engine (another's CUDA graphs would still read the
+        old tensors)."""
+        done = {layer.mlp.gate_up_interleave for layer in self.layers} - {0, interleave}
+        if done:
+            raise ValueError(f"gate/up weights are interleaved by {done.pop()}, not {interleave}")
         for layer in self.layers:
-            layer.mlp.fused_gate_up = fused
             mlp = layer.mlp
             if mlp.gate_up_interleave == 0:
                 mlp.gate_up_proj.weight.data = interleave_gate_up(mlp.gate_up_proj.weight.data, interleave)
                 mlp.gate_up_interleave = interleave
-            elif mlp.gate_up_interleave != interleave:
-                raise ValueError(f"gate/up weights are interleaved by {mlp.gate_up_interleave}, not {interleave}")
+            mlp.fused_gate_up = fused
 
     def init_rope(self, max_positions: int, device: torch.device) -> None:
         """Build the float32 cos/sin table for positions ``[0, max_positions)``."""
