@@ -8,6 +8,8 @@ columns, so ``gate_up_silu`` can run the matmul and the gate as one kernel on CU
 (``gate_up_silu_triton.py``) and never write the ``2I``-wide product: at 8,192 rows of a
 Llama-3-8B layer that product is 470 MB written and read back per layer. Every other
 case runs the matmul (``linear``), then ``silu_and_mul``, which reads the product once.
+A tensor-parallel shard of an interleaved weight must be whole pairs of runs (a contiguous
+range of ``2 * interleave`` rows), so that each shard's gate and up columns still match.
 """
 
 from __future__ import annotations
