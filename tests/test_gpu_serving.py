@@ -112,6 +112,9 @@ def test_gpu_bench_batch1_medians_and_offline_run_on_an_engine(tmp_path) -> None
     assert results["kvmesh_offline_x"] == pytest.approx(2 * 256 / results["kvmesh_offline_x_s"])
     steps = results["kvmesh_offline_x_steps"]
     assert steps["decode_steps"] + steps["mixed_steps"] >= 256
+    # the run's start, broken down: adding the requests, then the first launch inside the first call
+    assert 0 < steps["add_requests_ms"] and 0 < steps["first_launch_ms"] <= steps["first_call_ms"]
+    assert steps["first_launch_mallocs"] == 0  # a CPU engine allocates nothing on a device
 
 
 def test_gpu_bench_decode_variant_tables() -> None:
