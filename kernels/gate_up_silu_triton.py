@@ -77,7 +77,9 @@ def _gate_up_silu_kernel(x_desc, w_desc, out_desc, M, N2, K, NUM_PROGRAMS: tl.co
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for kk in range(k_tiles):
             acc = tl.dot(x_desc.load([m0, kk * BLOCK_K]), w_desc.load([n0, kk * BLOCK_K]).T, acc)
-        gate, up = tl.split(tl.permute(tl.reshape(round_to(acc, out_desc.dtype), [BLOCK_M, 2, BLOCK_N // 2]), (0, 2, 1)))
+        # [BLOCK_M, BLOCK_N] -> [BLOCK_M, 2, BLOCK_N / 2]: index 0 the tile's left (gate) half
+        halves = tl.reshape(round_to(acc, out_desc.dtype), [BLOCK_M, 2, BLOCK_N // 2])
+        gate, up = tl.split(tl.permute(halves, (0, 2, 1)))
         act = round_to(gate / (1.0 + tl.exp(-gate)), out_desc.dtype)
         out_desc.store([m0, n0 // 2], (act * up).to(out_desc.dtype))
 
@@ -111,13 +113,15 @@ def gate_up_silu_triton(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
     if out is None:
         out = torch.empty((m, inter), dtype=x.dtype, device=x.device)
     require(out.shape == (m, inter) and out.dtype == x.dtype and out.is_contiguous() and out.data_ptr() % 16 == 0,
-            f"out must be a contiguous, 16-byte aligned [{m}, {inter}] {x.dtype} tensor, got {tuple(out.shape)} {out.dtype}")
+            f"out must be a contiguous, 16-byte aligned [{m}, {inter}] {x.dtype} tensor, "
+            f"got {tuple(out.shape)} {out.dtype}")
     if m == 0:
         return out
     t, block_n = tuning, 2 * FUSED_HALF
     programs = min(num_sms(x.device), triton.cdiv(m, t.block_m) * (weight.shape[0] // block_n))
     _gate_up_silu_kernel[(programs,)](
-        TensorDescriptor.from_tensor(x, [t.block_m, t.block_k]), TensorDescriptor.from_tensor(weight, [block_n, t.block_k]),
+        TensorDescriptor.from_tensor(x, [t.block_m, t.block_k]),
+        TensorDescriptor.from_tensor(weight, [block_n, t.block_k]),
         TensorDescriptor.from_tensor(out, [t.block_m, FUSED_HALF]), m, weight.shape[0], k, NUM_PROGRAMS=programs,
         BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, num_warps=t.num_warps,
         num_stages=t.num_stages,

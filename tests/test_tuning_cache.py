@@ -135,9 +135,10 @@ def test_concurrent_saves_leave_a_whole_file_with_every_entry(tmp_path):
 
 
 def test_shape_keys_tell_apart_what_changes_the_answer():
-    keys = {shape_key(256, 4096, 14336, torch.bfloat16, True, 0.02), shape_key(256, 4096, 14336, torch.bfloat16, False, 0.02),
-            shape_key(256, 4096, 14336, torch.float16, True, 0.02), shape_key(256, 4096, 14336, torch.bfloat16, True, -1.0),
-            shape_key(128, 4096, 14336, torch.bfloat16, True, 0.02), shape_key(256, 14336, 4096, torch.bfloat16, True, 0.02)}
+    bf16 = torch.bfloat16
+    keys = {shape_key(256, 4096, 14336, bf16, True, 0.02), shape_key(256, 4096, 14336, bf16, False, 0.02),
+            shape_key(256, 4096, 14336, torch.float16, True, 0.02), shape_key(256, 4096, 14336, bf16, True, -1.0),
+            shape_key(128, 4096, 14336, bf16, True, 0.02), shape_key(256, 14336, 4096, bf16, True, 0.02)}
     assert len(keys) == 6
 
 
