@@ -93,8 +93,6 @@ class TuningCache:
         if not self._new:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        umask = os.umask(0)
-        os.umask(umask)
         lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)  # read-merge-write as one step among this node's writers
@@ -102,7 +100,9 @@ class TuningCache:
             environments.setdefault(self.env, {}).update(self._new)
             fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", dir=self.path.parent)
             try:
-                os.fchmod(fd, 0o644 & ~umask)  # readable by the other users a shared cache serves
+                # readable by the other users a shared cache serves (set outright: reading the
+                # umask means setting it, process-wide, under other threads)
+                os.fchmod(fd, 0o644)
                 with os.fdopen(fd, "w") as f:
                     json.dump({"version": FORMAT_VERSION, "environments": environments}, f, indent=1, sort_keys=True)
                     f.flush()
