@@ -84,15 +84,22 @@ def _gate_up_silu_kernel(x_desc, w_desc, out_desc, M, N2, K, NUM_PROGRAMS: tl.co
         out_desc.store([m0, n0 // 2], (act * up).to(out_desc.dtype))
 
 
+def fused_gate_up_fits(hidden: int, intermediate: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a model's gate/up weight (``[2 * intermediate, hidden]``) can take the kernel:
+    16-bit, rows of whole runs of ``FUSED_HALF``, 16-byte rows (TMA), on a CUDA GPU with TMA
+    (sm_90+). The runner interleaves the weight only then."""
+    return (dtype in _DTYPES and intermediate % FUSED_HALF == 0 and (hidden * dtype.itemsize) % 16 == 0
+            and device.type == "cuda" and _has_tma(device.index))
+
+
 def fused_gate_up_supported(x: torch.Tensor, weight: torch.Tensor, interleave: int) -> bool:
-    """Whether ``gate_up_silu_triton`` takes these operands: a weight interleaved in runs of
-    ``FUSED_HALF``, 16-bit operands of one dtype, contiguous and 16-byte aligned (TMA), on
-    a GPU with TMA (sm_90+)."""
-    return (interleave == FUSED_HALF and x.dtype in _DTYPES and weight.dtype == x.dtype and x.dim() == 2
-            and weight.dim() == 2 and x.shape[1] == weight.shape[1] and weight.shape[0] % (2 * FUSED_HALF) == 0
-            and x.is_contiguous() and weight.is_contiguous() and (x.shape[1] * x.element_size()) % 16 == 0
-            and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0 and x.device == weight.device
-            and _has_tma(x.device.index))
+    """Whether ``gate_up_silu_triton`` takes these operands: a weight that fits
+    (``fused_gate_up_fits``) interleaved in runs of ``FUSED_HALF``, ``x`` of its dtype and
+    width, both contiguous and 16-byte aligned (TMA)."""
+    return (interleave == FUSED_HALF and x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1]
+            and weight.dtype == x.dtype and x.device == weight.device and x.is_contiguous() and weight.is_contiguous()
+            and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+            and fused_gate_up_fits(weight.shape[1], weight.shape[0] // 2, weight.dtype, weight.device))
 
 
 @functools.lru_cache(maxsize=None)

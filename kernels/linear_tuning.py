@@ -139,6 +139,12 @@ def _interleaved(base: torch.cuda.CUDAGraph, other: torch.cuda.CUDAGraph, replay
     return statistics.median(times[0::2]), statistics.median(times[1::2])
 
 
+def _weights_timed(m: int, n: int, k: int, count: int, max_weights: int) -> int:
+    """How many of a shape's ``count`` distinct weights one timing runs over: enough that
+    nothing stays in L2 (big products need few)."""
+    return min(count, max(1, min(max_weights, (256 << 20) // (m * k * 2 + n * k * 2) + 1)))
+
+
 class _Probe:
     """One shape's operands for timing and for checking a candidate against ``F.linear``.
 
@@ -148,8 +154,7 @@ class _Probe:
     def __init__(self, m: int, n: int, k: int, ws: list[torch.Tensor], accumulate: bool, max_weights: int) -> None:
         dev, dtype = ws[0].device, ws[0].dtype
         self.accumulate = accumulate
-        # enough distinct weights that nothing stays in L2 (big products need few)
-        self.use = ws[: max(1, min(max_weights, (256 << 20) // (m * k * 2 + n * k * 2) + 1))]
+        self.use = ws[: _weights_timed(m, n, k, len(ws), max_weights)]
         self.x = torch.randn(m, k, dtype=dtype, device=dev)
         self.out = torch.zeros(m, n, dtype=dtype, device=dev)
         self.rows = torch.cat([torch.arange(min(m, 256)), torch.arange(max(0, m - 256), m)]).unique().to(dev)
@@ -214,9 +219,10 @@ def _time_shape(probe: _Probe, mm, workspace: torch.Tensor, replays: int, min_ga
                  confirmed if best is not None else None), best
 
 
-def _restore(entry: dict, probe: _Probe, mm, workspace: torch.Tensor) -> tuple[Tuned, object] | None:
+def _restore(entry: dict, probe, mm, workspace: torch.Tensor) -> tuple[Tuned, object] | None:
     """A cached outcome, if it still holds: no algorithm kept, or one cuBLASLt accepts for
-    the shape and that computes the product; None to time the shape again."""
+    the shape and that computes the product (checked on ``probe()``, made only then); None
+    to time the shape again."""
     try:
         algo = None if entry["algo"] is None else bytes.fromhex(entry["algo"])
         choice, ratio = entry["choice"], entry["kept_ratio"]
@@ -230,7 +236,7 @@ def _restore(entry: dict, probe: _Probe, mm, workspace: torch.Tensor) -> tuple[T
         return tuned, None
     try:  # cuBLASLt may still refuse to run what its check accepted: then time the shape again
         cand = mm.restore(algo)
-        ok = cand is not None and probe.correct(mm, cand, workspace)
+        ok = cand is not None and probe().correct(mm, cand, workspace)
     except Exception:
         ok = False
     if not ok:
@@ -273,16 +279,24 @@ def tune(weights: dict[tuple[int, int], list[torch.Tensor]], rows: list[int], *,
                 continue
             for w in ws:
                 _table.pop((m, w.data_ptr(), dtype, dev.index), None)
-            probe, mm = _Probe(m, n, k, ws, acc, max_weights), LtMatmul(m, n, k, dtype)
-            key = f"{shape_key(m, n, k, dtype, acc, min_gain)}|{len(probe.use)} weights|tuner {TUNER_VERSION}"
+            mm = LtMatmul(m, n, k, dtype)
+            probes: list[_Probe] = []  # operands, made only when a check or a timing needs them
+
+            def probe() -> _Probe:
+                if not probes:
+                    probes.append(_Probe(m, n, k, ws, acc, max_weights))
+                return probes[0]
+
+            key = shape_key(m, n, k, dtype, acc, min_gain, _weights_timed(m, n, k, len(ws), max_weights),
+                            TUNER_VERSION)
             entry = cache.get(key) if cache is not None and not search else None
             outcome = _restore(entry, probe, mm, workspace) if entry is not None else None
             if outcome is None:
-                outcome = _time_shape(probe, mm, workspace, replays, min_gain, search)
+                outcome = _time_shape(probe(), mm, workspace, replays, min_gain, search)
                 if cache is not None and not search:
                     cache.put(key, _entry(*outcome))
             tuned, best = outcome
-            del probe
+            probes.clear()
             if best is not None:
                 for w in ws:
                     _table[(m, w.data_ptr(), dtype, dev.index)] = (mm, best, workspace)

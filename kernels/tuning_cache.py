@@ -52,10 +52,13 @@ def environment(device: torch.device) -> str:
             f"cublasLt {library_version()}|torch {torch.__version__}")
 
 
-def shape_key(rows: int, n: int, k: int, dtype: torch.dtype, accumulate: bool, min_gain: float) -> str:
+def shape_key(rows: int, n: int, k: int, dtype: torch.dtype, accumulate: bool, min_gain: float, weights: int,
+              tuner: int) -> str:
     """An entry's key: the product ``[rows, k] @ [n, k].T`` in ``dtype``, whether it adds into
-    its output, and the margin a candidate had to beat ``F.linear`` by."""
-    return f"{rows}x{n}x{k}|{str(dtype).removeprefix('torch.')}|{'acc' if accumulate else 'out'}|gain {min_gain:g}"
+    its output, the margin a candidate had to beat ``F.linear`` by, how many distinct weights
+    the timing ran over (one stays in L2, 32 do not) and the tuner's version."""
+    return (f"{rows}x{n}x{k}|{str(dtype).removeprefix('torch.')}|{'acc' if accumulate else 'out'}|gain {min_gain:g}|"
+            f"{weights} weights|tuner {tuner}")
 
 
 class TuningCache:

@@ -149,6 +149,20 @@ def test_gate_up_silu_fused(dtype, rows, k, inter):
     assert torch.equal(out, got)
 
 
+def test_fused_gate_up_fits_only_what_the_kernel_takes():
+    """What the runner interleaves for: 16-bit, whole runs of rows, 16-byte rows, a TMA GPU."""
+    from kernels.gate_up_silu_triton import fused_gate_up_fits
+
+    dev = torch.device(DEVICE)
+    tma = dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
+    assert fused_gate_up_fits(4096, 14336, torch.bfloat16, dev) == tma
+    assert fused_gate_up_fits(576, 1536, torch.float16, dev) == tma
+    assert not fused_gate_up_fits(4096, 14336 + 64, torch.bfloat16, dev)  # not whole runs of 128
+    assert not fused_gate_up_fits(4100, 14336, torch.bfloat16, dev)  # 8,200-byte rows
+    assert not fused_gate_up_fits(4096, 14336, torch.float32, dev)
+    assert not fused_gate_up_fits(4096, 14336, torch.bfloat16, torch.device("cpu"))
+
+
 @FUSED_ONLY
 def test_gate_up_silu_dispatch(monkeypatch):
     """``gate_up_silu`` takes the fused kernel for an interleaved weight above

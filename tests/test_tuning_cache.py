@@ -136,10 +136,12 @@ def test_concurrent_saves_leave_a_whole_file_with_every_entry(tmp_path):
 
 def test_shape_keys_tell_apart_what_changes_the_answer():
     bf16 = torch.bfloat16
-    keys = {shape_key(256, 4096, 14336, bf16, True, 0.02), shape_key(256, 4096, 14336, bf16, False, 0.02),
-            shape_key(256, 4096, 14336, torch.float16, True, 0.02), shape_key(256, 4096, 14336, bf16, True, -1.0),
-            shape_key(128, 4096, 14336, bf16, True, 0.02), shape_key(256, 14336, 4096, bf16, True, 0.02)}
-    assert len(keys) == 6
+    keys = {shape_key(256, 4096, 14336, bf16, True, 0.02, 32, 1), shape_key(256, 4096, 14336, bf16, False, 0.02, 32, 1),
+            shape_key(256, 4096, 14336, torch.float16, True, 0.02, 32, 1),
+            shape_key(256, 4096, 14336, bf16, True, -1.0, 32, 1), shape_key(128, 4096, 14336, bf16, True, 0.02, 32, 1),
+            shape_key(256, 14336, 4096, bf16, True, 0.02, 32, 1), shape_key(256, 4096, 14336, bf16, True, 0.02, 1, 1),
+            shape_key(256, 4096, 14336, bf16, True, 0.02, 32, 2)}
+    assert len(keys) == 8
 
 
 class _Shape:
@@ -167,24 +169,25 @@ class _Probe:
 def test_restore_takes_a_kept_algorithm_only_after_both_checks():
     algo = bytes(range(64))
     entry = {**ENTRY, "algo": algo.hex(), "choice": "(6, 18, 1, 0, 0, 0, 0)", "kept_ratio": 0.9}
-    tuned, cand = linear_tuning._restore(entry, _Probe(True), _Shape(algo), None)
+    tuned, cand = linear_tuning._restore(entry, lambda: _Probe(True), _Shape(algo), None)
     assert cand == f"candidate {algo.hex()}" and tuned.cached and tuned.choice == entry["choice"]
     assert (tuned.rows, tuned.n, tuned.k, tuned.kept_ratio) == (256, 4096, 4096, 0.9)
-    assert linear_tuning._restore(entry, _Probe(False), _Shape(algo), None) is None  # wrong product: time again
+    assert linear_tuning._restore(entry, lambda: _Probe(False), _Shape(algo), None) is None  # wrong product: time again
     shape = _Shape(accepts=None)  # cuBLASLt no longer accepts it for the shape
-    assert linear_tuning._restore(entry, _Probe(True), shape, None) is None and shape.restored == [algo]
+    assert linear_tuning._restore(entry, lambda: _Probe(True), shape, None) is None and shape.restored == [algo]
 
 
 def test_restore_of_a_kept_baseline_checks_nothing():
-    probe, shape = _Probe(True), _Shape(None)
-    tuned, cand = linear_tuning._restore(ENTRY, probe, shape, None)
+    """Not even the operands are made (no allocation, no product at start-up)."""
+    made, shape = [], _Shape(None)
+    tuned, cand = linear_tuning._restore(ENTRY, lambda: made.append(1) or _Probe(True), shape, None)
     assert cand is None and tuned.cached and tuned.choice is None and tuned.tried == 3
-    assert probe.checked == [] and shape.restored == []
+    assert made == [] and shape.restored == []
 
 
 @pytest.mark.parametrize("broken", [{}, {**ENTRY, "algo": "zz"}, {**ENTRY, "tried": "many"}, {**ENTRY, "algo": 5}])
 def test_a_malformed_entry_means_timing_again(broken):
-    assert linear_tuning._restore(broken, _Probe(True), _Shape(None), None) is None
+    assert linear_tuning._restore(broken, lambda: _Probe(True), _Shape(None), None) is None
 
 
 def test_the_file_is_readable_by_others_and_versioned(tmp_path):
@@ -213,7 +216,7 @@ def test_a_kept_algorithm_that_fails_to_run_means_timing_again():
     (and its entry replaced), not the whole tuning given up."""
     algo = bytes(range(64))
     entry = {**ENTRY, "algo": algo.hex(), "choice": "c"}
-    assert linear_tuning._restore(entry, _Probe(True), _Refusing(algo), None) is None
-    assert linear_tuning._restore(entry, _Crashing(True), _Shape(algo), None) is None
-    assert linear_tuning._restore({**entry, "kept_ratio": "fast"}, _Probe(True), _Shape(algo), None) is None
-    assert linear_tuning._restore({**entry, "choice": 7}, _Probe(True), _Shape(algo), None) is None
+    assert linear_tuning._restore(entry, lambda: _Probe(True), _Refusing(algo), None) is None
+    assert linear_tuning._restore(entry, lambda: _Crashing(True), _Shape(algo), None) is None
+    assert linear_tuning._restore({**entry, "kept_ratio": "fast"}, lambda: _Probe(True), _Shape(algo), None) is None
+    assert linear_tuning._restore({**entry, "choice": 7}, lambda: _Probe(True), _Shape(algo), None) is None

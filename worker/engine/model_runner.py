@@ -127,12 +127,10 @@ class ModelRunner:
         """With ``fused`` (``fused_gate_up``), the gate/up weights in the fused gate kernel's
         layout where that kernel can run; without, that kernel off (a model another engine
         interleaved keeps its layout, which the two-pass gate reads as well)."""
-        from kernels.gate_up_silu_triton import FUSED_HALF
+        from kernels.gate_up_silu_triton import FUSED_HALF, fused_gate_up_fits
 
-        if (fused and self.dtype in (torch.bfloat16, torch.float16)
-                and torch.cuda.get_device_capability(self.device)[0] >= 9
-                and self.model_config.intermediate_size % FUSED_HALF == 0
-                and (self.model_config.hidden_size * self.dtype.itemsize) % 16 == 0):
+        mc = self.model_config
+        if fused and fused_gate_up_fits(mc.hidden_size, mc.intermediate_size, self.dtype, self.device):
             self.model.interleave_gate_up(FUSED_HALF, fused=True)
         else:
             for layer in self.model.layers:
