@@ -94,7 +94,11 @@ def gate_up_silu(x: torch.Tensor, w: torch.Tensor, cfg) -> torch.Tensor:
 
 
 IL_CONFIGS = [GateUpTuning(), GateUpTuning(num_stages=4), GateUpTuning(block_m=256), GateUpTuning(group_m=16),
-              GateUpTuning(block_k=32, num_stages=5)]
+              GateUpTuning(block_k=32, num_stages=5),
+              # decode-sized batches (<= 256 rows): one warpgroup's 64-row tiles, deeper pipelines
+              GateUpTuning(block_m=64, num_warps=4, num_stages=4), GateUpTuning(block_m=64, num_warps=4, num_stages=5),
+              GateUpTuning(block_m=64, block_k=32, num_warps=4, num_stages=8),
+              GateUpTuning(block_m=64, num_warps=8, num_stages=4)]
 """``--only gate_up_il``: the engine's fused kernel (``kernels/gate_up_silu_triton.py``) at these
 tunings. Session 15 also timed warp specialisation and 128-wide tiles (runs of 64): no better."""
 

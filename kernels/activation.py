@@ -61,9 +61,9 @@ def gate_up_silu_ref(x: torch.Tensor, weight: torch.Tensor, interleave: int = 0)
 
 def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, interleave: int = 0, fused: bool = True) -> torch.Tensor:
     """``silu(x @ W_gate.T) * (x @ W_up.T)`` for the gate/up ``weight`` in the layout
-    ``interleave`` names: with ``fused``, one kernel for prefill-sized CUDA batches of a
-    weight interleaved as it expects; else the matmul and ``silu_and_mul``."""
-    if (fused and interleave and use_triton(x) and x.dim() == 2 and x.shape[0] > FUSED_MIN_ROWS
+    ``interleave`` names: with ``fused``, one kernel for CUDA batches of ``FUSED_MIN_ROWS`` rows
+    or more over a weight interleaved as it expects; else the matmul and ``silu_and_mul``."""
+    if (fused and interleave and use_triton(x) and x.dim() == 2 and x.shape[0] >= FUSED_MIN_ROWS
             and fused_gate_up_supported(x, weight, interleave)):
         return gate_up_silu_triton(x, weight)
     return silu_and_mul(linear(x, weight), interleave)

@@ -15,7 +15,10 @@ Measured on an H100 (``benchmarks/gpu_mlp_fusions.py --only gate_up_il``, µs a 
 Llama-3-8B gate/up): 8,192 rows 2,696.8 against cuBLAS + ``silu_and_mul`` 2,856.1 /
 2,884.0 (before / after; cuBLAS's matmul alone 2,671.7); 2,048 rows 683.8 against
 709.3 / 805.7. Warp specialisation, 128-wide tiles (runs of 64) and 256-row tiles were
-no better. An earlier form with two accumulators (gate and up weight tiles loaded
+no better. Decode batches of 128-256 rows gain as well, with their own tunings
+(``tuning_for_rows``; ``FUSED_MIN_ROWS`` has the figures): there the kernel saves the
+``silu_and_mul`` launch and its pass, and a deeper pipeline than cuBLAS's keeps the weight
+stream going. An earlier form with two accumulators (gate and up weight tiles loaded
 separately) was ~20 % behind cuBLAS (docs/PERFORMANCE.md).
 
 Rounds as the two-pass form does: both products to the activation dtype, then
@@ -37,12 +40,15 @@ from kernels.rounding_triton import round_to
 
 FUSED_HALF = 128
 """Rows of a run of the interleaved weight: half the output tile's columns."""
-FUSED_MIN_ROWS = 256
-"""Batches of more rows take the fused kernel (measured at 2,048-16,384 rows); decode batches
-of up to 256 rows keep the matmul ``linear_tuning`` timed for them and ``silu_and_mul``.
-Decode graphs over 256 rows (``max_num_seqs`` above 256) take the fused kernel, unmeasured
-there. A batch that cannot take it (an unaligned view) would need the ``[T, 2I]`` product the
-KV budget's activation profile no longer counts: the engine's own activations never are."""
+FUSED_MIN_ROWS = 128
+"""Batches of at least this many rows take the fused kernel. Measured on an H100
+(``benchmarks/gpu_mlp_fusions.py --only gate_up_il --rows 256,192,128,64``, µs a Llama-3-8B
+layer, cuBLAS + ``silu_and_mul`` against the fused kernel at ``tuning_for_rows``): 256 rows
+110.8 / 111.4 against 103.8, 192 rows 102.1 / 102.5 against 99.0, 128 rows 95.0 / 94.7
+against 88.7; at 64 rows 90.6 / 90.8 against 89.3-92.6, no gain, so smaller decode
+batches keep the matmul ``linear_tuning`` timed for them and ``silu_and_mul``. A batch that
+cannot take it (an unaligned view) would need the ``[T, 2I]`` product the KV budget's
+activation profile no longer counts: the engine's own activations never are."""
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -60,6 +66,20 @@ class GateUpTuning:
 
 
 DEFAULT_TUNING = GateUpTuning()
+"""Prefill-sized batches (over 256 rows): 2,048-16,384 rows measured (module docstring)."""
+_DECODE_TUNING = GateUpTuning(num_stages=4)
+"""193-256 rows: two row tiles, so each program streams weight tiles with little compute
+between them; a deeper pipeline keeps more loads in flight (103.8 against 111.5 µs at 256)."""
+_SMALL_TUNING = GateUpTuning(block_m=64, num_warps=4, num_stages=5)
+"""Up to 192 rows: one warpgroup's 64-row tiles, five stages (99.0 against 110.0 µs at 192
+rows, 88.7 against 92.3 at 128)."""
+
+
+def tuning_for_rows(rows: int) -> GateUpTuning:
+    """The launch parameters for a batch of ``rows`` (each a compiled variant: three in all)."""
+    if rows > 256:
+        return DEFAULT_TUNING
+    return _DECODE_TUNING if rows > 192 else _SMALL_TUNING
 
 
 @triton.jit(do_not_specialize=["M"])  # one compile for every row count: no compile in the middle of a run
@@ -108,9 +128,10 @@ def _has_tma(device_index: int | None) -> bool:
 
 
 def gate_up_silu_triton(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
-                        tuning: GateUpTuning = DEFAULT_TUNING) -> torch.Tensor:
+                        tuning: GateUpTuning | None = None) -> torch.Tensor:
     """``x`` ``[T, K]``, ``weight`` ``[2I, K]`` interleaved in runs of ``FUSED_HALF`` ->
-    ``[T, I]`` (into ``out`` if given)."""
+    ``[T, I]`` (into ``out`` if given), launched with ``tuning`` (by default
+    ``tuning_for_rows(T)``)."""
     require(fused_gate_up_supported(x, weight, FUSED_HALF),
             f"x {tuple(x.shape)} {x.dtype} and weight {tuple(weight.shape)} {weight.dtype}: need 16-bit, contiguous, "
             f"16-byte aligned operands with equal K, weight rows a multiple of {2 * FUSED_HALF}, and sm_90+")
@@ -124,7 +145,7 @@ def gate_up_silu_triton(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
             f"got {tuple(out.shape)} {out.dtype}")
     if m == 0:
         return out
-    t, block_n = tuning, 2 * FUSED_HALF
+    t, block_n = tuning or tuning_for_rows(m), 2 * FUSED_HALF
     programs = min(num_sms(x.device), triton.cdiv(m, t.block_m) * (weight.shape[0] // block_n))
     _gate_up_silu_kernel[(programs,)](
         TensorDescriptor.from_tensor(x, [t.block_m, t.block_k]),

@@ -378,8 +378,8 @@ def test_fused_gate_up_matches_two_pass_and_cpu_on_long_prompts(model_dir, promp
     short prompts above never do): three prefilled together, then one alone (a lone prompt
     of up to 512 tokens replays a prefill graph). Against the same engine with the fused
     kernel off and against the float32 CPU engine: ``BF16_LOGIT_RTOL``, and with the real
-    weights most of the three prompts' tokens equal. Run once on a GPU (session 15, random
-    weights) before the calls were split into start-up and serving: that split is unrun."""
+    weights most of the three prompts' tokens equal. Decode batches of ``FUSED_MIN_ROWS``
+    or more take the kernel too; these tests never grow one that large."""
     from kernels import activation
     from kernels.gate_up_silu_triton import FUSED_MIN_ROWS
 
@@ -395,7 +395,7 @@ def test_fused_gate_up_matches_two_pass_and_cpu_on_long_prompts(model_dir, promp
         if len(batch) > 1:  # three prompts: one eager mixed step of 1,460 rows, while serving
             assert fused_calls, "the fused kernel did not run for the prompts"
         # a lone prompt replays its bucket's prefill graph (no Python call to count): the
-        # buckets over FUSED_MIN_ROWS were captured through the fused kernel at start
+        # buckets of FUSED_MIN_ROWS rows or more were captured through the fused kernel at start
         fused_calls.clear()
         plain_tokens, plain_logits = _run(model_dir, batch, "cuda", dtype="bfloat16", fused_gate_up=False)
         assert not fused_calls
@@ -408,3 +408,31 @@ def test_fused_gate_up_matches_two_pass_and_cpu_on_long_prompts(model_dir, promp
         assert vs_plain < BF16_LOGIT_RTOL and vs_cpu < BF16_LOGIT_RTOL
         if real_weights and len(batch) > 1:  # one prompt alone: its logits, not a share of prompts
             assert equal >= BF16_MIN_EQUAL * len(batch)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
+                    reason="the fused gate kernel needs TMA (sm_90+)")
+@pytest.mark.parametrize("batch", [136, 200], ids=["small-tuning", "decode-tuning"])
+def test_fused_gate_up_in_large_decode_batches(model_dir, prompts, real_weights, batch, monkeypatch):
+    """Decode batches of ``FUSED_MIN_ROWS`` rows or more replay graphs captured through the
+    fused gate kernel (``tuning_for_rows``: 136 sequences pad to the 144-row graph, 200 to
+    the 208-row one, each tuning's band). Against the same engine with the kernel off:
+    ``BF16_LOGIT_RTOL``, and with the real weights most sequences' tokens equal."""
+    from kernels import activation
+    from kernels.gate_up_silu_triton import FUSED_MIN_ROWS
+
+    assert batch >= FUSED_MIN_ROWS
+    rows_seen = set()
+    real = activation.gate_up_silu_triton
+    monkeypatch.setattr(activation, "gate_up_silu_triton", lambda x, *a, **kw: rows_seen.add(x.shape[0]) or real(x, *a, **kw))
+    many = [prompts[i % len(prompts)] + [10 + i] for i in range(batch)]  # distinct last tokens
+    kw = dict(dtype="bfloat16", max_num_seqs=256, max_num_batched_tokens=8192, num_kv_blocks=2048)
+    fused_tokens, fused_logits = _run(model_dir, many, "cuda", **kw)
+    assert -(-batch // 16) * 16 in rows_seen, "the decode graph of this batch was not captured through the fused kernel"
+    plain_tokens, plain_logits = _run(model_dir, many, "cuda", fused_gate_up=False, **kw)
+    worst = _worst_relative(fused_tokens, fused_logits, plain_tokens, plain_logits)
+    equal = sum(f == p for f, p in zip(fused_tokens, plain_tokens))
+    print(f"fused gate/up in decode batches of {batch}: vs two-pass {worst:.3e} ({equal}/{batch} sequences equal)")
+    assert worst < BF16_LOGIT_RTOL
+    if real_weights:
+        assert equal >= BF16_MIN_EQUAL * batch

@@ -126,11 +126,13 @@ FUSED_ONLY = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available()
 @FUSED_ONLY
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,k,inter", [(257, 576, 1536), (1000, 4096, 1024), (300, 256, 256), (4096, 512, 512),
-                                          (129, 64, 384)])
+                                          (129, 64, 384), (200, 4096, 512), (256, 576, 1536), (128, 4096, 1024),
+                                          (193, 256, 256)])
 def test_gate_up_silu_fused(dtype, rows, k, inter):
     """The fused gate/up matmul + SiLU gate against the two-pass reference over the same
     interleaved weight (products rounded to the dtype first, as both do); row counts that
-    are not multiples of the tile, a CUDA graph replay equal to the eager launch."""
+    are not multiples of the tile, each of ``tuning_for_rows``' three tunings (up to 192,
+    193-256 and more rows), a CUDA graph replay equal to the eager launch."""
     from kernels.activation import gate_up_silu_ref, interleave_gate_up
     from kernels.gate_up_silu_triton import FUSED_HALF, gate_up_silu_triton
 
@@ -165,8 +167,8 @@ def test_fused_gate_up_fits_only_what_the_kernel_takes():
 
 @FUSED_ONLY
 def test_gate_up_silu_dispatch(monkeypatch):
-    """``gate_up_silu`` takes the fused kernel for an interleaved weight above
-    ``FUSED_MIN_ROWS`` rows only; below, a plain weight, or an unaligned view: the matmul
+    """``gate_up_silu`` takes the fused kernel for an interleaved weight from
+    ``FUSED_MIN_ROWS`` rows on only; below, a plain weight, or an unaligned view: the matmul
     and ``silu_and_mul``. Every path equals the reference."""
     from kernels import activation
     from kernels.activation import gate_up_silu, gate_up_silu_ref, interleave_gate_up
@@ -177,7 +179,7 @@ def test_gate_up_silu_dispatch(monkeypatch):
     monkeypatch.setattr(activation, "gate_up_silu_triton", lambda *a, **kw: fused.append(1) or real(*a, **kw))
     plain = torch.randn(2 * 512, 576, device=DEVICE, dtype=torch.bfloat16) * 576**-0.5
     w = interleave_gate_up(plain, FUSED_HALF)
-    for rows, weight, interleave, expect in [(FUSED_MIN_ROWS + 1, w, FUSED_HALF, 1), (FUSED_MIN_ROWS, w, FUSED_HALF, 0),
+    for rows, weight, interleave, expect in [(FUSED_MIN_ROWS, w, FUSED_HALF, 1), (FUSED_MIN_ROWS - 1, w, FUSED_HALF, 0),
                                              (1024, plain, 0, 0), (16, w, FUSED_HALF, 0)]:
         fused.clear()
         x = torch.randn(rows, 576, device=DEVICE, dtype=torch.bfloat16)

@@ -169,7 +169,7 @@ class ModelRunner:
             from kernels.gate_up_silu_triton import FUSED_MIN_ROWS
 
             gate_up = tuple(self.model.layers[0].mlp.gate_up_proj.weight.shape)
-            skip = frozenset((gate_up, m) for m in rows + prefill_rows if m > FUSED_MIN_ROWS)
+            skip = frozenset((gate_up, m) for m in rows + prefill_rows if m >= FUSED_MIN_ROWS)
         try:
             results = linear_tuning.tune(weights, sorted(set(rows + prefill_rows)), accumulate=accumulate, cache=cache,
                                          skip=skip)
