@@ -67,19 +67,26 @@ class GateUpTuning:
 
 DEFAULT_TUNING = GateUpTuning()
 """Prefill-sized batches (over 256 rows): 2,048-16,384 rows measured (module docstring)."""
+_SMALL_TUNING = GateUpTuning(block_m=64, num_warps=4, num_stages=5)
+"""Up to 192 rows: one warpgroup's 64-row tiles, five stages (µs a Llama-3-8B layer: 99.0
+against the prefill tuning's 110.0 at 192 rows, 88.7 against 92.3 at 128)."""
 _DECODE_TUNING = GateUpTuning(num_stages=4)
 """193-256 rows: two row tiles, so each program streams weight tiles with little compute
-between them; a deeper pipeline keeps more loads in flight (103.8 against 111.5 µs at 256)."""
-_SMALL_TUNING = GateUpTuning(block_m=64, num_warps=4, num_stages=5)
-"""Up to 192 rows: one warpgroup's 64-row tiles, five stages (99.0 against 110.0 µs at 192
-rows, 88.7 against 92.3 at 128)."""
+between them; a deeper pipeline keeps more loads in flight (103.8 against the prefill
+tuning's 111.5 at 256 rows)."""
+_TUNINGS_BY_ROWS = ((192, _SMALL_TUNING), (256, _DECODE_TUNING))
+"""(most rows, tuning), ascending; larger batches take ``DEFAULT_TUNING``."""
 
 
 def tuning_for_rows(rows: int) -> GateUpTuning:
-    """The launch parameters for a batch of ``rows`` (each a compiled variant: three in all)."""
-    if rows > 256:
-        return DEFAULT_TUNING
-    return _DECODE_TUNING if rows > 192 else _SMALL_TUNING
+    """The launch parameters for a batch of ``rows``."""
+    return next((tuning for most, tuning in _TUNINGS_BY_ROWS if rows <= most), DEFAULT_TUNING)
+
+
+def rows_per_tuning() -> list[int]:
+    """One batch size for each tuning a fused batch can take (each its own compiled variant):
+    what start-up runs so that no step waits for Triton's compiler."""
+    return [FUSED_MIN_ROWS] + [most + 1 for most, _ in _TUNINGS_BY_ROWS]
 
 
 @triton.jit(do_not_specialize=["M"])  # one compile for every row count: no compile in the middle of a run

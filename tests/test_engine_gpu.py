@@ -379,7 +379,7 @@ def test_fused_gate_up_matches_two_pass_and_cpu_on_long_prompts(model_dir, promp
     of up to 512 tokens replays a prefill graph). Against the same engine with the fused
     kernel off and against the float32 CPU engine: ``BF16_LOGIT_RTOL``, and with the real
     weights most of the three prompts' tokens equal. Decode batches of ``FUSED_MIN_ROWS``
-    or more take the kernel too; these tests never grow one that large."""
+    or more take the kernel too: the next test."""
     from kernels import activation
     from kernels.gate_up_silu_triton import FUSED_MIN_ROWS
 

@@ -165,6 +165,19 @@ def test_fused_gate_up_fits_only_what_the_kernel_takes():
     assert not fused_gate_up_fits(4096, 14336, torch.bfloat16, torch.device("cpu"))
 
 
+def test_gate_up_tuning_bands():
+    """Each row count start-up compiles for (``rows_per_tuning``) lands in a different band, and
+    together they cover every tuning a fused batch can take."""
+    from kernels.gate_up_silu_triton import DEFAULT_TUNING, FUSED_MIN_ROWS, rows_per_tuning, tuning_for_rows
+
+    rows = rows_per_tuning()
+    assert rows[0] == FUSED_MIN_ROWS and rows == sorted(rows)
+    reachable = {tuning_for_rows(n) for n in range(FUSED_MIN_ROWS, 20_000)}
+    assert {tuning_for_rows(n) for n in rows} == reachable and len(reachable) == len(rows)
+    assert tuning_for_rows(257) == tuning_for_rows(16_384) == DEFAULT_TUNING
+    assert tuning_for_rows(192) != tuning_for_rows(193) != tuning_for_rows(257)
+
+
 @FUSED_ONLY
 def test_gate_up_silu_dispatch(monkeypatch):
     """``gate_up_silu`` takes the fused kernel for an interleaved weight from

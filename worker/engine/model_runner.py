@@ -116,6 +116,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if self.on_gpu:
             self._compile_attention_variants()
+            self._compile_gate_up_variants()
             self._load_logits_kernels()
         self.prefill_graphs: PrefillGraphs | None = None
         if self.on_gpu and not config.enforce_eager:
@@ -268,6 +269,22 @@ class ModelRunner:
             meta = AttentionMetadata(torch.full((2,), -1, **i32), prefill.block_tables, [], [], prefill=prefill)
             attn(q, self.kv_cache[0, 0], self.kv_cache[0, 1], meta)
         torch.cuda.synchronize(dev)
+
+    @torch.inference_mode()
+    def _compile_gate_up_variants(self) -> None:
+        """Run the fused gate/up kernel once per tuning a batch can take (``rows_per_tuning``),
+        so that no step compiles one: with ``enforce_eager`` nothing else would before the
+        first decode batch of 128-256 rows (graph capture compiles the decode ones)."""
+        mlp = self.model.layers[0].mlp
+        if not mlp.fused_gate_up:
+            return
+        from kernels.activation import gate_up_silu
+        from kernels.gate_up_silu_triton import rows_per_tuning
+
+        for rows in rows_per_tuning():
+            x = torch.zeros((rows, self.model_config.hidden_size), dtype=self.dtype, device=self.device)
+            gate_up_silu(x, mlp.gate_up_proj.weight, mlp.gate_up_interleave, fused=True)
+        torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def _load_logits_kernels(self) -> None:
