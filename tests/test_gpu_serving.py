@@ -87,8 +87,8 @@ def test_processes_are_stopped_when_the_worker_is_not_ready_in_time(tmp_path) ->
 
 def test_gpu_bench_batch1_medians_and_offline_run_on_an_engine(tmp_path) -> None:
     """gpu_bench's batch-1 figures are medians over fresh prompts, with every run kept, and
-    its offline run counts every output token (run here on the CPU engine with
-    gpu_serving's tiny shape and dummy weights)."""
+    its offline figure is the median of its runs, each counting every output token (run here
+    on the CPU engine with gpu_serving's tiny shape and dummy weights)."""
     import random
 
     from worker.engine.config import EngineConfig
@@ -108,8 +108,11 @@ def test_gpu_bench_batch1_medians_and_offline_run_on_an_engine(tmp_path) -> None
     assert all(len(run["first_steps_ms"]) == 3 for run in runs)
     assert not engine.has_unfinished()
     workload = [gpu_bench.random_prompt(random.Random(1), n) for n in (5, 9)]
-    gpu_bench.offline(engine, workload, "o-", results, suffix="_x")
+    gpu_bench.offline(engine, workload, "o-", results, suffix="_x", runs=3)
     assert results["kvmesh_offline_x"] == pytest.approx(2 * 256 / results["kvmesh_offline_x_s"])
+    rates = sorted(run["tok_s"] for run in results["kvmesh_offline_x_runs"])
+    assert len(rates) == 3 and round(results["kvmesh_offline_x"], 1) == rates[1]  # the median run's figures
+    assert engine.block_manager.num_cached_blocks > 0  # each run started cold: reset before, not after
     steps = results["kvmesh_offline_x_steps"]
     assert steps["decode_steps"] + steps["mixed_steps"] >= 256
     # the run's start, broken down: adding the requests, then the first launch inside the first call
