@@ -12,7 +12,7 @@ Measured (kvmesh in-process, no gRPC):
   fraction of the bandwidth limit (bytes one decode step must read, over the
   card's measured device-to-device copy bandwidth, read + write counted);
 * offline throughput: 256 requests, prompt lengths uniform in [128, 1024],
-  256 output tokens each: output tokens/s;
+  256 output tokens each: output tokens/s, the median of ``--offline-runs`` (3) runs;
 * TTFT of one 2,048-token prompt (median of 5, distinct prompts);
 * transformers: eager batch-1 decode, batch-1 decode with its static cache
   (which ``generate`` compiles), a static batch of 64 prompts of 512 tokens
@@ -333,18 +333,21 @@ def compiled_variants() -> dict[str, int]:
 
 def offline(engine, workload: list[list[int]], tag: str, results: dict, suffix: str = "", runs: int = 1) -> None:
     """The offline workload (256 new tokens each) on ``engine``, ``runs`` times, each on a
-    cold prefix cache: the median run's output tok/s, seconds and step stats into
-    ``results`` as ``kvmesh_offline{suffix}``, ``..._s``, ``..._steps``, every run's rate
-    and seconds as ``..._runs``, preemptions; and which Triton kernels compiled during
-    them (a compile inside a measured run is a stall serving would see too). One run moves
-    by ~0.5 % from the next on the same card; the median of three is the headline."""
+    cold prefix cache: the median run's output tok/s, seconds, step stats and preemptions
+    into ``results`` as ``kvmesh_offline{suffix}``, ``..._s``, ``..._steps``,
+    ``..._preemptions``, every run's rate and seconds as ``..._runs``; and which Triton
+    kernels compiled during them (a compile inside a measured run is a stall serving would
+    see too). One run moves by up to ~1 % from the next on the same card; the median of
+    three is the headline."""
     before = compiled_variants()
     done = []
     for i in range(runs):
         assert engine.block_manager.reset_prefix_cache(), "offline runs start on an idle engine"
+        preempted = engine.num_preemptions
         with StepStats(engine) as stats:
-            _, total, produced = run_requests(engine, workload, 256, f"{tag}{i}-", timings=stats)
+            _, total, produced = run_requests(engine, workload, 256, f"{tag}{i}", timings=stats)
         assert produced == 256 * len(workload), produced
+        stats["preemptions"] = engine.num_preemptions - preempted
         done.append((produced / total, total, stats))
         print(f"kvmesh offline{suffix} run {i + 1}/{runs}: {produced / total:.0f} output tok/s ({total:.2f} s); "
               f"steps {stats}", flush=True)
@@ -357,7 +360,7 @@ def offline(engine, workload: list[list[int]], tag: str, results: dict, suffix: 
     results[f"kvmesh_offline{suffix}_s"] = total
     results[f"kvmesh_offline{suffix}_steps"] = stats
     results[f"kvmesh_offline{suffix}_runs"] = [{"tok_s": round(r, 1), "s": round(t, 4)} for r, t, _ in done]
-    results[f"kvmesh_offline{suffix}_preemptions"] = engine.num_preemptions
+    results[f"kvmesh_offline{suffix}_preemptions"] = stats["preemptions"]
     print(f"kvmesh offline{suffix}: {rate:.0f} output tok/s (median of {runs}: "
           f"{' / '.join(f'{r:.0f}' for r, _, _ in done)}; {total:.2f} s)", flush=True)
 
@@ -588,6 +591,8 @@ def main() -> None:
         parser.error("--fp8-only runs no transformers: leave out --hf-generate-batch")
     if args.fp8_only:
         args.hf = "none"
+    if args.offline_runs < 1:
+        parser.error(f"--offline-runs must be at least 1, got {args.offline_runs}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     from kernels import paged_decode_triton

@@ -66,7 +66,8 @@ class GateUpTuning:
 
 
 DEFAULT_TUNING = GateUpTuning()
-"""Prefill-sized batches (over 256 rows): 2,048-16,384 rows measured (module docstring)."""
+"""Prefill-sized batches (over 256 rows): 2,048-16,384 rows measured (module docstring). Decode
+graphs over 256 rows (``max_num_seqs`` above 256) take it too, unmeasured at 257-2,047 rows."""
 _SMALL_TUNING = GateUpTuning(block_m=64, num_warps=4, num_stages=5)
 """Up to 192 rows: one warpgroup's 64-row tiles, five stages (µs a Llama-3-8B layer: 99.0
 against the prefill tuning's 110.0 at 192 rows, 88.7 against 92.3 at 128)."""
@@ -84,19 +85,23 @@ def tuning_for_rows(rows: int) -> GateUpTuning:
 
 
 def rows_per_tuning() -> list[int]:
-    """One batch size for each tuning a fused batch can take (each its own compiled variant):
-    what start-up runs so that no step waits for Triton's compiler."""
+    """One batch size for each tuning a fused batch can take: what start-up runs so that no
+    step waits for Triton's compiler. For one model on one device each tuning is exactly one
+    compiled variant (neither the row count nor the program count is specialised on)."""
     return [FUSED_MIN_ROWS] + [most + 1 for most, _ in _TUNINGS_BY_ROWS]
 
 
 @triton.jit(do_not_specialize=["M"])  # one compile for every row count: no compile in the middle of a run
-def _gate_up_silu_kernel(x_desc, w_desc, out_desc, M, N2, K, NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _gate_up_silu_kernel(x_desc, w_desc, out_desc, M, N2, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # the program count is read at run time, not passed as a constant: with fewer tiles than SMs
+    # (a small model's decode batch) it follows the row count, and a constant would make a
+    # compiled variant of its own for each such count, compiled in the middle of serving
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N2, BLOCK_N)
     per_group = GROUP_M * num_n
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
+    for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=True):
         first_m = (tile // per_group) * GROUP_M
         size_m = tl.minimum(num_m - first_m, GROUP_M)
         m0 = (first_m + (tile % per_group) % size_m) * BLOCK_M
@@ -157,8 +162,7 @@ def gate_up_silu_triton(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
     _gate_up_silu_kernel[(programs,)](
         TensorDescriptor.from_tensor(x, [t.block_m, t.block_k]),
         TensorDescriptor.from_tensor(weight, [block_n, t.block_k]),
-        TensorDescriptor.from_tensor(out, [t.block_m, FUSED_HALF]), m, weight.shape[0], k, NUM_PROGRAMS=programs,
-        BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, num_warps=t.num_warps,
+        TensorDescriptor.from_tensor(out, [t.block_m, FUSED_HALF]), m, weight.shape[0], k, BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, num_warps=t.num_warps,
         num_stages=t.num_stages,
     )
     return out

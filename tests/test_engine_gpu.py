@@ -375,7 +375,8 @@ def test_async_scheduling_equals_synchronous_with_sampling_and_logprobs(model_di
                     reason="the fused gate kernel needs TMA (sm_90+)")
 def test_fused_gate_up_matches_two_pass_and_cpu_on_long_prompts(model_dir, prompts, real_weights, monkeypatch):
     """Prompts over ``FUSED_MIN_ROWS`` tokens run the MLP's fused gate/up + SiLU kernel (the
-    short prompts above never do): three prefilled together, then one alone (a lone prompt
+    tests above reach it only in a prefill step of all their prompts together, if at all):
+    three prefilled together, then one alone (a lone prompt
     of up to 512 tokens replays a prefill graph). Against the same engine with the fused
     kernel off and against the float32 CPU engine: ``BF16_LOGIT_RTOL``, and with the real
     weights most of the three prompts' tokens equal. Decode batches of ``FUSED_MIN_ROWS``
@@ -416,8 +417,10 @@ def test_fused_gate_up_matches_two_pass_and_cpu_on_long_prompts(model_dir, promp
 def test_fused_gate_up_in_large_decode_batches(model_dir, prompts, real_weights, batch, monkeypatch):
     """Decode batches of ``FUSED_MIN_ROWS`` rows or more replay graphs captured through the
     fused gate kernel (``tuning_for_rows``: 136 sequences pad to the 144-row graph, 200 to
-    the 208-row one, each tuning's band). Against the same engine with the kernel off:
-    ``BF16_LOGIT_RTOL``, and with the real weights most sequences' tokens equal."""
+    the 208-row one, each tuning's band). The call count proves only the capture (every
+    graph size is captured at start); the batch size makes those graphs the ones replayed.
+    Against the same engine with the kernel off: ``BF16_LOGIT_RTOL``, and with the real
+    weights most sequences' tokens equal."""
     from kernels import activation
     from kernels.gate_up_silu_triton import FUSED_MIN_ROWS
 
@@ -428,7 +431,7 @@ def test_fused_gate_up_in_large_decode_batches(model_dir, prompts, real_weights,
     many = [prompts[i % len(prompts)] + [10 + i] for i in range(batch)]  # distinct last tokens
     kw = dict(dtype="bfloat16", max_num_seqs=256, max_num_batched_tokens=8192, num_kv_blocks=2048)
     fused_tokens, fused_logits = _run(model_dir, many, "cuda", **kw)
-    assert -(-batch // 16) * 16 in rows_seen, "the decode graph of this batch was not captured through the fused kernel"
+    assert -(-batch // 16) * 16 in rows_seen, "this batch's decode graph was not captured through the fused kernel"
     plain_tokens, plain_logits = _run(model_dir, many, "cuda", fused_gate_up=False, **kw)
     worst = _worst_relative(fused_tokens, fused_logits, plain_tokens, plain_logits)
     equal = sum(f == p for f, p in zip(fused_tokens, plain_tokens))

@@ -108,11 +108,14 @@ def test_gpu_bench_batch1_medians_and_offline_run_on_an_engine(tmp_path) -> None
     assert all(len(run["first_steps_ms"]) == 3 for run in runs)
     assert not engine.has_unfinished()
     workload = [gpu_bench.random_prompt(random.Random(1), n) for n in (5, 9)]
+    resets = []
+    reset = engine.block_manager.reset_prefix_cache
+    engine.block_manager.reset_prefix_cache = lambda: resets.append(engine.has_unfinished()) or reset()
     gpu_bench.offline(engine, workload, "o-", results, suffix="_x", runs=3)
+    assert resets == [False] * 3  # each run starts on a cold prefix cache, the engine idle
     assert results["kvmesh_offline_x"] == pytest.approx(2 * 256 / results["kvmesh_offline_x_s"])
     rates = sorted(run["tok_s"] for run in results["kvmesh_offline_x_runs"])
     assert len(rates) == 3 and round(results["kvmesh_offline_x"], 1) == rates[1]  # the median run's figures
-    assert engine.block_manager.num_cached_blocks > 0  # each run started cold: reset before, not after
     steps = results["kvmesh_offline_x_steps"]
     assert steps["decode_steps"] + steps["mixed_steps"] >= 256
     # the run's start, broken down: adding the requests, then the first launch inside the first call

@@ -165,6 +165,32 @@ def test_fused_gate_up_fits_only_what_the_kernel_takes():
     assert not fused_gate_up_fits(4096, 14336, torch.bfloat16, torch.device("cpu"))
 
 
+@pytest.mark.skipif(not INTERPRET, reason="the launcher needs a TMA GPU; this calls the kernel in the interpreter")
+@pytest.mark.parametrize("rows,k,inter,programs", [(130, 64, 384, 2), (70, 64, 256, 3), (200, 128, 512, 5),
+                                                   (260, 64, 256, 4)])
+def test_gate_up_silu_kernel_walks_every_tile(rows, k, inter, programs):
+    """The fused kernel's persistent loop in Triton's interpreter, launched directly (the
+    launcher refuses a CPU tensor): fewer programs than tiles, each stepping by the launch's
+    program count, cover every output tile once. float16: the interpreter mishandles the
+    bit-level bfloat16 rounding of ``rounding_triton``."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from kernels.activation import gate_up_silu_ref, interleave_gate_up
+    from kernels.gate_up_silu_triton import FUSED_HALF, _gate_up_silu_kernel, tuning_for_rows
+
+    torch.manual_seed(rows)
+    x = torch.randn(rows, k, dtype=torch.float16)
+    w = interleave_gate_up(torch.randn(2 * inter, k, dtype=torch.float16) * k**-0.5, FUSED_HALF)
+    out = torch.full((rows, inter), float("nan"), dtype=torch.float16)
+    t = tuning_for_rows(rows)
+    _gate_up_silu_kernel[(programs,)](
+        TensorDescriptor.from_tensor(x, [t.block_m, t.block_k]), TensorDescriptor.from_tensor(w, [2 * FUSED_HALF, t.block_k]),
+        TensorDescriptor.from_tensor(out, [t.block_m, FUSED_HALF]), rows, w.shape[0], k, BLOCK_M=t.block_m,
+        BLOCK_N=2 * FUSED_HALF, BLOCK_K=t.block_k, GROUP_M=t.group_m)
+    assert not out.isnan().any()
+    assert _rel(out, gate_up_silu_ref(x.float(), w.float(), FUSED_HALF)) < SKINNY_TOL
+
+
 def test_gate_up_tuning_bands():
     """Each row count start-up compiles for (``rows_per_tuning``) lands in a different band, and
     together they cover every tuning a fused batch can take."""

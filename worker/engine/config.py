@@ -80,7 +80,7 @@ class EngineConfig:
 
     fused_gate_up: bool = True
     """On CUDA (sm_90+, 16-bit weights), keep the MLP's gate/up weight rows interleaved so that
-    batches over 256 rows run the gate/up matmul and the SiLU gate as one Triton kernel
+    batches of 128 rows or more (``FUSED_MIN_ROWS``) run the gate/up matmul and the SiLU gate as one Triton kernel
     (``kernels/gate_up_silu_triton.py``) instead of cuBLAS then ``silu_and_mul``."""
 
     matmul_tuning_cache: bool = True
