@@ -151,6 +151,27 @@ def test_gate_up_silu_fused(dtype, rows, k, inter):
     assert torch.equal(out, got)
 
 
+@FUSED_ONLY
+def test_gate_up_silu_compiles_once_per_tuning():
+    """Row counts that fill fewer tiles than the card has SMs (a small model's batches) must
+    not compile variants of their own: only the tuning picks the variant, so start-up
+    (``rows_per_tuning``) compiles every one serving will run."""
+    from kernels.activation import interleave_gate_up
+    from kernels.gate_up_silu_triton import FUSED_HALF, _gate_up_silu_kernel, gate_up_silu_triton, rows_per_tuning
+
+    def variants() -> int:
+        return sum(len(cache[0]) for cache in _gate_up_silu_kernel.device_caches.values())
+
+    w = interleave_gate_up(torch.randn(2 * 1536, 576, device=DEVICE, dtype=torch.bfloat16) * 0.04, FUSED_HALF)
+    x = torch.randn(1500, 576, device=DEVICE, dtype=torch.bfloat16)
+    for rows in rows_per_tuning():
+        gate_up_silu_triton(x[:rows], w)
+    compiled = variants()
+    for rows in range(128, 1500, 61):  # 12 column tiles: 24 to 144 tiles, the program count varies
+        gate_up_silu_triton(x[:rows], w)
+    assert variants() == compiled
+
+
 def test_fused_gate_up_fits_only_what_the_kernel_takes():
     """What the runner interleaves for: 16-bit, whole runs of rows, 16-byte rows, a TMA GPU."""
     from kernels.gate_up_silu_triton import fused_gate_up_fits
