@@ -11,7 +11,7 @@ instruction counts quoted in docs/PERFORMANCE.md come from this script.
 Needs a Triton with its NVIDIA backend (ptxas, nvdisasm), e.g. the wheel that
 CUDA builds of torch install; the CPU build of torch does not bring one.
 
-Usage: python benchmarks/decode_sass.py [--kernel decode|prefill [--long]] [--cache bf16|fp8]
+Usage: python benchmarks/decode_sass.py [--kernel decode|prefill [--long]|gate_up [--rows N]] [--cache bf16|fp8]
        [--batch 256] [--tuning 64/4/2[+h]] [--maxnreg N (prefill)] [--offsets-i64] [--no-v-words] [--sass out.sass]
 
 Besides the instruction counts it prints the registers a thread holds, spill
@@ -40,6 +40,7 @@ from kernels.paged_decode_triton import (
     format_decode_tuning,
     parse_decode_tuning,
 )
+from kernels.gate_up_silu_triton import FUSED_HALF, _gate_up_silu_kernel, tuning_for_rows
 from kernels.paged_prefill_triton import LONG_QUERY, PrefillTuning, _paged_prefill_kernel, default_prefill_tuning
 
 POINTERS = {"q_ptr": "*bf16", "bt_ptr": "*i32", "ctx_ptr": "*i32", "rows_ptr": "*i32", "order_ptr": "*i32", "out_ptr": "*bf16",
@@ -97,6 +98,24 @@ def compile_prefill(cache: str, tuning: PrefillTuning, maxnreg: int | None = Non
                         maxnreg)
 
 
+def compile_gate_up(rows: int):
+    """The fused gate/up + SiLU kernel at Llama-3-8B's MLP (hidden 4096, FFN 14336), bf16, with
+    the tuning a batch of ``rows`` takes (``gate_up_silu_triton.tuning_for_rows``)."""
+    t = tuning_for_rows(rows)
+    block_n = 2 * FUSED_HALF
+    descriptors = {"x_desc": f"tensordesc<bf16[{t.block_m}, {t.block_k}]>",
+                   "w_desc": f"tensordesc<bf16[{block_n}, {t.block_k}]>",
+                   "out_desc": f"tensordesc<bf16[{t.block_m}, {FUSED_HALF}]>"}
+    constexprs = dict(BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m)
+    names = list(inspect.signature(_gate_up_silu_kernel.fn).parameters)
+    signature = {n: descriptors.get(n, "constexpr" if n in constexprs else "i32") for n in names}
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in ("N2", "K")}  # M is not specialised
+    source = triton.compiler.ASTSource(fn=_gate_up_silu_kernel, signature=signature, constexprs=constexprs,
+                                       attrs=aligned)
+    return t, triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                             options=dict(num_warps=t.num_warps, num_stages=t.num_stages))
+
+
 def registers(cubin: bytes) -> int:
     """Registers a thread of the kernel holds (``cuobjdump --dump-resource-usage``)."""
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -134,7 +153,8 @@ def histogram(text: str) -> collections.Counter:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", choices=("decode", "prefill"), default="decode")
+    parser.add_argument("--kernel", choices=("decode", "prefill", "gate_up"), default="decode")
+    parser.add_argument("--rows", type=int, default=256, help="gate_up: the batch size whose tuning is compiled")
     parser.add_argument("--long", action="store_true", help="prefill: the long-prompt tuning (else the short one)")
     parser.add_argument("--cache", choices=("bf16", "fp8"), default="fp8")
     parser.add_argument("--tuning", default=None, metavar="BN/W/ST[+h]",
@@ -147,6 +167,10 @@ def main() -> None:
     parser.add_argument("--maxnreg", type=int, default=None, help="prefill: cap the registers a thread may hold")
     parser.add_argument("--sass", default=None, help="also write the SASS here")
     args = parser.parse_args()
+    if args.kernel == "gate_up":
+        tuning, compiled = compile_gate_up(args.rows)
+        report(compiled, f"gate/up + SiLU, {args.rows} rows, {tuning}", tuning.num_warps, args.sass)
+        return
     if args.kernel == "prefill":
         prefill = default_prefill_tuning(torch.bfloat16, args.cache == "fp8", 128, LONG_QUERY if args.long else 1)
         compiled = compile_prefill(args.cache, prefill, args.maxnreg)

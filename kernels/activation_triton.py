@@ -13,7 +13,7 @@ import triton.language as tl
 
 from kernels.backend import pdl_launch, require, require_device
 from kernels.pdl_triton import pdl_prologue
-from kernels.rounding_triton import round_like
+from kernels.rounding_triton import round_to
 
 _BLOCK = 1024
 
@@ -34,8 +34,15 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, d, BLOCK: tl.cons
     gate = tl.load(x_ptr + row * x_stride + gate_cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * x_stride + up_cols, mask=mask, other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
-    act = round_like(gate / (1.0 + tl.exp(-gate)), out_ptr)
-    tl.store(out_ptr + row * out_stride + cols, (act * up).to(dtype), mask=mask)
+    tl.store(out_ptr + row * out_stride + cols, gated(gate, up, dtype).to(dtype), mask=mask)
+
+
+@triton.jit
+def gated(gate, up, dtype: tl.constexpr):
+    """``silu(gate) * up`` (float32 in and out) rounded as the torch form rounds:
+    ``silu(gate)`` to ``dtype`` before the product. The one definition this kernel and the
+    fused gate/up kernel (``gate_up_silu_triton.py``) share, so the two agree bit for bit."""
+    return round_to(gate / (1.0 + tl.exp(-gate)), dtype) * up
 
 
 def silu_and_mul_triton(x: torch.Tensor, interleave: int = 0) -> torch.Tensor:

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from kernels.activation_triton import gated
 from kernels.backend import num_sms, require, require_device
 from kernels.rounding_triton import round_to
 
@@ -112,8 +113,7 @@ def _gate_up_silu_kernel(x_desc, w_desc, out_desc, M, N2, K, BLOCK_M: tl.constex
         # [BLOCK_M, BLOCK_N] -> [BLOCK_M, 2, BLOCK_N / 2]: index 0 the tile's left (gate) half
         halves = tl.reshape(round_to(acc, out_desc.dtype), [BLOCK_M, 2, BLOCK_N // 2])
         gate, up = tl.split(tl.permute(halves, (0, 2, 1)))
-        act = round_to(gate / (1.0 + tl.exp(-gate)), out_desc.dtype)
-        out_desc.store([m0, n0 // 2], (act * up).to(out_desc.dtype))
+        out_desc.store([m0, n0 // 2], gated(gate, up, out_desc.dtype).to(out_desc.dtype))
 
 
 def fused_gate_up_fits(hidden: int, intermediate: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -162,7 +162,8 @@ def gate_up_silu_triton(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
     _gate_up_silu_kernel[(programs,)](
         TensorDescriptor.from_tensor(x, [t.block_m, t.block_k]),
         TensorDescriptor.from_tensor(weight, [block_n, t.block_k]),
-        TensorDescriptor.from_tensor(out, [t.block_m, FUSED_HALF]), m, weight.shape[0], k, BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, num_warps=t.num_warps,
+        TensorDescriptor.from_tensor(out, [t.block_m, FUSED_HALF]), m, weight.shape[0], k,
+        BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, num_warps=t.num_warps,
         num_stages=t.num_stages,
     )
     return out
