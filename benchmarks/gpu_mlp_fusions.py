@@ -26,7 +26,7 @@ Each variant runs inside one CUDA graph over ``--copies`` distinct weights
 the engine's form first. An experiment: the engine takes a fusion only if it
 wins here and then in ``gpu_bench.py``.
 
-Usage: python benchmarks/gpu_mlp_fusions.py [--rows 8192,2048,256] [--only gate_up|gate_up_il|residual] [--copies 8]
+Usage: python benchmarks/gpu_mlp_fusions.py [--rows 8192,2048,256] [--only gate_up|gate_up_il|gate_up_waves|residual] [--copies 8]
        [--json out.json]
 """
 
@@ -131,6 +131,38 @@ def bench_gate_up_interleaved(m: int, copies: int, replays: int) -> dict:
     return result
 
 
+WAVE_TILES = (132, 176, 224, 264)
+"""``--only gate_up_waves``: output tile counts timed (the H100 has 132 SMs; Llama-3-8B's gate/up
+at 256 rows is 224 tiles: 1.7 waves of persistent programs)."""
+
+
+def bench_gate_up_waves(m: int, copies: int, replays: int) -> dict:
+    """Is the fused kernel at decode-batch rows held back by its last, partial wave of tiles?
+    Times it (the engine's tuning for ``m`` rows) at FFN widths that give ``WAVE_TILES`` output
+    tiles. Time proportional to the width: no wave loss; equal times at 224 and 264 tiles: the
+    last wave costs a full one, and splitting tiles across programs (stream-K) would pay."""
+    from kernels.gate_up_silu_triton import tuning_for_rows
+
+    tuning = tuning_for_rows(m)
+    row_tiles = triton.cdiv(m, tuning.block_m)
+    result = {"rows": m, "tuning": str(tuning), "widths": []}
+    cells = []
+    for tiles in WAVE_TILES:
+        ffn = tiles // row_tiles * FUSED_HALF
+        ws = [interleave_gate_up(torch.randn(2 * ffn, HIDDEN, device="cuda", dtype=BF16) * 0.02, FUSED_HALF)
+              for _ in range(copies)]
+        xs = [torch.randn(m, HIDDEN, device="cuda", dtype=BF16) for _ in range(copies)]
+        us = graph_time(lambda x, w: gate_up_silu_triton(x, w), xs, ws, replays)
+        tb_s = 2 * ffn * HIDDEN * 2 / us / 1e6
+        result["widths"].append({"ffn": ffn, "tiles": row_tiles * (2 * ffn // (2 * FUSED_HALF)), "us": us,
+                                 "weight_TBps": tb_s})
+        cells.append(f"{row_tiles * (2 * ffn // (2 * FUSED_HALF))} tiles (FFN {ffn}) {us:7.1f} us {tb_s:4.2f} TB/s")
+        del ws, xs
+        torch.cuda.empty_cache()
+    print(f"gate_up_waves M={m:<5} " + "  ".join(cells), flush=True)
+    return result
+
+
 def bench_gate_up(m: int, copies: int, replays: int) -> dict:
     ws = [torch.randn(2 * FFN, HIDDEN, device="cuda", dtype=BF16) * 0.02 for _ in range(copies)]
     xs = [torch.randn(m, HIDDEN, device="cuda", dtype=BF16) for _ in range(copies)]
@@ -183,15 +215,16 @@ def main() -> None:
     parser.add_argument("--rows", default="8192,2048,256")
     parser.add_argument("--copies", type=int, default=8)
     parser.add_argument("--replays", type=int, default=15)
-    parser.add_argument("--only", choices=("gate_up", "gate_up_il", "residual"), default=None)
+    parser.add_argument("--only", choices=("gate_up", "gate_up_il", "gate_up_waves", "residual"), default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
     results = []
     for m in (int(r) for r in args.rows.split(",")):
-        if args.only == "gate_up_il":
-            results.append(bench_gate_up_interleaved(m, args.copies, args.replays))
+        if args.only in ("gate_up_il", "gate_up_waves"):
+            bench = bench_gate_up_interleaved if args.only == "gate_up_il" else bench_gate_up_waves
+            results.append(bench(m, args.copies, args.replays))
             torch.cuda.empty_cache()
             continue
         if args.only != "residual":
