@@ -14,7 +14,9 @@ and ~13 ms in two bandwidth-bound passes this script tries to fold into them:
   cuBLAS (session 13).
 * ``gate_up_il``: the engine's fused kernel since session 15
   (``kernels/gate_up_silu_triton.py``: the weight interleaved in runs of 128, one
-  accumulator) at a few tunings, against the same two-pass form.
+  accumulator) at a few tunings, against the same two-pass form, both with ``F.linear``
+  and with the cuBLASLt algorithm ``linear_tuning`` keeps for that row count (what the
+  engine's decode graphs run where the fused kernel is off).
 * ``residual``: the engine runs ``F.linear`` for the o and down projections,
   then ``add_rms_norm`` reads the product and the residual and writes the sum
   and the normalised rows (5.6 ms of norms a step). Against it:
@@ -43,9 +45,11 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from benchmarks.gpu_gemm_variants import BF16, FFN, HIDDEN, checked_graph_time, graph_time
+from kernels import linear_tuning
 from kernels.activation import interleave_gate_up
 from kernels.activation_triton import silu_and_mul_triton
 from kernels.gate_up_silu_triton import FUSED_HALF, GateUpTuning, gate_up_silu_triton
+from kernels.linear import linear
 from kernels.rmsnorm_triton import rms_norm_triton
 
 CONFIGS = [  # BLOCK_M, BLOCK_N (each of gate and up), BLOCK_K, stages, warps, GROUP_M
@@ -94,6 +98,7 @@ def gate_up_silu(x: torch.Tensor, w: torch.Tensor, cfg) -> torch.Tensor:
 
 
 IL_CONFIGS = [GateUpTuning(), GateUpTuning(num_stages=4), GateUpTuning(block_m=256), GateUpTuning(group_m=16),
+              GateUpTuning(num_stages=4, group_m=16),
               GateUpTuning(block_k=32, num_stages=5),
               # decode-sized batches (<= 256 rows): one warpgroup's 64-row tiles, deeper pipelines
               GateUpTuning(block_m=64, num_warps=4, num_stages=4), GateUpTuning(block_m=64, num_warps=4, num_stages=5),
@@ -111,8 +116,14 @@ def bench_gate_up_interleaved(m: int, copies: int, replays: int) -> dict:
     want = silu_and_mul_triton(F.linear(xs[0], ws[0])).float()
     base = graph_time(lambda x, w: silu_and_mul_triton(F.linear(x, w)), xs, ws, replays)
     mm_only = graph_time(lambda x, w: F.linear(x, w), xs, ws, replays)
-    cells = [f"cuBLAS+silu {base:7.1f} (matmul {mm_only:7.1f})"]
-    result = {"rows": m, "cublas_plus_silu_us": base, "cublas_only_us": mm_only, "configs": []}
+    # the engine's unfused path at a decode graph's size: the cuBLASLt algorithm its start-up
+    # tuning keeps for this exact row count (or F.linear where none beats it), then silu_and_mul
+    tuned = linear_tuning.tune({tuple(ws[0].shape): ws}, [m])[0]
+    tuned_us = graph_time(lambda x, w: silu_and_mul_triton(linear(x, w)), xs, ws, replays)
+    linear_tuning.forget(ws)
+    cells = [f"cuBLAS+silu {base:7.1f} (matmul {mm_only:7.1f}) tuned+silu {tuned_us:7.1f} ({tuned.choice or 'F.linear'})"]
+    result = {"rows": m, "cublas_plus_silu_us": base, "cublas_only_us": mm_only, "tuned_plus_silu_us": tuned_us,
+              "tuned_choice": tuned.choice, "configs": []}
     interleaved = [interleave_gate_up(w, FUSED_HALF) for w in ws]
     for cfg in IL_CONFIGS:
         label = f"{cfg.block_m}x{2 * FUSED_HALF}x{cfg.block_k}/{cfg.num_stages}/{cfg.num_warps}/g{cfg.group_m}"

@@ -18,7 +18,10 @@ Llama-3-8B gate/up): 8,192 rows 2,696.8 against cuBLAS + ``silu_and_mul`` 2,856.
 no better. Decode batches of 128-256 rows gain as well, with their own tunings
 (``tuning_for_rows``; ``FUSED_MIN_ROWS`` has the figures): there the kernel saves the
 ``silu_and_mul`` launch and its pass, and a deeper pipeline than cuBLAS's keeps the weight
-stream going. An earlier form with two accumulators (gate and up weight tiles loaded
+stream going. Between 257 and ~768 rows cuBLAS + ``silu_and_mul`` is faster (5-15 % at the
+row counts ``_MID_TUNING`` lists) except where cuBLAS's heuristic picks badly (448 rows:
+``F.linear`` + ``silu_and_mul`` 314 µs, this kernel 182-191); the kernel still takes those batches, since a mixed step's row count
+is arbitrary and only decode graphs' sizes are timed by ``linear_tuning``. An earlier form with two accumulators (gate and up weight tiles loaded
 separately) was ~20 % behind cuBLAS (docs/PERFORMANCE.md).
 
 Rounds as the two-pass form does: both products to the activation dtype, then
@@ -67,16 +70,20 @@ class GateUpTuning:
 
 
 DEFAULT_TUNING = GateUpTuning()
-"""Prefill-sized batches (over 256 rows): 2,048-16,384 rows measured (module docstring). Decode
-graphs over 256 rows (``max_num_seqs`` above 256) take it too, unmeasured at 257-2,047 rows."""
+"""Prefill-sized batches (over 1,536 rows): 2,048-16,384 rows measured (module docstring)."""
 _SMALL_TUNING = GateUpTuning(block_m=64, num_warps=4, num_stages=5)
 """Up to 192 rows: one warpgroup's 64-row tiles, five stages (µs a Llama-3-8B layer: 99.0
 against the prefill tuning's 110.0 at 192 rows, 88.7 against 92.3 at 128)."""
-_DECODE_TUNING = GateUpTuning(num_stages=4)
-"""193-256 rows: two row tiles, so each program streams weight tiles with little compute
-between them; a deeper pipeline keeps more loads in flight (103.8 against the prefill
-tuning's 111.5 at 256 rows)."""
-_TUNINGS_BY_ROWS = ((192, _SMALL_TUNING), (256, _DECODE_TUNING))
+_MID_TUNING = GateUpTuning(num_stages=4)
+"""193-1,536 rows: few row tiles, so each program streams weight tiles with little compute
+between them; a deeper pipeline keeps more loads in flight. µs a Llama-3-8B layer against
+the prefill tuning (``benchmarks/gpu_mlp_fusions.py --only gate_up_il``, H100): 103.8 against
+111.5 at 256 rows (session 16); in session 17's run 101.7 / 110.0 at 208, 103.4 / 112.3 at
+256, 138.8 / 143.4 at 272, 149.0 / 156.2 at 384, 195.0 / 200.6 at 512, 234.5 / 246.4 at 640,
+283.6 / 290.0 at 768, 346.7 / 347.6 at 1,024 and 534.5 / 549.5 at 1,536 (at 448 190.8 / 182.0);
+at 2,048 the prefill tuning wins, 665.6 against 730.1. These batches are mixed steps of a few
+short prompts, and decode graphs of ``max_num_seqs`` over 256."""
+_TUNINGS_BY_ROWS = ((192, _SMALL_TUNING), (1536, _MID_TUNING))
 """(most rows, tuning), ascending; larger batches take ``DEFAULT_TUNING``."""
 
 

@@ -132,7 +132,7 @@ def test_gate_up_silu_fused(dtype, rows, k, inter):
     """The fused gate/up matmul + SiLU gate against the two-pass reference over the same
     interleaved weight (products rounded to the dtype first, as both do); row counts that
     are not multiples of the tile, each of ``tuning_for_rows``' three tunings (up to 192,
-    193-256 and more rows), a CUDA graph replay equal to the eager launch."""
+    193-1,536 and more rows), a CUDA graph replay equal to the eager launch."""
     from kernels.activation import gate_up_silu_ref, interleave_gate_up
     from kernels.gate_up_silu_triton import FUSED_HALF, gate_up_silu_triton
 
@@ -163,11 +163,11 @@ def test_gate_up_silu_compiles_once_per_tuning():
         return sum(len(cache[0]) for cache in _gate_up_silu_kernel.device_caches.values())
 
     w = interleave_gate_up(torch.randn(2 * 1536, 576, device=DEVICE, dtype=torch.bfloat16) * 0.04, FUSED_HALF)
-    x = torch.randn(1500, 576, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(1600, 576, device=DEVICE, dtype=torch.bfloat16)
     for rows in rows_per_tuning():
         gate_up_silu_triton(x[:rows], w)
     compiled = variants()
-    for rows in range(128, 1500, 61):  # 12 column tiles: 24 to 144 tiles, the program count varies
+    for rows in range(128, 1600, 61):  # 12 column tiles: 24 to 156 tiles, the program count varies
         gate_up_silu_triton(x[:rows], w)
     assert variants() == compiled
 
@@ -221,8 +221,9 @@ def test_gate_up_tuning_bands():
     assert rows[0] == FUSED_MIN_ROWS and rows == sorted(rows)
     reachable = {tuning_for_rows(n) for n in range(FUSED_MIN_ROWS, 20_000)}
     assert {tuning_for_rows(n) for n in rows} == reachable and len(reachable) == len(rows)
-    assert tuning_for_rows(257) == tuning_for_rows(16_384) == DEFAULT_TUNING
-    assert tuning_for_rows(192) != tuning_for_rows(193) != tuning_for_rows(257)
+    assert tuning_for_rows(1537) == tuning_for_rows(16_384) == DEFAULT_TUNING
+    assert tuning_for_rows(193) == tuning_for_rows(1536)
+    assert tuning_for_rows(192) != tuning_for_rows(193) != tuning_for_rows(1537)
 
 
 @FUSED_ONLY
