@@ -12,7 +12,7 @@ Needs a Triton with its NVIDIA backend (ptxas, nvdisasm), e.g. the wheel that
 CUDA builds of torch install; the CPU build of torch does not bring one.
 
 Usage: python benchmarks/decode_sass.py [--kernel decode|prefill [--long]|gate_up [--rows N]] [--cache bf16|fp8]
-       [--batch 256] [--tuning 64/4/2[+h][+pN]] [--maxnreg N (prefill)] [--offsets-i64] [--no-v-words] [--sass out.sass]
+       [--batch 256] [--tuning 64/4/2[+h]] [--maxnreg N (prefill)] [--offsets-i64] [--no-v-words] [--sass out.sass]
 
 Besides the instruction counts it prints the registers a thread holds, spill
 instructions and the programs an H100 SM can hold at once (the occupancy ncu
@@ -84,8 +84,7 @@ def compile_decode(cache: str, tuning: DecodeTuning, offsets_i32: bool, v_words:
     fp8 = cache == "fp8"
     constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=tuning.block_n,
                       NUM_SPLITS=1, PRECISION="tf32", KV_FP8=fp8, USE_PDL=False, OFFSETS_I32=offsets_i32,
-                      V_WORDS=fp8 and v_words, ORDERED=True, HEADS_INNER=tuning.heads_inner,
-                      PREFETCH=tuning.prefetch if fp8 else 0)
+                      V_WORDS=fp8 and v_words, ORDERED=True, HEADS_INNER=tuning.heads_inner)
     return compile_sm90(_paged_decode_kernel, constexprs, POINTERS, cache, tuning.num_warps, tuning.num_stages)
 
 

@@ -53,38 +53,27 @@ class DecodeTuning:
     heads_inner: bool = True
     """Launch a sequence's KV heads next to each other (grid ``(heads, batch, splits)``):
     programs running together read neighbouring bytes of the same cache blocks."""
-    prefetch: int = 0
-    """fp8 caches: while on a tile, ask L2 for the K and V rows of the tile this many tiles
-    ahead (``prefetch.global.L2``, one cache line a key; 0: off). The fp8 kernel runs few warps
-    an SM and waits on its loads (docs/PERFORMANCE.md, ncu); a prefetch keeps more DRAM
-    requests in flight without the registers or shared memory a deeper pipeline takes."""
 
 
 _FLAGS = {"h": ("heads_inner", True)}
-_PREFETCH_FLAG = "p"
-"""``+pN``: ``prefetch`` N tiles ahead."""
 
 
 def parse_decode_tuning(text: str, base: DecodeTuning) -> DecodeTuning:
-    """``BLOCK_N/WARPS/STAGES[+FLAG...]``, e.g. ``32/2/2`` or ``64/4/2+h+p4``: ``base`` with
-    those (flag ``h``: heads_inner, without it off; ``pN``: prefetch N tiles ahead, without it 0). The benchmarks' way of naming a tuning
+    """``BLOCK_N/WARPS/STAGES[+FLAG...]``, e.g. ``32/2/2`` or ``64/4/2+h``: ``base`` with
+    those (flag ``h``: heads_inner; without it, off). The benchmarks' way of naming a tuning
     on the command line; ``format_decode_tuning`` writes it."""
     numbers, *flags = text.split("+")
     try:
         block_n, warps, stages = (int(x) for x in numbers.split("/"))
     except ValueError:
         raise ValueError(f"decode tuning {text!r}: expected BLOCK_N/WARPS/STAGES[+FLAG...], e.g. 64/4/2 or 32/2/2+h") from None
-    prefetch = [f for f in flags if f[:1] == _PREFETCH_FLAG and f[1:].isdigit()]
-    flags = [f for f in flags if f not in prefetch]
     unknown = [f for f in flags if f not in _FLAGS]
-    if unknown or len(prefetch) > 1:
-        raise ValueError(f"decode tuning {text!r}: unknown or repeated flag(s) {unknown or prefetch}; allowed: "
-                         f"{sorted(_FLAGS)} and {_PREFETCH_FLAG}N (prefetch N tiles ahead), once each")
+    if unknown:
+        raise ValueError(f"decode tuning {text!r}: unknown flag(s) {unknown}; allowed: {sorted(_FLAGS)}")
     if block_n < 16 or block_n & (block_n - 1) or warps < 1 or warps & (warps - 1) or stages < 1:
         raise ValueError(f"decode tuning {text!r}: BLOCK_N must be a power of two >= 16, WARPS a power of two, "
                          "STAGES >= 1")
     tuning = dataclasses.replace(base, block_n=block_n, num_warps=warps, num_stages=stages,
-                                 prefetch=int(prefetch[0][1:]) if prefetch else 0,
                                  **{name: False for name, _ in _FLAGS.values()})
     return dataclasses.replace(tuning, **dict(_FLAGS[f] for f in flags))
 
@@ -92,8 +81,7 @@ def parse_decode_tuning(text: str, base: DecodeTuning) -> DecodeTuning:
 def format_decode_tuning(tuning: DecodeTuning) -> str:
     """``tuning`` as ``parse_decode_tuning`` reads it (``waves`` left out)."""
     text = f"{tuning.block_n}/{tuning.num_warps}/{tuning.num_stages}"
-    text += "".join(f"+{flag}" for flag, (name, value) in _FLAGS.items() if getattr(tuning, name) == value)
-    return text + (f"+{_PREFETCH_FLAG}{tuning.prefetch}" if tuning.prefetch else "")
+    return text + "".join(f"+{flag}" for flag, (name, value) in _FLAGS.items() if getattr(tuning, name) == value)
 
 
 DEFAULT_TUNING = DecodeTuning()
@@ -160,7 +148,7 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr, USE_PDL: tl.constexpr, OFFSETS_I32: tl.constexpr, V_WORDS: tl.constexpr,
-    ORDERED: tl.constexpr, HEADS_INNER: tl.constexpr, PREFETCH: tl.constexpr = 0,
+    ORDERED: tl.constexpr, HEADS_INNER: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     if HEADS_INNER:
@@ -198,18 +186,9 @@ def _paged_decode_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table = bt_ptr + b * bt_sb
-    if PREFETCH > 0:  # the cache blocks of the first tile to prefetch; each iteration reads the next one's
-        ahead = start + PREFETCH * BLOCK_N + tl.arange(0, BLOCK_N)
-        ahead_block = tl.load(table + ahead // BLOCK_SIZE, mask=ahead < end, other=0)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < end
-        if PREFETCH > 0:
-            # the block ids came in the iteration before: no wait on them here
-            _prefetch_rows(kc_ptr, vc_ptr, ahead_block, n + PREFETCH * BLOCK_N, end, kh, kc_sb, kc_st, kc_sh, vc_sb,
-                           vc_st, vc_sh, BLOCK_SIZE)
-            ahead = n + (PREFETCH + 1) * BLOCK_N
-            ahead_block = tl.load(table + ahead // BLOCK_SIZE, mask=ahead < end, other=0)
         block = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0)
         offset = n % BLOCK_SIZE
         if not OFFSETS_I32:
@@ -255,23 +234,6 @@ def _paged_decode_kernel(
             _merge_splits(m_ptr, l_ptr, acc_ptr, out_ptr, b, qh, row, n_q_heads, n_valid, o_st, o_sh, qd_mask, v_scale,
                           GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, NUM_SPLITS, KV_FP8)
             tl.atomic_xchg(lock, 0)  # ready for the next launch
-
-
-@triton.jit
-def _prefetch_rows(kc_ptr, vc_ptr, block, n, end, kh, kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh,
-                   BLOCK_SIZE: tl.constexpr):
-    """Asks L2 for the K and V rows of keys ``n`` (of KV head ``kh``; ``block``: their cache
-    blocks), one line a row; keys at or past ``end`` ask for the cache's first line instead
-    (always there, no branch). A request to L2 returns nothing and holds no register or
-    shared memory once issued."""
-    ok = n < end
-    block = block.to(tl.int64)
-    offset = (n % BLOCK_SIZE).to(tl.int64)
-    k = tl.where(ok, kc_ptr + block * kc_sb + offset * kc_st + kh * kc_sh, kc_ptr)
-    v = tl.where(ok, vc_ptr + block * vc_sb + offset * vc_st + kh * vc_sh, vc_ptr)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$2]; prefetch.global.L2 [$3]; mov.u32 $0, 0; mov.u32 $1, 0;",
-                              "=r,=r,l,l", [k.to(tl.int64, bitcast=True), v.to(tl.int64, bitcast=True)],
-                              dtype=(tl.int32, tl.int32), is_pure=False, pack=1)
 
 
 @triton.jit
@@ -437,7 +399,6 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size, BLOCK_N=tuning.block_n, NUM_SPLITS=splits, PRECISION=precision, KV_FP8=fp8,
         OFFSETS_I32=offsets_fit_int32(k_cache) and offsets_fit_int32(v_cache),
         V_WORDS=v_words, ORDERED=order is not None and splits == 1, HEADS_INNER=heads_inner,
-        PREFETCH=tuning.prefetch if fp8 and query.is_cuda else 0,
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_launch(query.device),
     )
     return out

@@ -404,13 +404,11 @@ def test_paged_decode_fallback_paths(monkeypatch, kv_cache, fallback):
 
 
 @pytest.mark.parametrize("kv_cache", KV_CACHES)
-@pytest.mark.parametrize("tuning", ["64/4/2", "32/2/2+h", "32/4/3+h", "128/8/2+h", "32/1/2+h", "64/2/2+h",
-                                    "32/1/2+h+p2", "64/4/2+p3"])
+@pytest.mark.parametrize("tuning", ["64/4/2", "32/2/2+h", "32/4/3+h", "128/8/2+h", "32/1/2+h", "64/2/2+h"])
 def test_paged_decode_tunings(kv_cache, tuning):
     """Tunings besides the default (``parse_decode_tuning``): sequences innermost in the grid
-    (no ``+h``), other tiles, warps and stages, L2 prefetch ahead (``+pN``, fp8 caches; off in
-    the interpreter); contexts that end inside, at and just past a tile, and past the
-    prefetch distance."""
+    (no ``+h``), other tiles, warps and stages; contexts that end inside, at and just past a
+    tile."""
     from kernels.paged_decode_triton import DEFAULT_TUNING, parse_decode_tuning
 
     parsed = parse_decode_tuning(tuning, DEFAULT_TUNING)
@@ -452,33 +450,6 @@ def test_paged_decode_heads_major_pool(kv_cache, tuning):
     assert parsed in {t for _, t in FP8_TUNINGS}, "keep this list to the table's tunings"
     for splits in (1, 4):
         _check_decode(DTYPES[0], splits, (16, 32, 8, 128, [1, 31, 64, 65, 300]), kv_cache, parsed, heads_major=True)
-
-
-@pytest.mark.parametrize("kv_cache", KV_CACHES)
-def test_paged_decode_prefetch_over_heads_major_pool(kv_cache):
-    """L2 prefetch (``DecodeTuning.prefetch``) over the engine's pool layout, split and not:
-    the prefetched rows' addresses follow the cache's strides, and keys past the context ask
-    for the cache's first line."""
-    from kernels.paged_decode_triton import DEFAULT_TUNING, parse_decode_tuning
-
-    parsed = parse_decode_tuning("32/1/2+h+p4", DEFAULT_TUNING)
-    for splits in (1, 4):
-        _check_decode(DTYPES[0], splits, (16, 32, 8, 128, [1, 31, 64, 65, 300, 700]), kv_cache, parsed, heads_major=True)
-
-
-def test_decode_tuning_prefetch_flag():
-    """``+pN`` names the prefetch distance; ``format_decode_tuning`` writes it back; a repeated
-    or malformed flag is refused with the allowed ones named."""
-    from kernels.paged_decode_triton import DEFAULT_TUNING, format_decode_tuning, parse_decode_tuning
-
-    t = parse_decode_tuning("32/1/2+h+p4", DEFAULT_TUNING)
-    assert (t.block_n, t.num_warps, t.num_stages, t.heads_inner, t.prefetch) == (32, 1, 2, True, 4)
-    assert format_decode_tuning(t) == "32/1/2+h+p4"
-    assert parse_decode_tuning("64/4/2", t).prefetch == 0  # flags not given are off
-    assert format_decode_tuning(parse_decode_tuning("64/4/2+p2", DEFAULT_TUNING)) == "64/4/2+p2"
-    for bad in ("32/1/2+p2+p3", "32/1/2+px", "32/1/2+q"):
-        with pytest.raises(ValueError, match="allowed"):
-            parse_decode_tuning(bad, DEFAULT_TUNING)
 
 
 def _check_decode(dtype, splits, case, kv_cache, tuning=None, heads_major=False):
