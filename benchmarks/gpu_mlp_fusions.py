@@ -28,8 +28,8 @@ Each variant runs inside one CUDA graph over ``--copies`` distinct weights
 the engine's form first. An experiment: the engine takes a fusion only if it
 wins here and then in ``gpu_bench.py``.
 
-Usage: python benchmarks/gpu_mlp_fusions.py [--rows 8192,2048,256] [--only gate_up|gate_up_il|gate_up_waves|residual] [--copies 8]
-       [--json out.json]
+Usage: python benchmarks/gpu_mlp_fusions.py [--rows 8192,2048,256] [--only gate_up|gate_up_il|gate_up_waves|residual]
+       [--copies 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def bench_gate_up_interleaved(m: int, copies: int, replays: int) -> dict:
     tuned = linear_tuning.tune({tuple(ws[0].shape): ws}, [m])[0]
     tuned_us = graph_time(lambda x, w: silu_and_mul_triton(linear(x, w)), xs, ws, replays)
     linear_tuning.forget(ws)
-    cells = [f"cuBLAS+silu {base:7.1f} (matmul {mm_only:7.1f}) tuned+silu {tuned_us:7.1f} ({tuned.choice or 'F.linear'})"]
+    cells = [f"cuBLAS+silu {base:7.1f} (matmul {mm_only:7.1f})",
+             f"tuned+silu {tuned_us:7.1f} ({tuned.choice or 'F.linear'})"]
     result = {"rows": m, "cublas_plus_silu_us": base, "cublas_only_us": mm_only, "tuned_plus_silu_us": tuned_us,
               "tuned_choice": tuned.choice, "configs": []}
     interleaved = [interleave_gate_up(w, FUSED_HALF) for w in ws]
