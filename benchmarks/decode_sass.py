@@ -11,7 +11,7 @@ instruction counts quoted in docs/PERFORMANCE.md come from this script.
 Needs a Triton with its NVIDIA backend (ptxas, nvdisasm), e.g. the wheel that
 CUDA builds of torch install; the CPU build of torch does not bring one.
 
-Usage: python benchmarks/decode_sass.py [--kernel decode|prefill [--long]|gate_up [--rows N]] [--cache bf16|fp8]
+Usage: python benchmarks/decode_sass.py [--kernel decode|prefill [--unpacked [--long]]|gate_up [--rows N]] [--cache bf16|fp8]
        [--batch 256] [--tuning 64/4/2[+h]] [--maxnreg N (prefill)] [--offsets-i64] [--no-v-words] [--sass out.sass]
 
 Besides the instruction counts it prints the registers a thread holds, spill
@@ -89,9 +89,12 @@ def compile_decode(cache: str, tuning: DecodeTuning, offsets_i32: bool, v_words:
 
 
 def compile_prefill(cache: str, tuning: PrefillTuning, maxnreg: int | None = None):
-    """The prefill kernel at Llama-3-8B's shape (32/8 heads, d 128, 16-token blocks)."""
+    """The prefill kernel at Llama-3-8B's shape (32/8 heads, d 128, 16-token blocks), GQA packing
+    as ``paged_prefill_attention`` decides it for that group of 4."""
+    pack = tuning.pack_gqa and tuning.block_m >= 16 * 4
     constexprs = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_M=tuning.block_m,
-                      BLOCK_N=tuning.block_n, PRECISION="tf32", KV_FP8=cache == "fp8", HEAVY_FIRST=tuning.heavy_first)
+                      BLOCK_N=tuning.block_n, PRECISION="tf32", KV_FP8=cache == "fp8", HEAVY_FIRST=tuning.heavy_first,
+                      PACK_GQA=pack, GROUP_P=4)
     pointers = {"q_ptr": "*bf16", "bt_ptr": "*i32", "qs_ptr": "*i32", "ql_ptr": "*i32", "ctx_ptr": "*i32",
                 "out_ptr": "*bf16"}
     return compile_sm90(_paged_prefill_kernel, constexprs, pointers, cache, tuning.num_warps, tuning.num_stages,
@@ -155,7 +158,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", choices=("decode", "prefill", "gate_up"), default="decode")
     parser.add_argument("--rows", type=int, default=256, help="gate_up: the batch size whose tuning is compiled")
-    parser.add_argument("--long", action="store_true", help="prefill: the long-prompt tuning (else the short one)")
+    parser.add_argument("--long", action="store_true",
+                        help="prefill, with --unpacked: the long-prompt tuning (else the short one)")
+    parser.add_argument("--unpacked", action="store_true",
+                        help="prefill: a model's tunings without GQA packing (else Llama-3-8B's packed one)")
     parser.add_argument("--cache", choices=("bf16", "fp8"), default="fp8")
     parser.add_argument("--tuning", default=None, metavar="BN/W/ST[+h]",
                         help="decode: e.g. 32/2/2+h (kernels.paged_decode_triton.parse_decode_tuning); "
@@ -172,7 +178,8 @@ def main() -> None:
         report(compiled, f"gate/up + SiLU, {args.rows} rows, {tuning}", tuning.num_warps, args.sass)
         return
     if args.kernel == "prefill":
-        prefill = default_prefill_tuning(torch.bfloat16, args.cache == "fp8", 128, LONG_QUERY if args.long else 1)
+        prefill = default_prefill_tuning(torch.bfloat16, args.cache == "fp8", 128, LONG_QUERY if args.long else 1,
+                                         group=1 if args.unpacked else 4)
         compiled = compile_prefill(args.cache, prefill, args.maxnreg)
         report(compiled, f"prefill, {args.cache} cache, {prefill}", prefill.num_warps, args.sass)
         return
