@@ -3,8 +3,10 @@
 A mixed step (a few short prompts plus decode rows) has an arbitrary number of
 rows, and ``linear_tuning`` times only the row counts of decode graphs and of the
 largest step: every other count runs ``F.linear``, whose algorithm cuBLAS's heuristic
-picks per shape. Session 17 saw that pick go wrong once: the Llama-3-8B gate/up product
-at 448 rows took 314 µs against 172-192 at 512 (``gpu_mlp_fusions.py --only gate_up_il``).
+picks per shape. Session 17 saw that pick go wrong: the Llama-3-8B gate/up product plus
+``silu_and_mul`` at 448 rows took 314 µs against 172-192 at 512 (``gpu_mlp_fusions.py
+--only gate_up_il``). Comparing each count with its two neighbours flags a single slow count
+and the edges of a slow stretch, not the inside of one.
 This sweeps ``F.linear`` over ``--rows`` (a range, step 16 by default) for the model's
 four weight shapes, each inside one CUDA graph over ``--copies`` distinct weights (as a
 step runs them: nothing stays in L2), and lists the row counts whose rate falls under

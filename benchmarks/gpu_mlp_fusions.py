@@ -118,9 +118,11 @@ def bench_gate_up_interleaved(m: int, copies: int, replays: int) -> dict:
     mm_only = graph_time(lambda x, w: F.linear(x, w), xs, ws, replays)
     # the engine's unfused path at a decode graph's size: the cuBLASLt algorithm its start-up
     # tuning keeps for this exact row count (or F.linear where none beats it), then silu_and_mul
-    tuned = linear_tuning.tune({tuple(ws[0].shape): ws}, [m])[0]
-    tuned_us = graph_time(lambda x, w: silu_and_mul_triton(linear(x, w)), xs, ws, replays)
-    linear_tuning.forget(ws)
+    try:
+        tuned = linear_tuning.tune({tuple(ws[0].shape): ws}, [m])[0]
+        tuned_us = graph_time(lambda x, w: silu_and_mul_triton(linear(x, w)), xs, ws, replays)
+    finally:  # the fused candidates' timings must not see a tuned algorithm left behind
+        linear_tuning.forget(ws)
     cells = [f"cuBLAS+silu {base:7.1f} (matmul {mm_only:7.1f})",
              f"tuned+silu {tuned_us:7.1f} ({tuned.choice or 'F.linear'})"]
     result = {"rows": m, "cublas_plus_silu_us": base, "cublas_only_us": mm_only, "tuned_plus_silu_us": tuned_us,
@@ -151,12 +153,16 @@ at 256 rows is 224 tiles: 1.7 waves of persistent programs)."""
 def bench_gate_up_waves(m: int, copies: int, replays: int) -> dict:
     """Is the fused kernel at decode-batch rows held back by its last, partial wave of tiles?
     Times it (the engine's tuning for ``m`` rows) at FFN widths that give ``WAVE_TILES`` output
-    tiles. Time proportional to the width: no wave loss; equal times at 224 and 264 tiles: the
-    last wave costs a full one, and splitting tiles across programs (stream-K) would pay."""
+    tiles. Time proportional to the tile count: no wave loss; a partial wave costing a whole
+    one shows as equal times at different tile counts, and is what splitting tiles across
+    programs (stream-K) would win back."""
     from kernels.gate_up_silu_triton import tuning_for_rows
 
     tuning = tuning_for_rows(m)
     row_tiles = triton.cdiv(m, tuning.block_m)
+    if row_tiles > min(WAVE_TILES):
+        raise ValueError(f"{m} rows are {row_tiles} row tiles: more than the fewest tile count timed, "
+                         f"{min(WAVE_TILES)}; use --rows of at most {min(WAVE_TILES) * tuning.block_m}")
     result = {"rows": m, "tuning": str(tuning), "widths": []}
     cells = []
     for tiles in WAVE_TILES:

@@ -18,9 +18,10 @@ Llama-3-8B gate/up): 8,192 rows 2,696.8 against cuBLAS + ``silu_and_mul`` 2,856.
 no better. Decode batches of 128-256 rows gain as well, with their own tunings
 (``tuning_for_rows``; ``FUSED_MIN_ROWS`` has the figures): there the kernel saves the
 ``silu_and_mul`` launch and its pass, and a deeper pipeline than cuBLAS's keeps the weight
-stream going. Between 257 and ~768 rows cuBLAS + ``silu_and_mul`` is faster (5-15 % at the
-row counts ``_MID_TUNING`` lists), except where cuBLAS's heuristic picks badly (448 rows:
-``F.linear`` + ``silu_and_mul`` 314 µs, this kernel 182-191). The kernel still takes those
+stream going. Between 257 and ~768 rows cuBLAS + ``silu_and_mul`` is faster (with the
+algorithm ``linear_tuning`` keeps, by 1-16 % in two H100 runs; with ``F.linear``'s pick
+where it picks well), except where cuBLAS's heuristic picks badly (448 rows: ``F.linear``
++ ``silu_and_mul`` 314 µs, this kernel 182-191). The kernel still takes those
 batches: a mixed step's row count is arbitrary, and ``linear_tuning`` times only the decode
 graphs' sizes. An earlier form with two accumulators (gate and up weight tiles loaded
 separately) was ~20 % behind cuBLAS (docs/PERFORMANCE.md).
@@ -79,11 +80,12 @@ _MID_TUNING = GateUpTuning(num_stages=4)
 """193-1,536 rows: few row tiles, so each program streams weight tiles with little compute
 between them; a deeper pipeline keeps more loads in flight. µs a Llama-3-8B layer against
 the prefill tuning (``benchmarks/gpu_mlp_fusions.py --only gate_up_il``, H100): 103.8 against
-111.5 at 256 rows (session 16); in session 17's run 101.7 / 110.0 at 208, 103.4 / 112.3 at
+111.5 at 256 rows (session 16); in session 17's call 7 101.7 / 110.0 at 208, 103.4 / 112.3 at
 256, 138.8 / 143.4 at 272, 149.0 / 156.2 at 384, 195.0 / 200.6 at 512, 234.5 / 246.4 at 640,
 283.6 / 290.0 at 768, 346.7 / 347.6 at 1,024 and 534.5 / 549.5 at 1,536 (at 448 190.8 / 182.0);
-at 2,048 the prefill tuning wins, 665.6 against 730.1. A second run agreed (272-1,792 rows
-4 stages faster, 2,048 rows 3; docs/PERFORMANCE.md, session 17). These batches are mixed
+at 2,048 the prefill tuning wins, 665.6 against 730.1. Calls 6 and 8 mostly agreed (4 stages
+behind only at 272 rows in call 6, tied at 1,024 in all three; docs/PERFORMANCE.md, session
+17); the band ends at 1,536, the largest count measured twice with 4 stages ahead. These batches are mixed
 steps of a few short prompts, and decode graphs of ``max_num_seqs`` over 256."""
 _TUNINGS_BY_ROWS = ((192, _SMALL_TUNING), (1536, _MID_TUNING))
 """(most rows, tuning), ascending; larger batches take ``DEFAULT_TUNING``."""

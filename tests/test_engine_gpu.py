@@ -413,7 +413,7 @@ def test_fused_gate_up_matches_two_pass_and_cpu_on_long_prompts(model_dir, promp
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
                     reason="the fused gate kernel needs TMA (sm_90+)")
-@pytest.mark.parametrize("batch", [136, 200], ids=["small-tuning", "decode-tuning"])
+@pytest.mark.parametrize("batch", [136, 200], ids=["small-tuning", "mid-tuning"])
 def test_fused_gate_up_in_large_decode_batches(model_dir, prompts, real_weights, batch, monkeypatch):
     """Decode batches of ``FUSED_MIN_ROWS`` rows or more replay graphs captured through the
     fused gate kernel (``tuning_for_rows``: 136 sequences pad to the 144-row graph, 200 to

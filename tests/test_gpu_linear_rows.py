@@ -17,3 +17,5 @@ def test_slow_rows_flags_only_a_dip_in_rate():
     spiked[2] *= 1.8  # 288 rows took 1.8x its share: its rate is 0.56 of its neighbours'
     assert slow_rows(rows, spiked, 0.8) == [288]
     assert slow_rows(rows, spiked, 0.5) == []
+    # the rate, not the time: doubling rows at the same rate doubles the time, and is not slow
+    assert slow_rows([128, 256, 512], [64.0, 128.0, 256.0], 0.8) == []

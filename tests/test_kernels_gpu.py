@@ -127,7 +127,7 @@ FUSED_ONLY = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available()
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,k,inter", [(257, 576, 1536), (1000, 4096, 1024), (300, 256, 256), (4096, 512, 512),
                                           (129, 64, 384), (200, 4096, 512), (256, 576, 1536), (128, 4096, 1024),
-                                          (193, 256, 256)])
+                                          (193, 256, 256), (1600, 4096, 1024)])
 def test_gate_up_silu_fused(dtype, rows, k, inter):
     """The fused gate/up matmul + SiLU gate against the two-pass reference over the same
     interleaved weight (products rounded to the dtype first, as both do); row counts that

@@ -274,7 +274,7 @@ class ModelRunner:
     def _compile_gate_up_variants(self) -> None:
         """Run the fused gate/up kernel once per tuning a batch can take (``rows_per_tuning``),
         so that no step compiles one: with ``enforce_eager`` nothing else would before the
-        first decode batch of 128-256 rows (graph capture compiles the decode ones)."""
+        first batch of each band (graph capture compiles the decode graphs' ones)."""
         mlp = self.model.layers[0].mlp
         if not mlp.fused_gate_up:
             return
