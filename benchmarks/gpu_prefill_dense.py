@@ -58,7 +58,8 @@ TUNINGS = [DenseTuning(), DenseTuning(block_n=128), DenseTuning(num_stages=3), D
            DenseTuning(block_m=64, num_warps=4), DenseTuning(block_m=64, num_warps=4, num_stages=3),
            DenseTuning(block_n=128, num_stages=3), DenseTuning(heavy_first=False),
            DenseTuning(warp_specialize=True), DenseTuning(num_stages=3, warp_specialize=True),
-           DenseTuning(pack_gqa=True), DenseTuning(num_stages=3, pack_gqa=True), DenseTuning(block_n=128, pack_gqa=True),
+           DenseTuning(pack_gqa=True), DenseTuning(num_stages=3, pack_gqa=True),
+           DenseTuning(block_n=128, pack_gqa=True),
            DenseTuning(num_warps=4, block_n=32, num_stages=3, pack_gqa=True)]
 
 

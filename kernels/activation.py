@@ -22,7 +22,7 @@ from kernels.linear import linear
 
 if HAS_TRITON:
     from kernels.activation_triton import silu_and_mul_triton
-    from kernels.gate_up_silu_triton import FUSED_MIN_ROWS, fused_gate_up_supported, gate_up_silu_triton
+    from kernels.gate_up_silu_triton import fused_for_rows, fused_gate_up_supported, gate_up_silu_triton
 
 
 def _halves(x: torch.Tensor, interleave: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,9 +61,9 @@ def gate_up_silu_ref(x: torch.Tensor, weight: torch.Tensor, interleave: int = 0)
 
 def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, interleave: int = 0, fused: bool = True) -> torch.Tensor:
     """``silu(x @ W_gate.T) * (x @ W_up.T)`` for the gate/up ``weight`` in the layout
-    ``interleave`` names: with ``fused``, one kernel for CUDA batches of ``FUSED_MIN_ROWS`` rows
-    or more over a weight interleaved as it expects; else the matmul and ``silu_and_mul``."""
-    if (fused and interleave and use_triton(x) and x.dim() == 2 and x.shape[0] >= FUSED_MIN_ROWS
+    ``interleave`` names: with ``fused``, one kernel for CUDA batches ``fused_for_rows`` admits
+    over a weight interleaved as it expects; else the matmul and ``silu_and_mul``."""
+    if (fused and interleave and use_triton(x) and x.dim() == 2 and fused_for_rows(x.shape[0])
             and fused_gate_up_supported(x, weight, interleave)):
         return gate_up_silu_triton(x, weight)
     return silu_and_mul(linear(x, weight), interleave)

@@ -85,10 +85,18 @@ the prefill tuning (``benchmarks/gpu_mlp_fusions.py --only gate_up_il``, H100): 
 283.6 / 290.0 at 768, 346.7 / 347.6 at 1,024 and 534.5 / 549.5 at 1,536 (at 448 190.8 / 182.0);
 at 2,048 the prefill tuning wins, 665.6 against 730.1. Calls 6 and 8 mostly agreed (4 stages
 behind only at 272 rows in call 6, tied at 1,024 in all three; docs/PERFORMANCE.md, session
-17); the band ends at 1,536, the largest count measured twice with 4 stages ahead. These batches are mixed
-steps of a few short prompts, and decode graphs of ``max_num_seqs`` over 256."""
+17); the band ends at 1,536, the largest count measured twice with 4 stages ahead. These
+batches are mixed steps of a few short prompts, and decode graphs of ``max_num_seqs`` over
+256."""
 _TUNINGS_BY_ROWS = ((192, _SMALL_TUNING), (1536, _MID_TUNING))
 """(most rows, tuning), ascending; larger batches take ``DEFAULT_TUNING``."""
+
+
+def fused_for_rows(rows: int) -> bool:
+    """Whether a batch of ``rows`` takes the fused kernel (where its weight and operands can):
+    the one rule the MLP's dispatch and the start-up matmul tuning (which leaves these sizes
+    untimed) both follow."""
+    return rows >= FUSED_MIN_ROWS
 
 
 def tuning_for_rows(rows: int) -> GateUpTuning:
@@ -96,11 +104,13 @@ def tuning_for_rows(rows: int) -> GateUpTuning:
     return next((tuning for most, tuning in _TUNINGS_BY_ROWS if rows <= most), DEFAULT_TUNING)
 
 
-def rows_per_tuning() -> list[int]:
-    """One batch size for each tuning a fused batch can take: what start-up runs so that no
-    step waits for Triton's compiler. For one model on one device each tuning is exactly one
-    compiled variant (neither the row count nor the program count is specialised on)."""
-    return [FUSED_MIN_ROWS] + [most + 1 for most, _ in _TUNINGS_BY_ROWS]
+def rows_per_tuning(largest: int | None = None) -> list[int]:
+    """One batch size for each tuning a fused batch can take (of at most ``largest`` rows, if
+    given): what start-up runs so that no step waits for Triton's compiler, and no more. For
+    one model on one device each tuning is exactly one compiled variant (neither the row count
+    nor the program count is specialised on)."""
+    rows = [FUSED_MIN_ROWS] + [most + 1 for most, _ in _TUNINGS_BY_ROWS]
+    return [n for n in rows if largest is None or n <= largest]
 
 
 @triton.jit(do_not_specialize=["M"])  # one compile for every row count: no compile in the middle of a run

@@ -215,15 +215,20 @@ def test_gate_up_silu_kernel_walks_every_tile(rows, k, inter, programs):
 def test_gate_up_tuning_bands():
     """Each row count start-up compiles for (``rows_per_tuning``) lands in a different band, and
     together they cover every tuning a fused batch can take."""
-    from kernels.gate_up_silu_triton import DEFAULT_TUNING, FUSED_MIN_ROWS, rows_per_tuning, tuning_for_rows
+    from kernels.gate_up_silu_triton import (DEFAULT_TUNING, FUSED_MIN_ROWS, fused_for_rows, rows_per_tuning,
+                                             tuning_for_rows)
 
     rows = rows_per_tuning()
-    assert rows[0] == FUSED_MIN_ROWS and rows == sorted(rows)
+    assert rows[0] == FUSED_MIN_ROWS and rows == sorted(rows) and all(map(fused_for_rows, rows))
+    assert not fused_for_rows(FUSED_MIN_ROWS - 1)
     reachable = {tuning_for_rows(n) for n in range(FUSED_MIN_ROWS, 20_000)}
     assert {tuning_for_rows(n) for n in rows} == reachable and len(reachable) == len(rows)
     assert tuning_for_rows(1537) == tuning_for_rows(16_384) == DEFAULT_TUNING
     assert tuning_for_rows(193) == tuning_for_rows(1536)
     assert tuning_for_rows(192) != tuning_for_rows(193) != tuning_for_rows(1537)
+    # an engine whose steps stay smaller compiles only the bands it can reach
+    assert rows_per_tuning(1536) == rows[:-1] and rows_per_tuning(FUSED_MIN_ROWS) == rows[:1]
+    assert rows_per_tuning(FUSED_MIN_ROWS - 1) == []
 
 
 @FUSED_ONLY

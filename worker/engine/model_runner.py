@@ -167,10 +167,10 @@ class ModelRunner:
         # where the gate/up product runs the fused gate kernel instead, its matmul is not timed
         skip = frozenset()
         if self.model.layers[0].mlp.fused_gate_up:
-            from kernels.gate_up_silu_triton import FUSED_MIN_ROWS
+            from kernels.gate_up_silu_triton import fused_for_rows
 
             gate_up = tuple(self.model.layers[0].mlp.gate_up_proj.weight.shape)
-            skip = frozenset((gate_up, m) for m in rows + prefill_rows if m >= FUSED_MIN_ROWS)
+            skip = frozenset((gate_up, m) for m in rows + prefill_rows if fused_for_rows(m))
         try:
             results = linear_tuning.tune(weights, sorted(set(rows + prefill_rows)), accumulate=accumulate, cache=cache,
                                          skip=skip)
@@ -272,16 +272,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _compile_gate_up_variants(self) -> None:
-        """Run the fused gate/up kernel once per tuning a batch can take (``rows_per_tuning``),
-        so that no step compiles one: with ``enforce_eager`` nothing else would before the
-        first batch of each band (graph capture compiles the decode graphs' ones)."""
+        """Run the fused gate/up kernel once per tuning a batch of this engine can take
+        (``rows_per_tuning`` up to its largest step), so that no step compiles one: with
+        ``enforce_eager`` nothing else would before the first batch of each band (graph
+        capture compiles the decode graphs' ones)."""
         mlp = self.model.layers[0].mlp
         if not mlp.fused_gate_up:
             return
         from kernels.activation import gate_up_silu
         from kernels.gate_up_silu_triton import rows_per_tuning
 
-        for rows in rows_per_tuning():
+        for rows in rows_per_tuning(max(sum(self._largest_step()), self.config.max_num_seqs)):
             x = torch.zeros((rows, self.model_config.hidden_size), dtype=self.dtype, device=self.device)
             gate_up_silu(x, mlp.gate_up_proj.weight, mlp.gate_up_interleave, fused=True)
         torch.cuda.synchronize(self.device)
