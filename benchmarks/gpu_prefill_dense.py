@@ -19,6 +19,7 @@ paged kernel; with an fp8 cache the prompt would then attend to its own keys unq
 (the decode steps read them quantized), which moves logits by about the cache's rounding.
 
 Usage: python benchmarks/gpu_prefill_dense.py [--tokens 16384] [--prompts 128-1024] [--json out.json]
+       python benchmarks/gpu_prefill_dense.py --compile-sm90   (resources of each tuning; no GPU needed)
 """
 
 from __future__ import annotations
@@ -185,6 +186,42 @@ def prompt_lengths(tokens: int, lo: int, hi: int, seed: int = 17) -> list[int]:
     return lens
 
 
+def compile_sm90(tuning: DenseTuning, heads: int = 32, kv_heads: int = 8, dim: int = 128):
+    """The kernel compiled for an H100 (sm_90) at Llama-3-8B's attention shape, on any machine
+    with Triton's NVIDIA backend (no GPU needed; ``decode_sass.py`` says how)."""
+    import inspect
+
+    from triton.backends.compiler import GPUTarget
+
+    t, group = tuning, heads // kv_heads
+    q_box = f"[{t.block_m // group}, {group}, {dim}]" if t.pack_gqa else f"[{t.block_m}, {dim}]"
+    kinds = {"q_desc": f"tensordesc<bf16{q_box}>", "k_desc": f"tensordesc<bf16[{t.block_n}, {dim}]>",
+             "v_desc": f"tensordesc<bf16[{t.block_n}, {dim}]>", "out_ptr": "*bf16", "cu_ptr": "*i32",
+             "scale_log2": "fp32"}
+    constexprs = dict(GROUP=group, HEAD_DIM=dim, BLOCK_M=t.block_m, BLOCK_N=t.block_n, HEAVY_FIRST=t.heavy_first,
+                      WARP_SPECIALIZE=t.warp_specialize, PACK_GQA=t.pack_gqa)
+    names = list(inspect.signature(_dense_prefill_kernel.fn).parameters)
+    signature = {n: kinds.get(n, "constexpr" if n in constexprs else "i32") for n in names}
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in ("o_st", "o_sh")}
+    source = triton.compiler.ASTSource(fn=_dense_prefill_kernel, signature=signature, constexprs=constexprs,
+                                       attrs=aligned)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=t.num_warps, num_stages=t.num_stages))
+
+
+def report_sm90() -> None:
+    """Registers, shared memory, spills and programs an SM of every tuning, compiled for sm_90."""
+    from benchmarks.decode_sass import histogram, programs_per_sm, registers, sass
+
+    print(f"# sm_90 compile, triton {triton.__version__}", flush=True)
+    for t in TUNINGS:
+        compiled = compile_sm90(t)
+        regs, shared = registers(compiled.asm["cubin"]), compiled.metadata.shared
+        ops = histogram(sass(compiled.asm["cubin"]))
+        print(f"{t}: {regs} registers, {shared} bytes of shared memory, {ops.get('STL', 0)} spill stores, "
+              f"{programs_per_sm(regs, shared, t.num_warps)} programs an SM", flush=True)
+
+
 def main() -> None:
     from triton.testing import do_bench
 
@@ -194,8 +231,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--prompts", default="128-1024", help="prompt lengths uniform in LO-HI")
+    parser.add_argument("--compile-sm90", action="store_true",
+                        help="only compile every tuning for an H100 and report its resources (no GPU needed)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.compile_sm90:
+        report_sm90()
+        return
     lo, hi = (int(x) for x in args.prompts.split("-"))
     hq, hk, dim = 32, 8, 128
     lens = prompt_lengths(args.tokens, lo, hi)
