@@ -183,7 +183,7 @@ def main() -> None:
         compiled = compile_prefill(args.cache, prefill, args.maxnreg)
         report(compiled, f"prefill, {args.cache} cache, {prefill}", prefill.num_warps, args.sass)
         return
-    tuning = decode_tuning(args.batch, args.cache == "fp8")
+    tuning = decode_tuning(args.batch, torch.float8_e4m3fn if args.cache == "fp8" else torch.bfloat16)
     if args.tuning:
         tuning = parse_decode_tuning(args.tuning, tuning)
     compiled = compile_decode(args.cache, tuning, not args.offsets_i64, not args.no_v_words)

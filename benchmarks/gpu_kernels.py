@@ -143,7 +143,7 @@ def bench_decode(sweep: bool, cases_arg: str = DECODE_CASES, splits_arg: str = "
     for cache_dtype in (BF16, torch.float8_e4m3fn):
         fp8 = cache_dtype != BF16
         for batch, lo, ctx in cases:
-            default = decode_tuning(batch, fp8)
+            default = decode_tuning(batch, cache_dtype)
             tunings = [default]
             if sweep:
                 tunings = [DecodeTuning(b, w, s, heads_inner=True) for b in (32, 64, 128) for w in (2, 4, 8)
@@ -193,7 +193,7 @@ def bench_decode_graph(cases_arg: str, variants_arg: str = "", rounds: int = 20)
             layers = [paged_setup(batch, ctx, cache_dtype) for _ in range(32)]
             q = torch.randn(batch, HQ, D, device=DEV, dtype=BF16)
             out = torch.empty_like(q)
-            default = decode_tuning(batch, fp8)
+            default = decode_tuning(batch, cache_dtype)
             tunings = list(dict.fromkeys([default] + [parse_decode_tuning(v, default) for v in variants_arg.split(",") if v]))
             graphs = []
             for tuning in list(tunings):
@@ -288,6 +288,11 @@ def prefill_tunings(lens: list[int], sweep: bool) -> None:
                     for bm, bn, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 4, 3),
                                           (128, 64, 8, 2), (128, 32, 4, 3), (128, 128, 8, 2), (256, 64, 8, 2))
                     for hf in (False, True)]
+        # five stages: with the block table's load one level of indirection ahead of K/V, Triton's
+        # pipeliner gives each load (stages - 1) // 2 iterations of lead, so K/V are prefetched a
+        # tile ahead (two buffers) only from five stages
+        tunings += [PrefillTuning(bm, bn, w, 5, True, pack_gqa=True) for bm, bn, w in ((128, 32, 4), (128, 64, 4),
+                                                                                         (128, 64, 8))]
         tunings = list(dict.fromkeys(tunings))
         named = len(tunings)
         if sweep:

@@ -85,8 +85,8 @@ def format_decode_tuning(tuning: DecodeTuning) -> str:
 
 
 DEFAULT_TUNING = DecodeTuning()
-"""The tuning of a 16- or 32-bit cache at every batch size, and of an fp8 cache below 112 sequences
-(``FP8_TUNINGS``; an fp8 cache converts V in registers, so the same tiles fit).
+"""The tuning of a 16-bit cache from 112 sequences (``HALF_TUNINGS``) and of a 32-bit cache at
+every batch size.
 
 Measured as the engine runs the kernel (``gpu_kernels.py --only decode_graph``: 32 layers'
 launches in one CUDA graph, tunings replayed in turn; H100, Llama-3-8B layer, 32/8 heads,
@@ -106,38 +106,73 @@ capped at 168 registers fits 3 warps a scheduler quarter instead of 2, yet 143.8
 139.7 us at 256 sequences)."""
 
 FP8_TUNINGS: tuple[tuple[int, DecodeTuning], ...] = (
-    (176, DecodeTuning(block_n=32, num_warps=1, num_stages=2)),
+    (176, DecodeTuning(block_n=32, num_warps=1, num_stages=5)),
     (112, DecodeTuning(block_n=64, num_warps=2, num_stages=2)),
-    (0, DEFAULT_TUNING),
+    (0, DecodeTuning(block_n=64, num_warps=2, num_stages=5)),
 )
 """An fp8 cache's tuning by batch size: ``(least batch, tuning)``, the first that the batch
 reaches (``decode_tuning``). At full batches one-warp programs win: no softmax reduction
 or probability tile crosses warps, and the many small programs an SM keep enough loads in
 flight; below ~170 sequences too few of them are launched to fill the card.
 
-Measured as the engine runs the kernel (``gpu_kernels.py --only decode_graph``, H100,
-Llama-3-8B layer, contexts uniform in 128-1280 as in the offline benchmark's decode
-steps), us a layer, 64/4/2+h -> 32/1/2+h -> 64/2/2+h: 256 sequences 154.8 -> 140.7 ->
-147.1, 224: 144.8 -> 134.1 -> 138.9, 192: 125.6 -> 116.2 -> 123.8, 160: 104.1 -> 109.2
--> 93.1, 96: 64.2 -> 89.5 -> 71.5; 64 x 640: 39.1 -> 43.3 -> 42.0; 128: 84.4 -> 79.3
-(64/4/2+h -> 64/2/2+h), and in another call 32/1/2+h 105.8 against 64/2/2+h 79.5 (each
-figure compared within one call; commands in docs/PERFORMANCE.md, session 13). Offline
-benchmark (``gpu_bench.py --fp8-only --offline-fp8 --fp8-decode-variants``, one tuning for
-every batch): 9,278 / 9,306 (64/4/2+h, before and after) -> 9,489 (32/1/2+h)
-and 9,406 (64/2/2+h) tok/s; this table on another H100: 9,590 / 9,609. A bf16 cache keeps
-``DEFAULT_TUNING`` at every batch: it reads ~2.96 TB/s with any of these tunings at 192-256
-sequences (bandwidth-bound already). Measured and not kept: the products transposed, keys
-as the MMA tiles' rows and the query heads (padded to 8, not 16) as columns: half the MMAs,
-fewer registers (32/1/2: 176 against 193; still 2 warps a scheduler quarter), yet 141.3 against 139.6 us at
-256 sequences and offline 9,551 (branch ``exp/decode-keys-as-rows``): the kernel waits on
-memory latency, not on instructions."""
+Five stages (session 18): the K/V loads' addresses come from the block table, loaded in the
+same loop, and Triton's pipeliner splits the loop's ``num_stages - 1`` iterations of lead
+between the two levels of loads, so with 2-4 stages K and V are issued one iteration ahead
+into a single buffer, at the end of the previous iteration, and waited for at the top of the
+next: no load overlaps the tile's arithmetic (``benchmarks/decode_sass.py``: one 4 KiB buffer
+each for K and V, ``DEPBAR.LE SB0, 0x0`` at the loop's head). From five stages each is issued
+two tiles ahead into two buffers (``DEPBAR.LE SB0, 0x3``; 28.9 against 20.5 KiB of shared
+memory, 7 programs an SM instead of 8). Measured as the engine runs the kernel
+(``gpu_kernels.py --only decode_graph --heads-major``, H100, Llama-3-8B layer, contexts
+uniform in 128-1280 unless given, two calls), us a layer, old -> new: 256 sequences 136.0 /
+135.3 -> 133.8 / 133.2 (32/1/2+h -> 32/1/5+h), 224 129.8 -> 125.5, 192 112.8 -> 108.1, 176
+110.4 -> 95.2; below 112 sequences (64/4/2+h -> 64/2/5+h) 96: 63.5 -> 58.0, 64 x 640 38.4 /
+38.3 -> 36.8 / 36.8, 32 x 1024 39.7 -> 32.3, 16 x 1024 25.7 / 25.7 -> 21.4 / 21.5, 4 x 2048
+17.6 -> 15.7, 1 x 4096 19.7 -> 19.3. At 112-175 the two-stage 64/2/2+h stays: 160 90.4
+against 94.1 (64/2/5+h) and 93.8 (32/1/5+h), 144 84.1 against 85.1, 128 76.9 against 75.4.
+Offline (``gpu_bench.py --hf none --fp8-only --offline-fp8 --offline-runs 1
+--fp8-decode-variants 32/1/2+h@176``): 10,018 / 9,982 against 10,001, within the noise (the
+kernel is ~1.6 % of 4.7 ms a decode step faster at 256 sequences).
+
+Before (session 13; same command, natural layout), 64/4/2+h -> 32/1/2+h -> 64/2/2+h: 256
+sequences 154.8 -> 140.7 -> 147.1, 224: 144.8 -> 134.1 -> 138.9, 192: 125.6 -> 116.2 ->
+123.8, 160: 104.1 -> 109.2 -> 93.1, 96: 64.2 -> 89.5 -> 71.5; 64 x 640: 39.1 -> 43.3 ->
+42.0; offline (one tuning for every batch) 9,278 / 9,306 (64/4/2+h, before and after) ->
+9,489 (32/1/2+h) and 9,406 (64/2/2+h) tok/s. Measured and not kept: the products
+transposed, keys as the MMA tiles' rows and the query heads (padded to 8, not 16) as
+columns: half the MMAs, fewer registers (32/1/2: 176 against 193; still 2 warps a scheduler
+quarter), yet 141.3 against 139.6 us at 256 sequences and offline 9,551 (branch
+``exp/decode-keys-as-rows``). Stages do not help the prefill kernel (its packed tunings
+with five stages: 256.2-258.0 against 246.6 us at 14 prompts over an fp8 cache)."""
+
+HALF_TUNINGS: tuple[tuple[int, DecodeTuning], ...] = (
+    (112, DEFAULT_TUNING),
+    (48, DecodeTuning(block_n=64, num_warps=2, num_stages=5)),
+    (0, DecodeTuning(block_n=32, num_warps=2, num_stages=5)),
+)
+"""A 16-bit cache's tuning by batch size, as ``FP8_TUNINGS``. From 112 sequences every tuning
+reads ~2.9-2.96 TB/s (bandwidth-bound) and the four-warp default stays; smaller batches have
+too few programs to keep the loads going and gain from the deeper pipeline (``FP8_TUNINGS``
+says why five stages): same command and calls, us a layer, 64/4/2+h -> the table: 96
+sequences 101.8 -> 92.8, 64 x 640 65.9 / 66.1 -> 63.3 / 63.3, 32 x 1024 51.8 -> 50.4, 16 x
+1024 31.4 / 31.5 -> 30.0 / 30.1, 4 x 2048 21.4 -> 20.2, 1 x 4096 21.5 -> 20.3. The two
+small tunings cross between 32 and 64 sequences (64/2/5+h at 32: 57.3; 32/2/5+h at 64: 67.0;
+48 is unmeasured). A 32-bit cache (float32 models) keeps ``DEFAULT_TUNING``."""
 
 
-def decode_tuning(batch: int, fp8: bool) -> DecodeTuning:
-    """The tuning the launcher takes for ``batch`` sequences when none is given."""
-    if not fp8:
-        return DEFAULT_TUNING
-    return next(tuning for least, tuning in FP8_TUNINGS if batch >= least)
+def tuning_table(cache_dtype: torch.dtype) -> tuple[tuple[int, DecodeTuning], ...]:
+    """``(least batch, tuning)`` pairs for a cache of ``cache_dtype``, largest batch first."""
+    if is_fp8(cache_dtype):
+        return FP8_TUNINGS
+    if cache_dtype.itemsize == 2:
+        return HALF_TUNINGS
+    return ((0, DEFAULT_TUNING),)
+
+
+def decode_tuning(batch: int, cache_dtype: torch.dtype) -> DecodeTuning:
+    """The tuning the launcher takes for ``batch`` sequences over a cache of ``cache_dtype``
+    when none is given."""
+    return next(tuning for least, tuning in tuning_table(cache_dtype) if batch >= least)
 
 
 @triton.jit
@@ -341,7 +376,7 @@ def paged_decode_attention(
     ``rows`` ``[B]`` int32/int64; caches ``[blocks, block_size, Hk, D]``.
     ``num_splits`` defaults to ``choose_num_splits(B, Hk, W * block_size)``. The caches
     hold the query's dtype, or float8_e4m3fn read as ``stored * kv_scale``. ``tuning``
-    defaults to ``decode_tuning(B, fp8)``: by batch size for an fp8 cache.
+    defaults to ``decode_tuning(B, k_cache.dtype)``: by batch size (``tuning_table``).
 
     ``order`` ``[B]`` int32, a permutation of ``0..B-1``: the order in which the
     sequences' programs are launched (``worker.models.attention.longest_first`` gives the
@@ -368,7 +403,7 @@ def paged_decode_attention(
     if batch == 0:
         return out
     fp8 = is_fp8(k_cache.dtype)
-    tuning = tuning or decode_tuning(batch, fp8)
+    tuning = tuning or decode_tuning(batch, k_cache.dtype)
     splits = num_splits or choose_num_splits(batch, hk, block_tables.shape[1] * block_size, query.device, tuning)
     require(splits == next_pow2(splits) and splits <= MAX_SPLITS, f"num_splits must be a power of two <= {MAX_SPLITS}, got {splits}")
     require(kv_scale > 0, f"kv_scale must be > 0, got {kv_scale}")

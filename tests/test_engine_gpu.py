@@ -382,18 +382,21 @@ def test_fused_gate_up_matches_two_pass_and_cpu_on_long_prompts(model_dir, promp
     weights most of the three prompts' tokens equal. Decode batches of ``FUSED_MIN_ROWS``
     or more take the kernel too: the next test."""
     from kernels import activation
-    from kernels.gate_up_silu_triton import FUSED_MIN_ROWS
+    from kernels.gate_up_silu_triton import DEFAULT_TUNING, FUSED_MIN_ROWS, tuning_for_rows
 
     pool = [t for p in prompts for t in p] or [5]
-    long = [(pool * (n // len(pool) + 1))[:n] for n in (300, 460, 700)]
+    long = [(pool * (n // len(pool) + 1))[:n] for n in (300, 460, 900)]
     assert min(map(len, long)) > FUSED_MIN_ROWS
+    # the three together are one step of 1,660 rows: the prefill-sized (3-stage) tuning, which
+    # no other engine test reaches (the lone 300-token prompt's graph takes the mid tuning)
+    assert tuning_for_rows(sum(map(len, long))) == DEFAULT_TUNING != tuning_for_rows(len(long[0]))
     fused_calls = []
     real = activation.gate_up_silu_triton
     monkeypatch.setattr(activation, "gate_up_silu_triton", lambda *a, **kw: fused_calls.append(1) or real(*a, **kw))
     for batch in (long, long[:1]):
         fused_calls.clear()
         fused_tokens, fused_logits = _run(model_dir, batch, "cuda", dtype="bfloat16", on_built=fused_calls.clear)
-        if len(batch) > 1:  # three prompts: one eager mixed step of 1,460 rows, while serving
+        if len(batch) > 1:  # three prompts: one eager mixed step of 1,660 rows, while serving
             assert fused_calls, "the fused kernel did not run for the prompts"
         # a lone prompt replays its bucket's prefill graph (no Python call to count): the
         # buckets of FUSED_MIN_ROWS rows or more were captured through the fused kernel at start

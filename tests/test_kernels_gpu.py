@@ -409,7 +409,8 @@ def test_paged_decode_fallback_paths(monkeypatch, kv_cache, fallback):
 
 
 @pytest.mark.parametrize("kv_cache", KV_CACHES)
-@pytest.mark.parametrize("tuning", ["64/4/2", "32/2/2+h", "32/4/3+h", "128/8/2+h", "32/1/2+h", "64/2/2+h"])
+@pytest.mark.parametrize("tuning", ["64/4/2", "32/2/2+h", "32/4/3+h", "128/8/2+h", "32/1/2+h", "64/2/2+h", "32/1/5+h",
+                                    "64/2/5+h", "32/2/5+h", "64/4/5+h", "16/1/8+h"])
 def test_paged_decode_tunings(kv_cache, tuning):
     """Tunings besides the default (``parse_decode_tuning``): sequences innermost in the grid
     (no ``+h``), other tiles, warps and stages; contexts that end inside, at and just past a
@@ -421,38 +422,49 @@ def test_paged_decode_tunings(kv_cache, tuning):
         _check_decode(DTYPES[0], splits, (16, 32, 8, 128, [1, 31, 63, 64, 65, 200, 300]), kv_cache, parsed)
 
 
+TABLE_BATCHES = [16, 64, 120, 180]
+"""Batch sizes that between them select every entry of both decode tuning tables."""
+
+
+def test_decode_table_batches_reach_every_entry():
+    from kernels.paged_decode_triton import decode_tuning, tuning_table
+
+    for cache_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        assert {decode_tuning(b, cache_dtype) for b in TABLE_BATCHES} == {t for _, t in tuning_table(cache_dtype)}, \
+            "pick batch sizes that select each entry of the table"
+
+
 @pytest.mark.parametrize("kv_cache", KV_CACHES)
-@pytest.mark.parametrize("batch", [120, 180])
+@pytest.mark.parametrize("batch", TABLE_BATCHES)
 def test_paged_decode_default_tuning_by_batch(monkeypatch, kv_cache, batch):
-    """Without a tuning the launcher takes ``decode_tuning(batch, fp8)``: for an fp8 cache
-    the large-batch entries of ``FP8_TUNINGS`` (one- and two-warp programs), checked here
-    through the default path at batch sizes that select them (the launcher is watched
-    asking for exactly that batch's tuning)."""
+    """Without a tuning the launcher takes ``decode_tuning(batch, cache dtype)``, the entry of
+    its cache's batch table (``tuning_table``: ``FP8_TUNINGS``, ``HALF_TUNINGS``) that the
+    batch reaches: checked here through the default path at batch sizes that select every
+    entry (the launcher is watched asking for exactly that batch's tuning)."""
     import kernels.paged_decode_triton as decode
 
-    fp8 = kv_cache == "fp8"
-    expected = next(t for least, t in decode.FP8_TUNINGS if batch >= least) if fp8 else decode.DEFAULT_TUNING
-    assert decode.decode_tuning(batch, fp8) == expected
-    if fp8:
-        assert expected != decode.DEFAULT_TUNING, "the table no longer differs at this batch: pick other batch sizes"
+    cache_dtype = torch.float8_e4m3fn if kv_cache == "fp8" else DTYPES[0]
+    expected = next(t for least, t in decode.tuning_table(cache_dtype) if batch >= least)
+    assert decode.decode_tuning(batch, cache_dtype) == expected
     asked = []
     real = decode.decode_tuning
-    monkeypatch.setattr(decode, "decode_tuning", lambda b, f: asked.append((b, f)) or real(b, f))
+    monkeypatch.setattr(decode, "decode_tuning", lambda b, d: asked.append((b, d)) or real(b, d))
     rng = random.Random(batch)
     ctx_lens = [rng.randint(1, 90) for _ in range(batch)]
     _check_decode(DTYPES[0], None, (16, 8, 2, 128, ctx_lens), kv_cache)
-    assert asked and set(asked) == {(batch, fp8)}
+    assert asked and set(asked) == {(batch, cache_dtype)}
 
 
 @pytest.mark.parametrize("kv_cache", KV_CACHES)
-@pytest.mark.parametrize("tuning", ["64/4/2+h", "64/2/2+h", "32/1/2+h"])
+@pytest.mark.parametrize("tuning", ["64/4/2+h", "64/2/2+h", "32/1/5+h", "64/2/5+h", "32/2/5+h"])
 def test_paged_decode_heads_major_pool(kv_cache, tuning):
     """Caches laid out as the engine's CUDA pool (each KV head's rows of a block together, a
-    strided view): each tuning of the fp8 batch table (``FP8_TUNINGS``), split and not."""
-    from kernels.paged_decode_triton import DEFAULT_TUNING, FP8_TUNINGS, parse_decode_tuning
+    strided view): each tuning of the batch tables (``FP8_TUNINGS``, ``HALF_TUNINGS``), split
+    and not, over both caches."""
+    from kernels.paged_decode_triton import DEFAULT_TUNING, FP8_TUNINGS, HALF_TUNINGS, parse_decode_tuning
 
     parsed = parse_decode_tuning(tuning, DEFAULT_TUNING)
-    assert parsed in {t for _, t in FP8_TUNINGS}, "keep this list to the table's tunings"
+    assert parsed in {t for _, t in FP8_TUNINGS + HALF_TUNINGS}, "keep this list to the tables' tunings"
     for splits in (1, 4):
         _check_decode(DTYPES[0], splits, (16, 32, 8, 128, [1, 31, 64, 65, 300]), kv_cache, parsed, heads_major=True)
 

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from kernels.kv_quant import FP8_KV_DTYPE, is_fp8
+from kernels.kv_quant import FP8_KV_DTYPE
 from worker.engine.config import EngineConfig
 from worker.engine.cuda_graph import DecodeGraphs, PrefillGraphs
 from worker.engine.sampler import PendingSample, fill_placeholders, sample_async, to_device
@@ -237,22 +237,23 @@ class ModelRunner:
     @torch.inference_mode()
     def _compile_attention_variants(self) -> None:
         """Launch the decode kernel once per (tuning, split count) it can choose (on empty
-        contexts: nothing is read; an fp8 cache's tuning depends on the batch size,
-        ``decode_tuning``) and the prefill kernel once per tuning it can choose (a two-token
-        prompt), so no step ever waits for Triton's compiler."""
+        contexts: nothing is read; the tuning depends on the batch size, ``decode_tuning``) and
+        the prefill kernel once per tuning it can choose (a two-token prompt), so no step ever
+        waits for Triton's compiler."""
         # CUDA only: CPU machines need no Triton
-        from kernels.paged_decode_triton import FP8_TUNINGS, choose_num_splits, decode_tuning
+        from kernels.paged_decode_triton import choose_num_splits, decode_tuning, tuning_table
         from kernels.paged_prefill_triton import LONG_QUERY
 
         mc, dev = self.model_config, self.device
         i32 = dict(dtype=torch.int32, device=dev)
         attn = self.model.layers[0].self_attn.attn
-        fp8 = is_fp8(self.kv_cache.dtype)
+        cache_dtype = self.kv_cache.dtype
         width = block_table_width(self._blocks_per_seq())  # as every step's tables are
-        reachable = {least for least, _ in FP8_TUNINGS if 1 < least <= self.config.max_num_seqs} if fp8 else set()
+        reachable = {least for least, _ in tuning_table(cache_dtype) if 1 < least <= self.config.max_num_seqs}
         for batch in sorted({1} | reachable):  # each tuning's smallest batch: the most splits it may take
             q = torch.zeros((batch, mc.num_heads, mc.head_dim), dtype=self.dtype, device=dev)
-            most = choose_num_splits(batch, mc.num_kv_heads, width * self.config.block_size, dev, decode_tuning(batch, fp8))
+            most = choose_num_splits(batch, mc.num_kv_heads, width * self.config.block_size, dev,
+                                     decode_tuning(batch, cache_dtype))
             splits = 1
             while splits <= most:
                 decode = DecodeBatch(rows=torch.arange(batch, **i32), block_tables=torch.zeros((batch, width), **i32),
