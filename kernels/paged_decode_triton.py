@@ -107,8 +107,9 @@ capped at 168 registers fits 3 warps a scheduler quarter instead of 2, yet 143.8
 
 FP8_TUNINGS: tuple[tuple[int, DecodeTuning], ...] = (
     (176, DecodeTuning(block_n=32, num_warps=1, num_stages=5)),
-    (112, DecodeTuning(block_n=64, num_warps=2, num_stages=2)),
-    (0, DecodeTuning(block_n=64, num_warps=2, num_stages=5)),
+    (136, DecodeTuning(block_n=64, num_warps=2, num_stages=2)),
+    (2, DecodeTuning(block_n=64, num_warps=2, num_stages=5)),
+    (0, DEFAULT_TUNING),
 )
 """An fp8 cache's tuning by batch size: ``(least batch, tuning)``, the first that the batch
 reaches (``decode_tuning``). At full batches one-warp programs win: no softmax reduction
@@ -148,7 +149,7 @@ with five stages: 256.2-258.0 against 246.6 us at 14 prompts over an fp8 cache).
 HALF_TUNINGS: tuple[tuple[int, DecodeTuning], ...] = (
     (112, DEFAULT_TUNING),
     (48, DecodeTuning(block_n=64, num_warps=2, num_stages=5)),
-    (0, DecodeTuning(block_n=32, num_warps=2, num_stages=5)),
+    (0, DEFAULT_TUNING),
 )
 """A 16-bit cache's tuning by batch size, as ``FP8_TUNINGS``. From 112 sequences every tuning
 reads ~2.9-2.96 TB/s (bandwidth-bound) and the four-warp default stays; smaller batches have
