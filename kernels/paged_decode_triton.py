@@ -125,15 +125,19 @@ each for K and V, ``DEPBAR.LE SB0, 0x0`` at the loop's head). From five stages e
 two tiles ahead into two buffers (``DEPBAR.LE SB0, 0x3``; 28.9 against 20.5 KiB of shared
 memory, 7 programs an SM instead of 8). Measured as the engine runs the kernel
 (``gpu_kernels.py --only decode_graph --heads-major``, H100, Llama-3-8B layer, contexts
-uniform in 128-1280 unless given, two calls), us a layer, old -> new: 256 sequences 136.0 /
-135.3 -> 133.8 / 133.2 (32/1/2+h -> 32/1/5+h), 224 129.8 -> 125.5, 192 112.8 -> 108.1, 176
-110.4 -> 95.2; below 112 sequences (64/4/2+h -> 64/2/5+h) 96: 63.5 -> 58.0, 64 x 640 38.4 /
-38.3 -> 36.8 / 36.8, 32 x 1024 39.7 -> 32.3, 16 x 1024 25.7 / 25.7 -> 21.4 / 21.5, 4 x 2048
-17.6 -> 15.7, 1 x 4096 19.7 -> 19.3. At 112-175 the two-stage 64/2/2+h stays: 160 90.4
-against 94.1 (64/2/5+h) and 93.8 (32/1/5+h), 144 84.1 against 85.1, 128 76.9 against 75.4.
-Offline (``gpu_bench.py --hf none --fp8-only --offline-fp8 --offline-runs 1
---fp8-decode-variants 32/1/2+h@176``): 10,018 / 9,982 against 10,001, within the noise (the
-kernel is ~1.6 % of 4.7 ms a decode step faster at 256 sequences).
+uniform in 128-1280 unless given; three calls, a figure per call), us a layer, the old table
+-> this one: 256 sequences 136.0 / 135.3 -> 133.8 / 133.2 (32/1/2+h -> 32/1/5+h), 224 129.8
+-> 125.5, 192 112.8 -> 108.1, 176 110.4 -> 95.2; 144 and 160 keep 64/2/2+h (84.1 against
+85.1 for 64/2/5+h; 90.4 against 94.1); 64/2/2+h -> 64/2/5+h at 128 76.9 -> 75.4, 120 73.9 ->
+69.4, 112 74.5 -> 67.7; 64/4/2+h -> 64/2/5+h at 104 64.5 -> 59.6, 96 63.5 -> 58.0, 64 x 640
+38.4 / 38.3 -> 36.8 / 36.8, 56 x 1024 55.1 -> 49.1, 32 x 1024 39.7 -> 32.3, 16 x 1024 25.7 /
+25.7 -> 21.4 / 21.5, 8 x 1024 16.6 -> 14.6, 4 x 2048 17.6 -> 15.7. One sequence keeps the
+default: at 1 x 256 (a split of one short tile, where the deeper pipeline only adds its
+prologue) 6.3 against 6.7 (1 x 4096: 19.7 against 19.3). 32/1/5+h was fastest at 40-56
+sequences of 1,024 tokens (39.8-47.6) but not at 64 x 640 (44.2): not taken. Offline
+(``gpu_bench.py --hf none --fp8-only --offline-fp8 --offline-runs 1 --fp8-decode-variants
+32/1/2+h@176``): 10,018 / 9,982 against 10,001, within the noise (the kernel is ~1.6 % of
+4.7 ms a decode step faster at 256 sequences).
 
 Before (session 13; same command, natural layout), 64/4/2+h -> 32/1/2+h -> 64/2/2+h: 256
 sequences 154.8 -> 140.7 -> 147.1, 224: 144.8 -> 134.1 -> 138.9, 192: 125.6 -> 116.2 ->
@@ -152,13 +156,15 @@ HALF_TUNINGS: tuple[tuple[int, DecodeTuning], ...] = (
     (0, DEFAULT_TUNING),
 )
 """A 16-bit cache's tuning by batch size, as ``FP8_TUNINGS``. From 112 sequences every tuning
-reads ~2.9-2.96 TB/s (bandwidth-bound) and the four-warp default stays; smaller batches have
-too few programs to keep the loads going and gain from the deeper pipeline (``FP8_TUNINGS``
-says why five stages): same command and calls, us a layer, 64/4/2+h -> the table: 96
-sequences 101.8 -> 92.8, 64 x 640 65.9 / 66.1 -> 63.3 / 63.3, 32 x 1024 51.8 -> 50.4, 16 x
-1024 31.4 / 31.5 -> 30.0 / 30.1, 4 x 2048 21.4 -> 20.2, 1 x 4096 21.5 -> 20.3. The two
-small tunings cross between 32 and 64 sequences (64/2/5+h at 32: 57.3; 32/2/5+h at 64: 67.0;
-48 is unmeasured). A 32-bit cache (float32 models) keeps ``DEFAULT_TUNING``."""
+reads ~2.9-2.96 TB/s (bandwidth-bound) and the four-warp default stays; 48-111 sequences
+have too few programs to keep the loads going and gain from the deeper pipeline
+(``FP8_TUNINGS`` says why five stages): same command and calls, us a layer, 64/4/2+h ->
+64/2/5+h: 104 sequences 103.0 -> 94.3, 96 101.8 -> 92.8, 64 x 640 65.9 / 66.1 -> 63.3 /
+63.3, 48 x 1024 85.2 -> 72.3 (but 56 x 1024 91.8 -> 94.0). Below 48 the default stays: other
+tunings gained 2-6 % at long contexts (32/2/5+h: 16 x 1024 30.0 against 31.4, 1 x 4096 20.3
+against 21.5) but lost 18 % at 1 x 256 (7.8 against 6.6 us; the benchmark's batch-1 decode
+measured 169.4 tok/s with 32/2/5+h below 48 and 172.3 with the default, on two machines). A
+32-bit cache (float32 models) keeps ``DEFAULT_TUNING``."""
 
 
 def tuning_table(cache_dtype: torch.dtype) -> tuple[tuple[int, DecodeTuning], ...]:
