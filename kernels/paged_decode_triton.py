@@ -136,8 +136,8 @@ default: at 1 x 256 (a split of one short tile, where the deeper pipeline only a
 prologue) 6.3 against 6.7 (1 x 4096: 19.7 against 19.3). 32/1/5+h was fastest at 40-56
 sequences of 1,024 tokens (39.8-47.6) but not at 64 x 640 (44.2): not taken. Offline
 (``gpu_bench.py --hf none --fp8-only --offline-fp8 --offline-runs 1 --fp8-decode-variants
-32/1/2+h@176``): 10,018 / 9,982 against 10,001, within the noise (the kernel is ~1.6 % of
-4.7 ms a decode step faster at 256 sequences).
+32/1/2+h@176``): 10,018 / 9,982 against 10,001, within the noise (at 256 sequences the
+kernel, ~4.7 ms of a 12.2 ms decode step, is ~1.6 % faster).
 
 Before (session 13; same command, natural layout), 64/4/2+h -> 32/1/2+h -> 64/2/2+h: 256
 sequences 154.8 -> 140.7 -> 147.1, 224: 144.8 -> 134.1 -> 138.9, 192: 125.6 -> 116.2 ->
