@@ -85,8 +85,8 @@ def format_decode_tuning(tuning: DecodeTuning) -> str:
 
 
 DEFAULT_TUNING = DecodeTuning()
-"""The tuning of a 16-bit cache from 112 sequences (``HALF_TUNINGS``) and of a 32-bit cache at
-every batch size.
+"""The tuning of a 16-bit cache below 48 and from 112 sequences (``HALF_TUNINGS``), of an fp8
+cache for one sequence (``FP8_TUNINGS``) and of a 32-bit cache at every batch size.
 
 Measured as the engine runs the kernel (``gpu_kernels.py --only decode_graph``: 32 layers'
 launches in one CUDA graph, tunings replayed in turn; H100, Llama-3-8B layer, 32/8 heads,
@@ -137,7 +137,7 @@ prologue) 6.3 against 6.7 (1 x 4096: 19.7 against 19.3). 32/1/5+h was fastest at
 sequences of 1,024 tokens (39.8-47.6) but not at 64 x 640 (44.2): not taken. Offline
 (``gpu_bench.py --hf none --fp8-only --offline-fp8 --offline-runs 1 --fp8-decode-variants
 32/1/2+h@176``): 10,018 / 9,982 against 10,001, within the noise (at 256 sequences the
-kernel, ~4.7 ms of a 12.2 ms decode step, is ~1.6 % faster).
+kernel, ~4.3 ms of a ~12.1 ms decode step, is ~1.6 % faster).
 
 Before (session 13; same command, natural layout), 64/4/2+h -> 32/1/2+h -> 64/2/2+h: 256
 sequences 154.8 -> 140.7 -> 147.1, 224: 144.8 -> 134.1 -> 138.9, 192: 125.6 -> 116.2 ->
@@ -155,16 +155,18 @@ HALF_TUNINGS: tuple[tuple[int, DecodeTuning], ...] = (
     (48, DecodeTuning(block_n=64, num_warps=2, num_stages=5)),
     (0, DEFAULT_TUNING),
 )
-"""A 16-bit cache's tuning by batch size, as ``FP8_TUNINGS``. From 112 sequences every tuning
-reads ~2.9-2.96 TB/s (bandwidth-bound) and the four-warp default stays; 48-111 sequences
-have too few programs to keep the loads going and gain from the deeper pipeline
-(``FP8_TUNINGS`` says why five stages): same command and calls, us a layer, 64/4/2+h ->
-64/2/5+h: 104 sequences 103.0 -> 94.3, 96 101.8 -> 92.8, 64 x 640 65.9 / 66.1 -> 63.3 /
-63.3, 48 x 1024 85.2 -> 72.3 (but 56 x 1024 91.8 -> 94.0). Below 48 the default stays: other
-tunings gained 2-6 % at long contexts (32/2/5+h: 16 x 1024 30.0 against 31.4, 1 x 4096 20.3
-against 21.5) but lost 18 % at 1 x 256 (7.8 against 6.6 us; the benchmark's batch-1 decode
-measured 169.4 tok/s with 32/2/5+h below 48 and 172.3 with the default, on two machines). A
-32-bit cache (float32 models) keeps ``DEFAULT_TUNING``."""
+"""A 16-bit cache's tuning by batch size, as ``FP8_TUNINGS``. 48-111 sequences have too few
+programs to keep the loads going and gain from the deeper pipeline (``FP8_TUNINGS`` says why
+five stages): same command and calls, us a layer, 64/4/2+h -> 64/2/5+h: 104 sequences 103.0
+-> 94.3, 96 101.8 -> 92.8, 64 x 640 65.9 / 66.1 -> 63.3 / 63.3, 48 x 1024 85.2 -> 72.3 (but
+56 x 1024 91.8 -> 94.0). From 112 sequences the two are within ~3 % (117.3 against 120.7 at
+112, 122.2 against 124.9 at 120, 133.3 against 134.2 at 128, equal from 144 to 256; at 256
+both read ~2.96 TB/s); the default stays there, the tuning every offline bf16 figure was
+measured with. Below 48 the default stays too: other tunings gained 2-6 % at long contexts
+(32/2/5+h: 16 x 1024 30.0 against 31.4, 1 x 4096 20.3 against 21.5) but lost 18 % at 1 x 256
+(7.8 against 6.6 us; the benchmark's batch-1 decode measured 169.4 tok/s with 32/2/5+h below
+48 and 172.3 with the default, on two machines). Measured over bf16 caches; float16 caches
+take the same table. A 32-bit cache (float32 models) keeps ``DEFAULT_TUNING``."""
 
 
 def tuning_table(cache_dtype: torch.dtype) -> tuple[tuple[int, DecodeTuning], ...]:
