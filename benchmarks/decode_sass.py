@@ -51,31 +51,31 @@ NOT_MULTIPLE_OF_16 = ("bt_sb", "n_q_heads", "n_kv_heads")
 Llama-3-8B shapes, and the engine aligns its step metadata so that it stays so)."""
 
 
-def compile_sm90(kernel, constexprs: dict, pointers: dict, cache: str, warps: int, stages: int,
-                 maxnreg: int | None = None):
-    """``kernel`` compiled for sm_90: ``constexprs`` fixed, ``pointers`` typed (the KV cache's
-    by ``cache``), every other argument an int32 divisible by 16 except ``NOT_MULTIPLE_OF_16``."""
+def compile_for_sm90(kernel, types: dict, constexprs: dict, aligned, warps: int, stages: int,
+                     maxnreg: int | None = None):
+    """``kernel`` compiled for sm_90 with no GPU: ``constexprs`` fixed, arguments typed by
+    ``types`` (Triton signature strings: ``*bf16``, ``fp32``, ``tensordesc<...>``), every other
+    argument an int32, the ``aligned`` ones stated divisible by 16 as the JIT specialises them
+    on a launch. The one place the benchmarks' sm_90 compiles are built."""
     names = list(inspect.signature(kernel.fn).parameters)
-    cache_type = "*fp8e4nv" if cache == "fp8" else "*bf16"
-    signature = {}
-    for name in names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in ("kc_ptr", "vc_ptr"):
-            signature[name] = cache_type
-        elif name in pointers:
-            signature[name] = pointers[name]
-        elif name in FLOATS:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
-               if signature[name] not in ("constexpr", "fp32") and name not in NOT_MULTIPLE_OF_16}
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = dict(num_warps=warps, num_stages=stages)
     if maxnreg:
         options["maxnreg"] = maxnreg
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_sm90(kernel, constexprs: dict, pointers: dict, cache: str, warps: int, stages: int,
+                 maxnreg: int | None = None):
+    """An attention kernel compiled for sm_90: ``pointers`` typed (the KV cache's by
+    ``cache``), every other argument an int32 divisible by 16 except ``NOT_MULTIPLE_OF_16``."""
+    cache_type = "*fp8e4nv" if cache == "fp8" else "*bf16"
+    types = {**pointers, "kc_ptr": cache_type, "vc_ptr": cache_type, **{n: "fp32" for n in FLOATS}}
+    aligned = [n for n in inspect.signature(kernel.fn).parameters
+               if n not in constexprs and n not in FLOATS and n not in NOT_MULTIPLE_OF_16]
+    return compile_for_sm90(kernel, types, constexprs, aligned, warps, stages, maxnreg)
 
 
 def compile_decode(cache: str, tuning: DecodeTuning, offsets_i32: bool, v_words: bool):
@@ -110,13 +110,8 @@ def compile_gate_up(rows: int):
                    "w_desc": f"tensordesc<bf16[{block_n}, {t.block_k}]>",
                    "out_desc": f"tensordesc<bf16[{t.block_m}, {FUSED_HALF}]>"}
     constexprs = dict(BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m)
-    names = list(inspect.signature(_gate_up_silu_kernel.fn).parameters)
-    signature = {n: descriptors.get(n, "constexpr" if n in constexprs else "i32") for n in names}
-    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in ("N2", "K")}  # M is not specialised
-    source = triton.compiler.ASTSource(fn=_gate_up_silu_kernel, signature=signature, constexprs=constexprs,
-                                       attrs=aligned)
-    return t, triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                             options=dict(num_warps=t.num_warps, num_stages=t.num_stages))
+    # M is not specialised
+    return t, compile_for_sm90(_gate_up_silu_kernel, descriptors, constexprs, ("N2", "K"), t.num_warps, t.num_stages)
 
 
 def registers(cubin: bytes) -> int:

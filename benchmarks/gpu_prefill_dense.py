@@ -189,9 +189,7 @@ def prompt_lengths(tokens: int, lo: int, hi: int, seed: int = 17) -> list[int]:
 def compile_sm90(tuning: DenseTuning, heads: int = 32, kv_heads: int = 8, dim: int = 128):
     """The kernel compiled for an H100 (sm_90) at Llama-3-8B's attention shape, on any machine
     with Triton's NVIDIA backend (no GPU needed; ``decode_sass.py`` says how)."""
-    import inspect
-
-    from triton.backends.compiler import GPUTarget
+    from benchmarks.decode_sass import compile_for_sm90
 
     t, group = tuning, heads // kv_heads
     q_box = f"[{t.block_m // group}, {group}, {dim}]" if t.pack_gqa else f"[{t.block_m}, {dim}]"
@@ -200,13 +198,7 @@ def compile_sm90(tuning: DenseTuning, heads: int = 32, kv_heads: int = 8, dim: i
              "scale_log2": "fp32"}
     constexprs = dict(GROUP=group, HEAD_DIM=dim, BLOCK_M=t.block_m, BLOCK_N=t.block_n, HEAVY_FIRST=t.heavy_first,
                       WARP_SPECIALIZE=t.warp_specialize, PACK_GQA=t.pack_gqa)
-    names = list(inspect.signature(_dense_prefill_kernel.fn).parameters)
-    signature = {n: kinds.get(n, "constexpr" if n in constexprs else "i32") for n in names}
-    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in ("o_st", "o_sh")}
-    source = triton.compiler.ASTSource(fn=_dense_prefill_kernel, signature=signature, constexprs=constexprs,
-                                       attrs=aligned)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=t.num_warps, num_stages=t.num_stages))
+    return compile_for_sm90(_dense_prefill_kernel, kinds, constexprs, ("o_st", "o_sh"), t.num_warps, t.num_stages)
 
 
 def report_sm90() -> None:

@@ -444,8 +444,6 @@ def test_paged_decode_default_tuning_by_batch(monkeypatch, kv_cache, batch):
     import kernels.paged_decode_triton as decode
 
     cache_dtype = torch.float8_e4m3fn if kv_cache == "fp8" else DTYPES[0]
-    expected = next(t for least, t in decode.tuning_table(cache_dtype) if batch >= least)
-    assert decode.decode_tuning(batch, cache_dtype) == expected
     asked = []
     real = decode.decode_tuning
     monkeypatch.setattr(decode, "decode_tuning", lambda b, d: asked.append((b, d)) or real(b, d))

@@ -249,8 +249,11 @@ class ModelRunner:
         attn = self.model.layers[0].self_attn.attn
         cache_dtype = self.kv_cache.dtype
         width = block_table_width(self._blocks_per_seq())  # as every step's tables are
-        reachable = {least for least, _ in tuning_table(cache_dtype) if 1 < least <= self.config.max_num_seqs}
-        for batch in sorted({1} | reachable):  # each tuning's smallest batch: the most splits it may take
+        table = tuning_table(cache_dtype)
+        # each tuning at the smallest batch that takes it (a table may name one tuning twice):
+        # there it may take the most splits
+        smallest = {tuning: max(1, min(least for least, t in table if t == tuning)) for _, tuning in table}
+        for batch in sorted({b for b in smallest.values() if b <= self.config.max_num_seqs}):
             q = torch.zeros((batch, mc.num_heads, mc.head_dim), dtype=self.dtype, device=dev)
             most = choose_num_splits(batch, mc.num_kv_heads, width * self.config.block_size, dev,
                                      decode_tuning(batch, cache_dtype))
