@@ -14,8 +14,9 @@ with random weights: the worker runs ``--load-format dummy`` on a model
 directory written here (config.json, and a synthetic word-level
 tokenizer.json with one letters-only word per id, so the router detokenizes
 any sampled id and ``kvmesh bench --tokenizer DIR`` works against it). Engine
-settings are gpu_bench's: max_num_seqs 256, max_num_batched_tokens 8192,
-max_model_len 4096, gpu_memory_utilization 0.9.
+settings are gpu_bench's: max_num_seqs 256, max_num_batched_tokens 16384,
+max_model_len 4096, gpu_memory_utilization 0.9; ``--kv-cache-dtype fp8_e4m3`` serves
+with the fp8 KV cache of gpu_bench's ``--offline-fp8`` row.
 
 Before each measurement ``--warmup`` requests (other prompts, same lengths
 distribution, 16 output tokens, all at once) run unmeasured. Measured: output
@@ -57,6 +58,7 @@ for _path in (ROOT / "proto", ROOT):
 
 from benchmarks.gpu_bench import LLAMA3_8B, offline_workload, random_prompt  # noqa: E402
 from orchestrator.bench.metrics import percentile  # noqa: E402
+from worker.engine.config import KV_CACHE_DTYPES  # noqa: E402
 
 TINY = {**LLAMA3_8B, "num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 512,
         "num_attention_heads": 4, "num_key_value_heads": 2}
@@ -67,7 +69,7 @@ READY_POLL_S = 0.5
 STOP_WAIT_S = {"worker": 45.0, "router": 15.0}
 """SIGTERM, then this long before SIGKILL (the worker drains its requests first)."""
 ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "gpu_memory_utilization", "device",
-                "dtype", "seed")
+                "dtype", "kv_cache_dtype", "seed")
 """EngineConfig fields set from this script's arguments, the same for the worker and in-process."""
 REQUIRED = {"torch": "torch", "numpy": "numpy", "safetensors": "safetensors", "grpc": "grpcio",
             "grpc_health": "grpcio-health-checking", "grpc_reflection": "grpcio-reflection",
@@ -423,11 +425,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=16, help="unmeasured requests before each run (default 16: "
                                                           "more prompt tokens than one step takes)")
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384,
+                   help="tokens a step (default 16384, gpu_bench's; sessions 8-14 and 19's first run used 8192)")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="KV cache dtype of both engines (fp8_e4m3: gpu_bench's --offline-fp8 row)")
     p.add_argument("--seed", type=int, default=0, help="seed of the dummy weights")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds for the worker to load and register")
     p.add_argument("--request-timeout", type=float, default=900.0, help="seconds per request (and per run)")
