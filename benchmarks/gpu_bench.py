@@ -34,7 +34,7 @@ and last). Each offline run records its steps' wall times, the garbage
 collector's pauses and any Triton compile that happened during it.
 
 Usage: python benchmarks/gpu_bench.py [--json out.json] [--hf none|eager|all] [--kv-cache-dtype auto|fp8_e4m3]
-       [--offline-fp8 [--fp8-only] [--fp8-decode-variants BN/W/ST[+h],...]] [--no-prefill-cuda-graphs]
+       [--offline-fp8 [--fp8-only] [--fp8-decode-variants BN/W/ST[+h],...]] [--no-prefill-cuda-graphs] [--no-dense-prefill]
 """
 
 from __future__ import annotations
@@ -577,6 +577,11 @@ def main() -> None:
     parser.add_argument("--hf-only", choices=("compiled", "generate_batch"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-prefill-cuda-graphs", action="store_true",
                         help="prefill lone prompts eagerly (EngineConfig.prefill_cuda_graphs off)")
+    parser.add_argument("--no-dense-prefill", action="store_true",
+                        help="every prompt's keys read back from the paged cache (EngineConfig.dense_prefill off)")
+    parser.add_argument("--fp8-dense-ab", action="store_true",
+                        help="after the fp8 offline run, three more engines: dense prefill off, on, off (one run each "
+                             "with --offline-runs 1)")
     parser.add_argument("--no-fused-gate-up", action="store_true",
                         help="the MLP's gate/up matmul and SiLU gate as two kernels at every size (EngineConfig.fused_gate_up)")
     parser.add_argument("--no-tune-matmuls", action="store_true",
@@ -641,13 +646,14 @@ def main() -> None:
     gc.collect()
     torch.cuda.empty_cache()
 
-    def build_engine(kv_cache_dtype: str) -> LLMEngine:
+    def build_engine(kv_cache_dtype: str, dense_prefill: bool = not args.no_dense_prefill) -> LLMEngine:
         return LLMEngine(EngineConfig(
             model=str(model_dir), device="cuda", dtype="bfloat16", max_model_len=4096, max_num_seqs=args.max_num_seqs,
             block_size=args.block_size,
             max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
             kv_cache_dtype=kv_cache_dtype, prefill_cuda_graphs=not args.no_prefill_cuda_graphs,
             tune_matmuls=not args.no_tune_matmuls, fused_gate_up=not args.no_fused_gate_up,
+            dense_prefill=dense_prefill,
         ), model=ours)
 
     step_bytes = decode_bytes_per_step(weights, embed, hf_cfg, 128 + 128)
@@ -678,6 +684,11 @@ def main() -> None:
         tunings = [None] + [variant_table(v, default_tunings) for v in variants]
         if variants:
             tunings.append(None)  # the default again: drift over the run shows as the two defaults' spread
+        dense = [not args.no_dense_prefill] * len(tunings)
+        if args.fp8_dense_ab:  # the default engine, then dense prefill off, on, off (new engine each)
+            tunings += [None] * 3
+            dense += [False, True, False]
+        if len(tunings) > 1:
             results["kvmesh_offline_fp8_variants"] = []
         try:
             for i, tuning in enumerate(tunings):
@@ -687,8 +698,8 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 # read when the decode graphs are captured
                 paged_decode_triton.FP8_TUNINGS = tuning[1] if tuning else default_tunings
-                name = tuning[0] if tuning else "by batch (default)"
-                elapsed, engine = timed(lambda: build_engine("fp8_e4m3"))
+                name = (tuning[0] if tuning else "by batch (default)") + ("" if dense[i] else ", dense prefill off")
+                elapsed, engine = timed(lambda: build_engine("fp8_e4m3", dense[i]))
                 if not args.no_gc_freeze:
                     freeze_startup_heap()
                 results["kv_blocks_fp8"] = engine.runner.num_blocks
@@ -703,9 +714,9 @@ def main() -> None:
                 save()
         finally:
             paged_decode_triton.FP8_TUNINGS = default_tunings
-        if variants:
-            print("fp8 offline by decode tuning (same workload, new engine each):", flush=True)
-            print(f"  by batch (default): "
+        if len(tunings) > 1:
+            print("fp8 offline by decode tuning and prefill path (same workload, new engine each):", flush=True)
+            print(f"  by batch (default){'' if dense[0] else ', dense prefill off'}: "
                   f"{results['kvmesh_offline_fp8']:.0f} tok/s", flush=True)
             for v in results["kvmesh_offline_fp8_variants"]:
                 print(f"  {v['tuning']}: {v['kvmesh_offline_fp8']:.0f} tok/s", flush=True)

@@ -442,3 +442,61 @@ def test_fused_gate_up_in_large_decode_batches(model_dir, prompts, real_weights,
     assert worst < BF16_LOGIT_RTOL
     if real_weights:
         assert equal >= BF16_MIN_EQUAL * batch
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
+                    reason="the dense prefill kernel needs TMA (sm_90+)")
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_dense_prefill_matches_paged_prefill(model_dir, prompts, real_weights, fp8_noise_floor, kv_cache_dtype,
+                                             monkeypatch):
+    """Steps of ``DENSE_MIN_STEP_TOKENS`` or more send their cache-free prompts to the dense
+    kernel and chunks after a cached prefix to the paged one, side by side: 1,024 tokens a
+    step over prompts of 900, 460 and 300 tokens make step 1 the first prompt and the second's
+    first 124 tokens (both cache-free: dense), step 2 the second's other 336 (after its
+    prefix: paged) beside the third (dense) and the first's decode row. Against the same
+    engine with ``dense_prefill`` off: ``BF16_LOGIT_RTOL`` over a bf16 cache (the same keys,
+    another summation order) and, with the real weights, most prompts' tokens equal; over
+    an fp8 cache the dense prompts see their own keys unquantized, so the bound is the fp8
+    test's (``FP8_BF16_LOGIT_RTOL`` plus the CPU engine's fp8 noise floor times
+    ``FP8_NOISE_FACTOR``)."""
+    from worker.engine.model_runner import DENSE_MIN_STEP_TOKENS
+    from worker.models import attention
+
+    pool = [t for p in prompts for t in p] or [5]
+    long = [(pool * (n // len(pool) + 1))[:n] for n in (900, 460, 300)]
+    long[1] = [7] + long[1][1:]  # no prefix shared with the first prompt's blocks
+    long[2] = [8] + long[2][1:]
+    assert len(long[0]) + len(long[1]) - 1024 + len(long[2]) >= DENSE_MIN_STEP_TOKENS  # step 2: 336 + 300 (+ 1)
+    dense_lens, paged = set(), set()
+    real_dense, real_paged = attention.dense_prefill_attention, attention.paged_prefill_attention
+
+    def dense(q, k, v, starts, lens, *a):
+        if not torch.cuda.is_current_stream_capturing():  # start-up graph captures: not a step
+            dense_lens.add(tuple(sorted(lens.tolist())))
+        return real_dense(q, k, v, starts, lens, *a)
+
+    def paged_prefill(q, kc, vc, tables, starts, lens, ctx, *a, **kw):
+        if not torch.cuda.is_current_stream_capturing():
+            paged.add(tuple(zip(lens.tolist(), ctx.tolist())))
+        return real_paged(q, kc, vc, tables, starts, lens, ctx, *a, **kw)
+
+    monkeypatch.setattr(attention, "dense_prefill_attention", dense)
+    monkeypatch.setattr(attention, "paged_prefill_attention", paged_prefill)
+    kw = dict(dtype="bfloat16", kv_cache_dtype=kv_cache_dtype, max_num_batched_tokens=1024)
+    dense_tokens, dense_logits = _run(model_dir, long, "cuda", on_built=lambda: (dense_lens.clear(), paged.clear()),
+                                      **kw)
+    assert dense_lens == {(124, 900), (300,)}, dense_lens
+    assert {((336, 460),)} <= paged, paged  # the chunk after its prefix, in the step of the dense (300,)
+    dense_lens.clear()
+    paged.clear()
+    plain_tokens, plain_logits = _run(model_dir, long, "cuda", dense_prefill=False, **kw)
+    assert not dense_lens
+    worst = _worst_relative(dense_tokens, dense_logits, plain_tokens, plain_logits)
+    equal = sum(d == p for d, p in zip(dense_tokens, plain_tokens))
+    print(f"dense prefill, {kv_cache_dtype} cache: vs paged {worst:.3e} ({equal}/{len(long)} prompts equal)")
+    if kv_cache_dtype == "auto":
+        assert worst < BF16_LOGIT_RTOL
+        if real_weights:
+            assert equal >= BF16_MIN_EQUAL * len(long)
+    else:
+        assert worst < FP8_BF16_LOGIT_RTOL + FP8_NOISE_FACTOR * fp8_noise_floor

@@ -266,15 +266,19 @@ def test_gate_up_silu_dispatch(monkeypatch):
 @pytest.mark.parametrize("tokens", [1, 9, 100])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (9, 3, 64), (32, 8, 128)])
 @pytest.mark.parametrize("heads_major", [False, True], ids=["natural", "heads_major"])
-def test_rotary_and_store(dtype, block_size, tokens, heads, kv_heads, head_dim, kv_cache, heads_major):
+@pytest.mark.parametrize("with_k_out", [False, True], ids=["", "k_out"])
+def test_rotary_and_store(dtype, block_size, tokens, heads, kv_heads, head_dim, kv_cache, heads_major, with_k_out):
     """Rotated queries returned, rotated keys and the values in their cache slots, against
     the composition of the torch references; negative slots leave the cache alone. Also into
     caches laid out as the engine's CUDA pool is (``heads_major``: each KV head's rows of a
-    block together, a strided view)."""
+    block together, a strided view). ``k_out``: the rotated keys written out as well,
+    unquantized, for every token (skipped slots too: the dense prefill kernel reads them)."""
     from kernels.rotary_store_triton import rotary_and_store_triton
 
     if heads_major and block_size == 1:
         pytest.skip("one-slot blocks: both layouts are the same")
+    if with_k_out and not heads_major:
+        pytest.skip("k_out does not depend on the cache layout: run with the engine's")
 
     cache = build_cos_sin_cache(head_dim, 4096, 500000.0, None, torch.float32, torch.device(DEVICE))
     # q, k and v as views of one fused projection, as the model passes them
@@ -295,9 +299,11 @@ def test_rotary_and_store(dtype, block_size, tokens, heads, kv_heads, head_dim, 
         caches = [_heads_major(c) for c in caches]
     caches[2].copy_(caches[0])
     caches[3].copy_(caches[1])
+    k_out, k_ref = (torch.full(k.shape, float("nan"), dtype=dtype, device=DEVICE) if with_k_out else None
+                    for _ in range(2))
     q_out = rotary_and_store_triton(q, k, v, pos, cache, caches[0], caches[1], torch.where(skipped, -1, slots).to(torch.int32),
-                                    kv_scale)
-    q_ref = rotary_and_store_ref(q, k, v, pos, cache, caches[2], caches[3], slots, kv_scale)
+                                    kv_scale, k_out)
+    q_ref = rotary_and_store_ref(q, k, v, pos, cache, caches[2], caches[3], slots, kv_scale, k_ref)
     if skipped.any():  # the reference has no padding: undo its writes of the skipped tokens
         raw = [c.view(torch.uint8) if fp8 else c for c in caches]
         where = (slots[skipped] // block_size, slots[skipped] % block_size)
@@ -310,7 +316,9 @@ def test_rotary_and_store(dtype, block_size, tokens, heads, kv_heads, head_dim, 
         assert not stored.isnan().any() and stored.abs().max() <= 448, "large values saturate, never NaN"
     else:
         assert torch.equal(caches[1], caches[3]), "values are a copy"
-    for out, ref, x in ((q_out, q_ref, q),) + (() if fp8 else ((caches[0], caches[2], k),)):
+    pairs = ((q_out, q_ref, q),) + (() if fp8 else ((caches[0], caches[2], k),)) + \
+        (((k_out, k_ref, k),) if with_k_out else ())
+    for out, ref, x in pairs:
         if dtype == torch.float32:
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
             continue

@@ -99,6 +99,10 @@ async def test_router_replicas_share_one_view_and_a_late_replica_catches_up(redi
         assert ids(late) == {"w0", "w1", "w2"}
         await index_in_step(late, workers)
         assert late.kv.index.num_entries() == a.kv.index.num_entries() > 0
+        # the loads it started with may be a heartbeat from the burst above (a full suite on two
+        # busy cores once routed away from the cached prefix on them): wait for idle workers
+        await eventually(lambda: all(w.load.num_running == w.load.num_waiting == 0 for w in late.registry.workers()),
+                         what="the late replica sees the workers idle")
         async with AsyncKvmeshClient(late.grpc_address) as client:     # and it routes by it
             reply = await run(client, tokens(0, 24) + [9])
         assert reply.usage.cached_tokens >= 20

@@ -83,6 +83,9 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
                         "$KVMESH_CACHE_DIR/matmul-tuning-v1.json")
     e.add_argument("--no-prefill-cuda-graphs", action="store_true",
                    help="prefill a lone prompt of up to 512 tokens eagerly instead of replaying a CUDA graph")
+    e.add_argument("--no-dense-prefill", action="store_true",
+                   help="read every prompt's keys back from the paged cache (default on Hopper GPUs: a step's "
+                        "cache-free prompts attend to the step's own keys, EngineConfig.dense_prefill)")
     e.add_argument("--no-async-scheduling", action="store_true",
                    help="wait for each step's tokens before scheduling the next (default on CUDA: schedule ahead)")
     e.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one batch")
@@ -129,6 +132,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
         prefill_cuda_graphs=not args.no_prefill_cuda_graphs,
+        dense_prefill=not args.no_dense_prefill,
         tune_matmuls=not args.no_tune_matmuls,
         matmul_tuning_cache=not args.no_matmul_tuning_cache,
         fused_gate_up=not args.no_fused_gate_up,

@@ -9,7 +9,9 @@ Two paths share the step's host-side bookkeeping:
 * CPU: the pure-torch reference path (attention from Python lists).
 * CUDA: the batch is described as device tensors (decode and prefill
   sub-batches, built with one host-to-device copy) and runs the Triton
-  kernels; steps whose sequences all have one new token replay a CUDA graph
+  kernels (on a Hopper GPU, the cache-free prompts of a step over 512 tokens
+  attend to the step's own keys instead of the cache: ``dense_prefill``);
+  steps whose sequences all have one new token replay a CUDA graph
   (``cuda_graph.py``), and with ``prefill_cuda_graphs`` so does a step that
   prefills one sequence alone (up to 512 tokens). The KV pool gets what
   ``gpu_memory_utilization`` leaves after the weights, a profiled activation
@@ -34,13 +36,14 @@ import torch
 
 from kernels.kv_quant import FP8_KV_DTYPE
 from worker.engine.config import EngineConfig
-from worker.engine.cuda_graph import DecodeGraphs, PrefillGraphs
+from worker.engine.cuda_graph import PREFILL_GRAPH_TOKENS, DecodeGraphs, PrefillGraphs
 from worker.engine.sampler import PendingSample, fill_placeholders, sample_async, to_device
 from worker.engine.scheduler import SchedulerOutput
 from worker.engine.types import SamplingOptions
 from worker.models.attention import (
     AttentionMetadata,
     DecodeBatch,
+    DenseBatch,
     PrefillBatch,
     block_table_width,
     longest_first,
@@ -56,6 +59,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 DEFAULT_CPU_KV_BYTES = 1 << 30
 MAX_GRAPH_BATCH = 512
 _GIB = 2**30
+DENSE_MIN_STEP_TOKENS = PREFILL_GRAPH_TOKENS[-1] + 1
+"""Steps of this many tokens or more send their cache-free prompts to the dense prefill
+kernel (``dense_prefill``). Smaller steps keep the paged kernel: a lone prompt's step
+then computes the same whether it replays a prefill CUDA graph or runs eager (the graphs
+capture the paged kernel), and launch costs, not attention, dominate such steps."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,6 +99,9 @@ class ModelRunner:
             self.model.init_rope(self.max_model_len, self.device)
         set_kv_cache_scale(self.model, config.kv_cache_scale)
         self.on_gpu = self.device.type == "cuda"
+        self.dense_prefill = self.on_gpu and config.dense_prefill and self._dense_prefill_fits()
+        """Whether eager steps of ``DENSE_MIN_STEP_TOKENS`` or more send their cache-free
+        prompts to ``kernels/prefill_dense_triton.py`` (``EngineConfig.dense_prefill``)."""
         self._graph_reserve: int | None = None
         """Bytes the KV budget left for the CUDA graphs (when it was profiled)."""
         if self.on_gpu:
@@ -272,7 +283,28 @@ class ModelRunner:
                                    block_tables=torch.zeros((1, 16), **i32), max_query_len=max_query_len)
             meta = AttentionMetadata(torch.full((2,), -1, **i32), prefill.block_tables, [], [], prefill=prefill)
             attn(q, self.kv_cache[0, 0], self.kv_cache[0, 1], meta)
+        if self.dense_prefill:  # step lengths with and without 16 | T (the descriptors' shapes)
+            for tokens in (16, 17):
+                q = torch.zeros((tokens, mc.num_heads, mc.head_dim), dtype=self.dtype, device=dev)
+                kv = torch.zeros((tokens, 2, mc.num_kv_heads, mc.head_dim), dtype=self.dtype, device=dev)
+                dense = DenseBatch(query_start=torch.zeros(1, **i32), query_lens=torch.tensor([tokens], **i32),
+                                   max_query_len=tokens)
+                meta = AttentionMetadata(torch.full((tokens,), -1, **i32), torch.zeros((1, 16), **i32), [], [],
+                                         dense=dense)
+                attn(q, self.kv_cache[0, 0], self.kv_cache[0, 1], meta, kv[:, 0], kv[:, 1])
         torch.cuda.synchronize(dev)
+
+    def _dense_prefill_fits(self) -> bool:
+        """The dense prefill kernel runs here: a Hopper GPU, 16-bit activations, and head
+        sizes its TMA descriptors take (a power of two >= 16)."""
+        from kernels.backend import HAS_TRITON
+
+        dim = self.model_config.head_dim
+        if not HAS_TRITON or self.dtype not in (torch.bfloat16, torch.float16) or dim < 16 or dim & (dim - 1):
+            return False
+        from kernels.prefill_dense_triton import dense_prefill_supported
+
+        return dense_prefill_supported(self.device)
 
     @torch.inference_mode()
     def _compile_gate_up_variants(self) -> None:
@@ -573,7 +605,10 @@ class ModelRunner:
         for i, t in enumerate(tables):
             table[i, : len(t)] = t
         dec = np.flatnonzero(q_lens == 1)
-        pre = np.flatnonzero(q_lens > 1)
+        dense = np.empty(0, dtype=np.int64)
+        if self.dense_prefill and q_lens.sum() >= DENSE_MIN_STEP_TOKENS:
+            dense = np.flatnonzero((q_lens > 1) & (ctx == q_lens))  # whole prompts: no cached prefix
+        pre = np.flatnonzero((q_lens > 1) & ~np.isin(np.arange(q_lens.size), dense))
         parts = {
             "ids": np.asarray(input_ids, dtype=np.int32),
             "positions": np.asarray(positions, dtype=np.int32),
@@ -588,6 +623,8 @@ class ModelRunner:
             "pre_len": q_lens[pre],
             "pre_ctx": ctx[pre],
             "pre_tables": table[pre].ravel(),
+            "dense_start": starts[dense],
+            "dense_len": q_lens[dense],
         }
         padded = [np.pad(a, (0, -a.size % 4)) for a in parts.values()]
         host = torch.from_numpy(np.concatenate(padded)).pin_memory()
@@ -597,7 +634,7 @@ class ModelRunner:
         for (name, arr), pad in zip(parts.items(), padded):
             out[name] = flat[at : at + arr.size]
             at += pad.size
-        decode = prefill = None
+        decode = prefill = dense_batch = None
         if dec.size:
             decode = DecodeBatch(rows=out["dec_rows"], block_tables=out["dec_tables"].view(dec.size, width),
                                  context_lens=out["dec_ctx"], order=out["dec_order"])
@@ -605,6 +642,9 @@ class ModelRunner:
             prefill = PrefillBatch(query_start=out["pre_start"], query_lens=out["pre_len"], context_lens=out["pre_ctx"],
                                    block_tables=out["pre_tables"].view(pre.size, width),
                                    max_query_len=int(q_lens[pre].max()))
+        if dense.size:
+            dense_batch = DenseBatch(query_start=out["dense_start"], query_lens=out["dense_len"],
+                                     max_query_len=int(q_lens[dense].max()))
         meta = AttentionMetadata(
             slot_mapping=out["slots"],
             block_tables=out["tables"].view(len(tables), width),
@@ -612,6 +652,7 @@ class ModelRunner:
             query_lens=query_lens,
             decode=decode,
             prefill=prefill,
+            dense=dense_batch,
         )
         return meta, out
 

@@ -8,7 +8,11 @@ cached prefix blocks and the new tokens are read the same way.
 On CUDA the runner also describes the batch as device tensors, split into
 the sequences with one new token (``DecodeBatch``, the decode kernel) and
 those with more (``PrefillBatch``, the prefill kernel), and the layer runs the
-Triton kernels. Without that description it runs the torch reference.
+Triton kernels. Without that description it runs the torch reference. On a
+Hopper GPU, prompts with no cached prefix may instead come as a ``DenseBatch``:
+they attend to the step's own rotated keys and values, not to the cache
+(``kernels/prefill_dense_triton.py``); the model then has rotary write the
+rotated keys out as well (``rotary_and_store``'s ``k_out``).
 
 The cache may hold a narrower dtype than the model (float8_e4m3fn,
 ``kernels/kv_quant.py``); every kernel reads "is it fp8" from the cache
@@ -28,6 +32,7 @@ import torch
 
 from kernels.backend import HAS_TRITON
 from kernels.paged_attention import paged_attention
+from kernels.prefill_dense import dense_prefill_attention
 
 if HAS_TRITON:
     from kernels.paged_decode_triton import paged_decode_attention
@@ -79,6 +84,16 @@ class PrefillBatch:
 
 
 @dataclass
+class DenseBatch:
+    """Prompts with no cached prefix (context = this step's rows), several rows each: they
+    attend to the step's own K/V, not the cache (device tensors)."""
+
+    query_start: torch.Tensor     # [Bn] int32: first flat query row
+    query_lens: torch.Tensor      # [Bn] int32
+    max_query_len: int
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor   # [T] int64 (int32 on CUDA): cache slot of each new token; < 0: skip (CUDA only)
     block_tables: torch.Tensor   # [B, max_blocks] int64, padded with 0 (reference path)
@@ -86,10 +101,11 @@ class AttentionMetadata:
     query_lens: list[int]        # [B]: new tokens of this step (reference path)
     decode: DecodeBatch | None = None
     prefill: PrefillBatch | None = None
+    dense: DenseBatch | None = None
 
     @property
     def on_gpu_kernels(self) -> bool:
-        return self.decode is not None or self.prefill is not None
+        return self.decode is not None or self.prefill is not None or self.dense is not None
 
 
 class PagedAttention(torch.nn.Module):
@@ -110,8 +126,12 @@ class PagedAttention(torch.nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
+        k: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attention of ``q`` ``[T, Hq, D]`` over the cache, whose slots already hold this step's K/V."""
+        """Attention of ``q`` ``[T, Hq, D]`` over the cache, whose slots already hold this
+        step's K/V; ``meta.dense``'s prompts over the step's rotated keys ``k`` and values
+        ``v`` ``[T, Hk, D]`` instead (required with it)."""
         if not meta.on_gpu_kernels:
             return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_lens, self.scale,
                                    self.kv_scale)
@@ -120,6 +140,11 @@ class PagedAttention(torch.nn.Module):
             p = meta.prefill
             paged_prefill_attention(q, k_cache, v_cache, p.block_tables, p.query_start, p.query_lens,
                                     p.context_lens, p.max_query_len, self.scale, out, self.kv_scale)
+        if meta.dense is not None:
+            if k is None or v is None:
+                raise ValueError("a DenseBatch needs the step's rotated keys and values (k, v)")
+            n = meta.dense
+            dense_prefill_attention(q, k, v, n.query_start, n.query_lens, n.max_query_len, self.scale, out)
         if meta.decode is not None:
             d = meta.decode
             paged_decode_attention(q, k_cache, v_cache, d.block_tables, d.context_lens, d.rows, self.scale, out,

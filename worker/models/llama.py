@@ -57,8 +57,11 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q = rotary_and_store(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping, self.attn.kv_scale)
-        o = self.attn(q, k_cache, v_cache, meta)
+        # a step with cache-free prompts (``meta.dense``) also keeps the rotated keys, unquantized
+        k_rot = None if meta.dense is None else torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        q = rotary_and_store(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping, self.attn.kv_scale,
+                             k_rot)
+        o = self.attn(q, k_cache, v_cache, meta, k_rot, v)
         return linear(o.reshape(-1, self.q_size), self.o_proj.weight, out=residual, accumulate=True)
 
 
