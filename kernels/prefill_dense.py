@@ -5,8 +5,9 @@ cache read: its keys and values are the step's own rotated K and V. On a Hopper
 GPU ``prefill_dense_triton.py`` runs this through TMA descriptors (the model
 runner sends such prompts there, ``worker.models.attention.DenseBatch``); its
 tests compare it with this function. Elsewhere the engine reads every prompt
-from the paged cache (``paged_attention.py``), which for these prompts computes
-the same thing over a bf16/fp16 cache.
+back from the paged cache (``paged_prefill_triton.py`` on CUDA,
+``paged_attention.py`` on CPU), which for these prompts computes the same thing
+over a 16-bit cache.
 """
 
 from __future__ import annotations

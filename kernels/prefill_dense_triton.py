@@ -17,11 +17,13 @@ first with ``heavy_first``; a flash-attention loop over key tiles, the tiles
 wholly below the diagonal without the causal mask. Sequence ``i`` owns rows
 ``query_start[i] : query_start[i] + query_lens[i]`` of ``q``, ``k``, ``v`` and
 ``out``, anywhere in the step's flat batch: tiles reaching past its rows read
-other sequences' rows (or TMA's zeros past the last row), masked off and never
-stored, so ``out``'s other rows are left as they are (the decode and paged
-prefill kernels write them).
+other sequences' rows (or TMA's zeros past the last row): their scores are
+masked, their values zeroed (an overflowed value elsewhere in the step must not
+turn a zero weight into NaN here) and their outputs never stored, so ``out``'s
+other rows are left as they are (the decode and paged prefill kernels write
+them).
 
-An fp8 engine's prompts attend here to their own keys unquantized (decode steps
+An fp8 engine's prompts attend here to their own keys and values unquantized (decode steps
 and later chunks read them back quantized), as vLLM's flash-attention prefill
 does: logits move by about the cache's rounding against the all-paged path.
 """
@@ -64,24 +66,40 @@ the offline benchmark's mixed step (H100, session 18: 355.6 us a layer); 128 x 6
 with 8 warps compile to 254 registers, 4-warp 128-row tiles spill (``--compile-sm90``)."""
 
 
+SHARED_MEMORY_BYTES = 116 * 1024
+"""Shared memory the engine's tuning needs: ``DEFAULT_TUNING`` compiles to 115,712 bytes at
+head size 128 for sm_90 (3 stages of 64 x 128 bf16 K and V tiles and the query; some of
+the benchmark's other tunings need more, ``gpu_prefill_dense.py --compile-sm90``)."""
+
+
 def dense_prefill_supported(device: torch.device) -> bool:
-    """TMA tensor descriptors need a Hopper or newer GPU (sm_90+)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    """TMA tensor descriptors need sm_90 or newer, and the tiles need the shared memory of a
+    datacenter part (an H100 or B200 grants 227 KiB a block; a consumer Blackwell, sm_120,
+    ~99 KiB)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin is None:  # a PyTorch without the field: the datacenter majors
+        return props.major in (9, 10)
+    return optin >= SHARED_MEMORY_BYTES
 
 
 @triton.jit
 def _attend_dense(q, m_i, l_i, acc, k_desc, v_desc, row0, kcol, n0, pos, hi, scale_log2,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    n = n0 + tl.arange(0, BLOCK_N)
     k = k_desc.load([row0 + n0, kcol])
     s = tl.dot(q, tl.trans(k)) * scale_log2
     if MASKED:
-        n = n0 + tl.arange(0, BLOCK_N)
         s = tl.where((n[None, :] <= pos[:, None]) & (n[None, :] < hi), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = v_desc.load([row0 + n0, kcol])
+    if MASKED:  # rows past the prompt are other requests' (weight 0, but 0 * inf is NaN): zeroed
+        v = tl.where((n < hi)[:, None], v, 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
 
@@ -177,11 +195,14 @@ def dense_prefill_attention(
     for name, x, heads in (("q", q, hq), ("k", k, hk), ("v", v, hk)):
         _check_rows(name, x, tokens, heads, dim, q.dtype)
     require(out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1,
-            f"out must match q {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
-    batch = query_start.shape[0] if query_start.dim() == 1 else -1
+            f"out must match q {tuple(q.shape)} {q.dtype} with unit stride along head_dim, "
+            f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    require(query_start.dim() == 1, f"query_start must be [B] int32, got {tuple(query_start.shape)}")
+    batch = query_start.shape[0]
     for name, x in (("query_start", query_start), ("query_lens", query_lens)):
-        require(x.dim() == 1 and x.shape[0] == batch and x.dtype == torch.int32,
-                f"{name} must be [B] int32 (B = {batch}), got {tuple(x.shape)} {x.dtype}")
+        require(x.dim() == 1 and x.shape[0] == batch and x.dtype == torch.int32 and (batch <= 1 or x.stride(0) == 1),
+                f"{name} must be a contiguous [{batch}] int32 tensor, got {tuple(x.shape)} {x.dtype} "
+                f"strides {x.stride()}")
     require(max_query_len >= 1, f"max_query_len must be >= 1, got {max_query_len}")
     require_device(q, k, v, query_start, query_lens, out)
     t, group = tuning, hq // hk

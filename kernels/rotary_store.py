@@ -1,7 +1,7 @@
 """Rotary embedding of q and k fused with writing k and v into the paged cache.
 
-Attention needs the new keys only in the cache, rotated, and the queries
-rotated. Done as two kernels, the rotated keys go through memory once more and
+Attention needs the new keys rotated in the cache (and, for the dense prefill
+kernel, rotated beside the step: ``k_out``), and the queries rotated. Done as two kernels, the rotated keys go through memory once more and
 every layer pays one more launch (at decode batch 1 a step is ~320 launches,
 each gap ~1 us on an H100); fused, one program per token and role rotates its
 queries into a new tensor or its keys straight into their cache slot, copying

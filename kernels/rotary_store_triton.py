@@ -3,7 +3,8 @@
 Grid ``(tokens, 2)``: program ``(t, 0)`` rotates token ``t``'s query heads into
 the output tensor; program ``(t, 1)`` rotates its key heads straight into the
 token's cache slot and copies its value heads beside them (skipped for a
-negative slot). Products and sums are rounded to the activation dtype step by
+negative slot); with ``k_out`` it also writes the rotated keys there, in the
+activation dtype, for every token (negative slots included). Products and sums are rounded to the activation dtype step by
 step, exactly as the torch reference computes them in that dtype
 (``rounding_triton.py``), so results agree with it bit for bit (but for rare
 one-rounding differences where ``x1*cos - x2*sin`` cancels).

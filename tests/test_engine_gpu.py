@@ -376,7 +376,8 @@ def test_async_scheduling_equals_synchronous_with_sampling_and_logprobs(model_di
 def test_fused_gate_up_matches_two_pass_and_cpu_on_long_prompts(model_dir, prompts, real_weights, monkeypatch):
     """Prompts over ``FUSED_MIN_ROWS`` tokens run the MLP's fused gate/up + SiLU kernel (the
     tests above reach it only in a prefill step of all their prompts together, if at all):
-    three prefilled together, then one alone (a lone prompt
+    three prefilled together (a 1,660-row step: its attention takes the dense prefill kernel
+    on sm_90+, the same in both engines compared), then one alone (a lone prompt
     of up to 512 tokens replays a prefill graph). Against the same engine with the fused
     kernel off and against the float32 CPU engine: ``BF16_LOGIT_RTOL``, and with the real
     weights most of the three prompts' tokens equal. Decode batches of ``FUSED_MIN_ROWS``

@@ -95,6 +95,29 @@ def test_dense_prefill_matches_references(lens, gaps):
         assert (got.cpu()[~mine] == 7.0).all(), (tuning, "rows of other sequences were written")
 
 
+def test_foreign_rows_that_overflowed_do_not_reach_a_prompt():
+    """Other requests' rows inside a prompt's last key tile may hold inf or NaN (an fp16
+    activation that overflowed): masked scores give them weight 0, and 0 * inf is NaN, so
+    the kernel must zero those values, not only mask their scores."""
+    from kernels.prefill_dense_triton import dense_prefill_attention
+
+    lens = [5, 17, 3]
+    q, k, v, starts = _step(lens, [0, 4, 2], 3)
+    mine = torch.zeros(q.shape[0], dtype=torch.bool)
+    for s, n in zip(starts, lens):
+        mine[s: s + n] = True
+    foreign = (~mine).to(DEVICE)
+    k[foreign] = float("nan")
+    v.copy_(torch.where(foreign[:, None, None], torch.full_like(v, float("inf")), v))
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    start_t, len_t = torch.tensor(starts, **i32), torch.tensor(lens, **i32)
+    want = _float32_reference(q, k, v, starts, lens, DIM**-0.5)
+    for tuning in _tunings():
+        got = dense_prefill_attention(q, k, v, start_t, len_t, max(lens), DIM**-0.5, torch.zeros_like(q), tuning)
+        assert got.cpu()[mine].isfinite().all(), tuning
+        assert ((got.float().cpu() - want)[mine].norm() / want[mine].norm()).item() < 1e-2, tuning
+
+
 def test_dense_prefill_rejects_bad_inputs():
     """Clear errors naming the argument: a float32 query, misaligned rows (TMA), lengths not int32."""
     from kernels.prefill_dense_triton import dense_prefill_attention
@@ -107,8 +130,10 @@ def test_dense_prefill_rejects_bad_inputs():
     odd = torch.zeros(q.shape[0], KV_HEADS * DIM + 1, dtype=DTYPE, device=DEVICE)[:, 1:].unflatten(1, (KV_HEADS, DIM))
     with pytest.raises(ValueError, match="k needs a 16-byte aligned start"):
         dense_prefill_attention(q, odd, v, s, n, 8, 1.0, torch.empty_like(q))
-    with pytest.raises(ValueError, match="query_lens must be"):
+    with pytest.raises(ValueError, match="query_lens must be a contiguous"):
         dense_prefill_attention(q, k, v, s, n.long(), 8, 1.0, torch.empty_like(q))
+    with pytest.raises(ValueError, match="query_start must be"):
+        dense_prefill_attention(q, k, v, s[None], n, 8, 1.0, torch.empty_like(q))
 
 
 def test_prompt_lengths_fill_the_step():

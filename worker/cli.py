@@ -84,8 +84,9 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--no-prefill-cuda-graphs", action="store_true",
                    help="prefill a lone prompt of up to 512 tokens eagerly instead of replaying a CUDA graph")
     e.add_argument("--no-dense-prefill", action="store_true",
-                   help="read every prompt's keys back from the paged cache (default on Hopper GPUs: a step's "
-                        "cache-free prompts attend to the step's own keys, EngineConfig.dense_prefill)")
+                   help="read every prompt's keys and values back from the paged cache (default on sm_90+ GPUs: "
+                        "a step of over 512 tokens sends its cache-free prompts to a kernel that reads the step's "
+                        "own keys and values, EngineConfig.dense_prefill)")
     e.add_argument("--no-async-scheduling", action="store_true",
                    help="wait for each step's tokens before scheduling the next (default on CUDA: schedule ahead)")
     e.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one batch")

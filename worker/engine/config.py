@@ -73,12 +73,12 @@ class EngineConfig:
     graphs' memory pool and need no more than a decode graph of the step's token limit."""
 
     dense_prefill: bool = True
-    """On a Hopper GPU with 16-bit activations, a step of over 512 tokens sends its prompts
-    that have no cached prefix to ``kernels/prefill_dense_triton.py``: they attend to the
-    step's own rotated keys and values through TMA instead of reading them back from the
-    paged cache (no gathers; over an fp8 cache no conversions, and the prompt sees its own
-    keys unquantized, as vLLM's prefill does). Chunks after a cached prefix keep the paged
-    kernel. H100, a 16,384-token step's 27 prompts, Llama-3-8B layer: 355.6 us against
+    """On an sm_90+ datacenter GPU with 16-bit activations, a step of over 512 tokens sends
+    its prompts that have no cached prefix to ``kernels/prefill_dense_triton.py``: they
+    attend to the step's own rotated keys and values through TMA instead of reading them
+    back from the paged cache (no gathers; over an fp8 cache no conversions, and the prompt
+    sees its own keys and values unquantized, as vLLM's prefill does). Chunks after a
+    cached prefix keep the paged kernel. H100, a 16,384-token step's 27 prompts, Llama-3-8B layer: 355.6 us against
     471.7 (fp8 cache) and 450.2 (bf16)."""
 
     tune_matmuls: bool = True

@@ -284,13 +284,20 @@ class ModelRunner:
             meta = AttentionMetadata(torch.full((2,), -1, **i32), prefill.block_tables, [], [], prefill=prefill)
             attn(q, self.kv_cache[0, 0], self.kv_cache[0, 1], meta)
         if self.dense_prefill:  # step lengths with and without 16 | T (the descriptors' shapes)
+            from kernels.rotary_store import rotary_and_store
+
             for tokens in (16, 17):
                 q = torch.zeros((tokens, mc.num_heads, mc.head_dim), dtype=self.dtype, device=dev)
                 kv = torch.zeros((tokens, 2, mc.num_kv_heads, mc.head_dim), dtype=self.dtype, device=dev)
+                skip = torch.full((tokens,), -1, **i32)  # no slot written
+                # the rotary kernel's variant that writes the keys out (a profile of the KV
+                # budget would compile it too, but not an engine given its block count)
+                q = rotary_and_store(q, kv[:, 0], kv[:, 1], torch.zeros(tokens, **i32), self.model.cos_sin,
+                                     self.kv_cache[0, 0], self.kv_cache[0, 1], skip, attn.kv_scale,
+                                     torch.empty_like(kv[:, 0]))
                 dense = DenseBatch(query_start=torch.zeros(1, **i32), query_lens=torch.tensor([tokens], **i32),
                                    max_query_len=tokens)
-                meta = AttentionMetadata(torch.full((tokens,), -1, **i32), torch.zeros((1, 16), **i32), [], [],
-                                         dense=dense)
+                meta = AttentionMetadata(skip, torch.zeros((1, 16), **i32), [], [], dense=dense)
                 attn(q, self.kv_cache[0, 0], self.kv_cache[0, 1], meta, kv[:, 0], kv[:, 1])
         torch.cuda.synchronize(dev)
 
@@ -605,10 +612,9 @@ class ModelRunner:
         for i, t in enumerate(tables):
             table[i, : len(t)] = t
         dec = np.flatnonzero(q_lens == 1)
-        dense = np.empty(0, dtype=np.int64)
-        if self.dense_prefill and q_lens.sum() >= DENSE_MIN_STEP_TOKENS:
-            dense = np.flatnonzero((q_lens > 1) & (ctx == q_lens))  # whole prompts: no cached prefix
-        pre = np.flatnonzero((q_lens > 1) & ~np.isin(np.arange(q_lens.size), dense))
+        is_dense = dense_prompts(q_lens, ctx) if self.dense_prefill else np.zeros(q_lens.size, dtype=bool)
+        dense = np.flatnonzero(is_dense)
+        pre = np.flatnonzero((q_lens > 1) & ~is_dense)
         parts = {
             "ids": np.asarray(input_ids, dtype=np.int32),
             "positions": np.asarray(positions, dtype=np.int32),
@@ -655,6 +661,17 @@ class ModelRunner:
             dense=dense_batch,
         )
         return meta, out
+
+
+def dense_prompts(query_lens: np.ndarray, context_lens: np.ndarray) -> np.ndarray:
+    """Which sequences of a step go to the dense prefill kernel (bool mask): in a step of
+    ``DENSE_MIN_STEP_TOKENS`` or more, those with several new tokens and no cached tokens
+    before them (context = this step's tokens: a whole prompt, the first chunk of a long
+    one, or a preempted request recomputed from its start). A prefix-cache hit or a later
+    chunk has context beyond its new tokens, so it keeps the paged kernel."""
+    if int(query_lens.sum()) < DENSE_MIN_STEP_TOKENS:
+        return np.zeros(query_lens.size, dtype=bool)
+    return (query_lens > 1) & (context_lens == query_lens)
 
 
 def _device_memory_taken(device: torch.device, make):

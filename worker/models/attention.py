@@ -3,7 +3,8 @@
 The model runner builds one ``AttentionMetadata`` per step; every layer reads
 it. The model writes the step's new (rotated) K/V into the paged cache first
 (``kernels.rotary_store``) and the layer then attends over the cache, so
-cached prefix blocks and the new tokens are read the same way.
+cached prefix blocks and the new tokens are read the same way (but for a
+``DenseBatch``'s prompts, below, which have no cached prefix).
 
 On CUDA the runner also describes the batch as device tensors, split into
 the sequences with one new token (``DecodeBatch``, the decode kernel) and
@@ -74,7 +75,8 @@ def longest_first(context_lens) -> np.ndarray:
 
 @dataclass
 class PrefillBatch:
-    """Sequences with several query rows this step (device tensors)."""
+    """Sequences with several query rows this step, read from the cache (device tensors):
+    all of them, or those a ``DenseBatch`` does not take."""
 
     query_start: torch.Tensor     # [Bp] int32: first flat query row
     query_lens: torch.Tensor      # [Bp] int32
