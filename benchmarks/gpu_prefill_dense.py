@@ -159,9 +159,9 @@ def main() -> None:
             if err > 2e-2:
                 print(f"dense {tuning}: wrong, relative error {err:.2e}", flush=True)
                 continue
-            args = dense_args(qkv, hq, hk, cu)  # timed: the kernel's launch alone (session 19's first
+            tensors = dense_args(qkv, hq, hk, cu)  # timed: the kernel's launch alone (session 19's first
             # figures also timed these views' set-up, ~3 small kernels)
-            us = 1e3 * do_bench(lambda: dense_prefill_attention(*args[:5], max(lens), scale, args[5], tuning),
+            us = 1e3 * do_bench(lambda: dense_prefill_attention(*tensors[:5], max(lens), scale, tensors[5], tuning),
                                 warmup=25, rep=100, return_mode="median")
         except Exception as e:  # out of shared memory, say: the others still run
             print(f"dense {tuning}: {type(e).__name__}: {str(e)[:200]}", flush=True)
