@@ -501,3 +501,5 @@ def test_dense_prefill_matches_paged_prefill(model_dir, prompts, real_weights, f
             assert equal >= BF16_MIN_EQUAL * len(long)
     else:
         assert worst < FP8_BF16_LOGIT_RTOL + FP8_NOISE_FACTOR * fp8_noise_floor
+        if real_weights:  # measured 3/3 (session 19, H100)
+            assert equal >= FP8_BF16_MIN_EQUAL * len(long)

@@ -29,7 +29,7 @@ def _tunings():
 
     if INTERPRET:
         return [DenseTuning(16, 16, 1, 1), DenseTuning(32, 16, 1, 1, heavy_first=False),
-                DenseTuning(32, 16, 1, 1, pack_gqa=True)]
+                DenseTuning(32, 16, 1, 1, pack_gqa=True), DenseTuning(16, 32, 1, 1)]  # wider key tiles too
     return [DEFAULT_TUNING, DenseTuning(block_m=128, num_warps=8, num_stages=2),
             DenseTuning(block_m=128, block_n=128, num_warps=8), DenseTuning(block_m=128, num_warps=8, pack_gqa=True),
             DenseTuning(block_m=128, block_n=32, pack_gqa=True)]
