@@ -9,7 +9,7 @@ Two paths share the step's host-side bookkeeping:
 * CPU: the pure-torch reference path (attention from Python lists).
 * CUDA: the batch is described as device tensors (decode and prefill
   sub-batches, built with one host-to-device copy) and runs the Triton
-  kernels (on a Hopper GPU, the cache-free prompts of a step over 512 tokens
+  kernels (on an sm_90+ GPU, the cache-free prompts of a step over 512 tokens
   attend to the step's own keys instead of the cache: ``dense_prefill``);
   steps whose sequences all have one new token replay a CUDA graph
   (``cuda_graph.py``), and with ``prefill_cuda_graphs`` so does a step that
@@ -302,8 +302,9 @@ class ModelRunner:
         torch.cuda.synchronize(dev)
 
     def _dense_prefill_fits(self) -> bool:
-        """The dense prefill kernel runs here: a Hopper GPU, 16-bit activations, and head
-        sizes its TMA descriptors take (a power of two >= 16)."""
+        """The dense prefill kernel runs here: an sm_90+ GPU with the shared memory its tuning
+        needs (``dense_prefill_supported``), 16-bit activations, and head sizes its TMA
+        descriptors take (a power of two >= 16)."""
         from kernels.backend import HAS_TRITON
 
         dim = self.model_config.head_dim

@@ -9,8 +9,8 @@ cached prefix blocks and the new tokens are read the same way (but for a
 On CUDA the runner also describes the batch as device tensors, split into
 the sequences with one new token (``DecodeBatch``, the decode kernel) and
 those with more (``PrefillBatch``, the prefill kernel), and the layer runs the
-Triton kernels. Without that description it runs the torch reference. On a
-Hopper GPU, prompts with no cached prefix may instead come as a ``DenseBatch``:
+Triton kernels. Without that description it runs the torch reference. On an
+sm_90+ GPU, prompts with no cached prefix may instead come as a ``DenseBatch``:
 they attend to the step's own rotated keys and values, not to the cache
 (``kernels/prefill_dense_triton.py``); the model then has rotary write the
 rotated keys out as well (``rotary_and_store``'s ``k_out``).
