@@ -35,6 +35,7 @@ from kernels.backend import check_paged_inputs, next_pow2, num_sms, pdl_launch, 
 from kernels.kv_quant import is_fp8
 from kernels.kv_quant_triton import dot_query, fp8_words_to_f16
 from kernels.pdl_triton import pdl_prologue
+from kernels.softmax_triton import online_softmax
 
 MAX_SPLITS = 32
 _LOG2E = 1.4426950408889634
@@ -245,10 +246,7 @@ def _paged_decode_kernel(
             k = k.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_new, alpha, p, l_i = online_softmax(s, m_i, l_i)
         if V_WORDS:  # fp8 V read as int32 words, converted in registers (fp8_words_to_f16 says why)
             words = _v_words(vc_ptr, block, n0, end, kh, vw_sb, vw_st, vw_sh, BLOCK_N, BLOCK_SIZE, BLOCK_D, OFFSETS_I32)
             v = fp8_words_to_f16(words, BLOCK_N, BLOCK_D)

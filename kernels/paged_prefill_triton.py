@@ -35,6 +35,7 @@ import triton.language as tl
 from kernels.backend import check_paged_inputs, next_pow2, require, require_device
 from kernels.kv_quant import is_fp8
 from kernels.kv_quant_triton import dot_query
+from kernels.softmax_triton import online_softmax
 
 _LOG2E = 1.4426950408889634
 
@@ -111,10 +112,7 @@ def _attend(q, m_i, l_i, acc, n0, pos, hi, table, kc_ptr, vc_ptr, kh,
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     if MASKED:
         s = tl.where((n[None, :] <= pos[:, None]) & n_mask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    m_new, alpha, p, l_i = online_softmax(s, m_i, l_i)
     v = tl.load(vc_ptr + block[:, None] * vc_sb + offset[:, None] * vc_st + kh * vc_sh + d[None, :], mask=kv_mask,
                 other=0.0)
     if KV_FP8:

@@ -38,6 +38,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.backend import require, require_device
+from kernels.softmax_triton import online_softmax
 
 _LOG2E = 1.4426950408889634
 
@@ -93,10 +94,7 @@ def _attend_dense(q, m_i, l_i, acc, k_desc, v_desc, row0, kcol, n0, pos, hi, sca
     s = tl.dot(q, tl.trans(k)) * scale_log2
     if MASKED:
         s = tl.where((n[None, :] <= pos[:, None]) & (n[None, :] < hi), s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    m_new, alpha, p, l_i = online_softmax(s, m_i, l_i)
     v = v_desc.load([row0 + n0, kcol])
     if MASKED:  # rows past the prompt are other requests' (weight 0, but 0 * inf is NaN): zeroed
         v = tl.where((n < hi)[:, None], v, 0.0)
