@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import triton
 
-from kernels.prefill_dense_triton import DEFAULT_TUNING, DenseTuning, _dense_prefill_kernel, dense_prefill_attention
+from kernels.prefill_dense_triton import DenseTuning, _dense_prefill_kernel, dense_prefill_attention
 
 
 TUNINGS = [DenseTuning(), DenseTuning(block_m=128, num_warps=8, num_stages=2),
@@ -59,13 +59,6 @@ def dense_args(qkv: torch.Tensor, heads: int, kv_heads: int, cu_seqlens: torch.T
     starts = cu_seqlens[:-1].contiguous()
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).contiguous()
     return q, k, v, starts, lens, torch.empty(q.shape, dtype=q.dtype, device=q.device)
-
-
-def dense(qkv: torch.Tensor, heads: int, kv_heads: int, cu_seqlens: torch.Tensor, max_len: int, scale: float,
-          tuning: DenseTuning = DEFAULT_TUNING) -> torch.Tensor:
-    """The engine's kernel over the views of ``qkv`` (a fresh ``out``)."""
-    q, k, v, starts, lens, out = dense_args(qkv, heads, kv_heads, cu_seqlens)
-    return dense_prefill_attention(q, k, v, starts, lens, max_len, scale, out, tuning)
 
 
 def reference(qkv: torch.Tensor, heads: int, kv_heads: int, lens: list[int], scale: float) -> torch.Tensor:
@@ -152,16 +145,18 @@ def main() -> None:
         results.append({"kernel": name, "us": us, "TFLOPs": flops / us / 1e6, "note": note})
         print(f"{name:<34} {us:8.1f} us  {flops / us / 1e6:5.0f} TFLOP/s  {note}", flush=True)
 
+    q_d, k_d, v_d, starts_d, lens_d, out_d = dense_args(qkv, hq, hk, cu)  # set up once: the launch alone is
+    # timed (session 19's first figures also timed the set-up, ~3 small kernels)
     for tuning in TUNINGS:
         try:
-            got = dense(qkv, hq, hk, cu, max(lens), scale, tuning)
-            err = ((got.float() - want).abs().max() / want.abs().max()).item()
+            def launch():
+                return dense_prefill_attention(q_d, k_d, v_d, starts_d, lens_d, max(lens), scale, out_d, tuning)
+
+            err = ((launch().float() - want).abs().max() / want.abs().max()).item()
             if err > 2e-2:
                 print(f"dense {tuning}: wrong, relative error {err:.2e}", flush=True)
                 continue
-            tensors = dense_args(qkv, hq, hk, cu)  # timed: the kernel's launch alone (session 19's first
-            # figures also timed these views' set-up, ~3 small kernels)
-            us = 1e3 * do_bench(lambda: dense_prefill_attention(*tensors[:5], max(lens), scale, tensors[5], tuning),
+            us = 1e3 * do_bench(launch,
                                 warmup=25, rep=100, return_mode="median")
         except Exception as e:  # out of shared memory, say: the others still run
             print(f"dense {tuning}: {type(e).__name__}: {str(e)[:200]}", flush=True)

@@ -73,10 +73,21 @@ head size 128 for sm_90 (3 stages of 64 x 128 bf16 K and V tiles and the query; 
 the benchmark's other tunings need more, ``gpu_prefill_dense.py --compile-sm90``)."""
 
 
-def dense_prefill_supported(device: torch.device) -> bool:
-    """TMA tensor descriptors need sm_90 or newer, and the tiles need the shared memory of a
-    datacenter part (an H100 or B200 grants 227 KiB a block; a consumer Blackwell, sm_120,
-    ~99 KiB)."""
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def head_dim_fits(dim: int) -> bool:
+    """A head size the TMA boxes take: a power of two >= 16."""
+    return dim >= 16 and dim & (dim - 1) == 0
+
+
+def dense_prefill_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """The kernel runs for this model here: 16-bit activations (``DTYPES``), a head size its
+    descriptors take (``head_dim_fits``), and a GPU of sm_90 or newer (TMA) with the shared
+    memory of a datacenter part for the tiles (an H100 or B200 grants 227 KiB a block; a
+    consumer Blackwell, sm_120, ~99 KiB)."""
+    if dtype not in DTYPES or not head_dim_fits(head_dim):
+        return False
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
         return False
     props = torch.cuda.get_device_properties(device)
@@ -185,8 +196,8 @@ def dense_prefill_attention(
     """
     require(q.dim() == 3, f"q must be [T, Hq, D], got {tuple(q.shape)}")
     tokens, hq, dim = q.shape
-    require(q.dtype in (torch.float16, torch.bfloat16), f"q must be float16 or bfloat16, got {q.dtype}")
-    require(dim >= 16 and dim & (dim - 1) == 0, f"head_dim must be a power of two >= 16, got {dim}")
+    require(q.dtype in DTYPES, f"q must be float16 or bfloat16, got {q.dtype}")
+    require(head_dim_fits(dim), f"head_dim must be a power of two >= 16, got {dim}")
     require(k.dim() == 3, f"k must be [T, Hk, D], got {tuple(k.shape)}")
     hk = k.shape[1]
     require(hk >= 1 and hq % hk == 0, f"query heads ({hq}) must be a multiple of KV heads ({hk})")

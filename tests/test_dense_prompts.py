@@ -32,3 +32,32 @@ def test_small_steps_keep_the_paged_kernel():
 def test_one_token_prompts_are_not_dense():
     """A one-token prompt is a decode-shaped row (the decode kernel takes it)."""
     assert _split([1, 600], [1, 600]) == [False, True]
+
+
+def test_dense_prefill_gate(monkeypatch):
+    """Where the runner turns dense prefill on (``_dense_prefill_fits``, owned by
+    ``dense_prefill_supported``): 16-bit activations, a power-of-two head size of 16 or more,
+    sm_90+ with the tuning's shared memory. No GPU here: the device queries are stood in for
+    (an H100's capability and opt-in shared memory, a consumer Blackwell's)."""
+    import types
+
+    import pytest
+    import torch
+
+    pytest.importorskip("triton")
+    from worker.engine import model_runner
+
+    cuda = torch.device("cuda", 0)
+    for capability, shared, want in (((9, 0), 227 * 1024, True), ((12, 0), 99 * 1024, False),
+                                     ((8, 0), 163 * 1024, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device=None: types.SimpleNamespace(major=capability[0],
+                                                                      shared_memory_per_block_optin=shared))
+        assert model_runner._dense_prefill_fits(cuda, torch.bfloat16, 128) is want, capability
+        if want:
+            assert model_runner._dense_prefill_fits(cuda, torch.float16, 64)
+            assert not model_runner._dense_prefill_fits(cuda, torch.float32, 128)
+            assert not model_runner._dense_prefill_fits(cuda, torch.bfloat16, 96)
+            assert not model_runner._dense_prefill_fits(cuda, torch.bfloat16, 8)
+    assert not model_runner._dense_prefill_fits(torch.device("cpu"), torch.bfloat16, 128)

@@ -99,7 +99,8 @@ class ModelRunner:
             self.model.init_rope(self.max_model_len, self.device)
         set_kv_cache_scale(self.model, config.kv_cache_scale)
         self.on_gpu = self.device.type == "cuda"
-        self.dense_prefill = self.on_gpu and config.dense_prefill and self._dense_prefill_fits()
+        self.dense_prefill = self.on_gpu and config.dense_prefill and _dense_prefill_fits(
+            self.device, self.dtype, model_config.head_dim)
         """Whether eager steps of ``DENSE_MIN_STEP_TOKENS`` or more send their cache-free
         prompts to ``kernels/prefill_dense_triton.py`` (``EngineConfig.dense_prefill``)."""
         self._graph_reserve: int | None = None
@@ -300,19 +301,6 @@ class ModelRunner:
                 meta = AttentionMetadata(skip, torch.zeros((1, 16), **i32), [], [], dense=dense)
                 attn(q, self.kv_cache[0, 0], self.kv_cache[0, 1], meta, kv[:, 0], kv[:, 1])
         torch.cuda.synchronize(dev)
-
-    def _dense_prefill_fits(self) -> bool:
-        """The dense prefill kernel runs here: an sm_90+ GPU with the shared memory its tuning
-        needs (``dense_prefill_supported``), 16-bit activations, and head sizes its TMA
-        descriptors take (a power of two >= 16)."""
-        from kernels.backend import HAS_TRITON
-
-        dim = self.model_config.head_dim
-        if not HAS_TRITON or self.dtype not in (torch.bfloat16, torch.float16) or dim < 16 or dim & (dim - 1):
-            return False
-        from kernels.prefill_dense_triton import dense_prefill_supported
-
-        return dense_prefill_supported(self.device)
 
     @torch.inference_mode()
     def _compile_gate_up_variants(self) -> None:
@@ -662,6 +650,18 @@ class ModelRunner:
             dense=dense_batch,
         )
         return meta, out
+
+
+def _dense_prefill_fits(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Triton is here and the dense prefill kernel takes this model on this device
+    (``prefill_dense_triton.dense_prefill_supported`` owns the conditions)."""
+    from kernels.backend import HAS_TRITON
+
+    if not HAS_TRITON:
+        return False
+    from kernels.prefill_dense_triton import dense_prefill_supported
+
+    return dense_prefill_supported(device, dtype, head_dim)
 
 
 def dense_prompts(query_lens: np.ndarray, context_lens: np.ndarray) -> np.ndarray:
